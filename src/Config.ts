@@ -1,0 +1,182 @@
+/**
+ * The model configuration: `config.json` of a `MistralForCausalLM` (`model_type: "mistral"`) or a
+ * `Ministral3ForCausalLM` (`model_type: "ministral3"`), decoded and normalised into one shape.
+ *
+ * Both the current `rope_parameters` layout and the legacy top-level `rope_theta` / `rope_scaling`
+ * fields are read. The raw JSON is kept so that a checkpoint we write carries every field the
+ * user's config had, with only the sizes we changed.
+ */
+import { Effect, Schema } from "effect"
+import { ConfigError } from "./Errors.ts"
+
+/** How rotary position embeddings are computed; the YaRN fields are used only when `type` is "yarn". */
+export interface RopeConfig {
+  readonly type: "default" | "yarn"
+  readonly theta: number
+  readonly factor: number
+  readonly originalMaxPositionEmbeddings: number | undefined
+  readonly betaFast: number
+  readonly betaSlow: number
+  readonly mscale: number | undefined
+  readonly mscaleAllDim: number | undefined
+  readonly attentionFactor: number | undefined
+  readonly truncate: boolean
+  /** Ministral 3's position-based query scaling: `1 + beta * ln(1 + floor(pos / originalMax))`. */
+  readonly llama4ScalingBeta: number | undefined
+}
+
+export interface ModelConfig {
+  readonly modelType: "mistral" | "ministral3"
+  readonly vocabSize: number
+  readonly hiddenSize: number
+  readonly intermediateSize: number
+  readonly numLayers: number
+  readonly numHeads: number
+  readonly numKvHeads: number
+  readonly headDim: number
+  readonly rmsNormEps: number
+  readonly tieWordEmbeddings: boolean
+  readonly maxPositionEmbeddings: number
+  readonly slidingWindow: number | null
+  readonly rope: RopeConfig
+  readonly bosTokenId: number | undefined
+  readonly eosTokenId: number | undefined
+  readonly padTokenId: number | undefined
+  /** The config.json object as read, for writing it back with changed sizes. */
+  readonly raw: Readonly<Record<string, unknown>>
+}
+
+const PositiveInt = Schema.Int.check(Schema.isGreaterThan(0))
+const OptionalNumber = Schema.optional(Schema.NullOr(Schema.Number))
+const OptionalTokenId = Schema.optional(Schema.NullOr(Schema.Union([Schema.Int, Schema.Array(Schema.Int)])))
+
+const RopeFields = Schema.Struct({
+  rope_type: Schema.optional(Schema.String),
+  type: Schema.optional(Schema.String),
+  rope_theta: OptionalNumber,
+  factor: OptionalNumber,
+  original_max_position_embeddings: OptionalNumber,
+  beta_fast: OptionalNumber,
+  beta_slow: OptionalNumber,
+  mscale: OptionalNumber,
+  mscale_all_dim: OptionalNumber,
+  attention_factor: OptionalNumber,
+  truncate: Schema.optional(Schema.Boolean),
+  llama_4_scaling_beta: OptionalNumber
+})
+
+const RawConfig = Schema.Struct({
+  model_type: Schema.Literals(["mistral", "ministral3"]),
+  vocab_size: PositiveInt,
+  hidden_size: PositiveInt,
+  intermediate_size: PositiveInt,
+  num_hidden_layers: PositiveInt,
+  num_attention_heads: PositiveInt,
+  num_key_value_heads: Schema.optional(Schema.NullOr(PositiveInt)),
+  head_dim: Schema.optional(Schema.NullOr(PositiveInt)),
+  hidden_act: Schema.optional(Schema.Literal("silu")),
+  rms_norm_eps: OptionalNumber,
+  tie_word_embeddings: Schema.optional(Schema.Boolean),
+  max_position_embeddings: Schema.optional(PositiveInt),
+  sliding_window: Schema.optional(Schema.NullOr(PositiveInt)),
+  rope_parameters: Schema.optional(Schema.NullOr(RopeFields)),
+  rope_theta: OptionalNumber,
+  rope_scaling: Schema.optional(Schema.NullOr(RopeFields)),
+  bos_token_id: OptionalTokenId,
+  eos_token_id: OptionalTokenId,
+  pad_token_id: OptionalTokenId
+})
+type RawConfig = typeof RawConfig.Type
+
+const decodeRaw = Schema.decodeUnknownEffect(RawConfig)
+
+/** Decodes a parsed config.json; `file` names it in errors. */
+export const decode = Effect.fn("Config.decode")(function*(json: unknown, file: string) {
+  const raw = yield* decodeRaw(json).pipe(
+    Effect.mapError((error) => new ConfigError({ file, reason: oneLine(error.message) }))
+  )
+  return yield* normalise(raw, json as Record<string, unknown>, file)
+})
+
+const oneLine = (text: string) => text.replace(/\s*\n\s*/g, "; ")
+
+const firstId = (id: number | ReadonlyArray<number> | null | undefined) =>
+  id === null || id === undefined ? undefined : typeof id === "number" ? id : id[0]
+
+const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) =>
+  Effect.gen(function*() {
+    const fail = (reason: string) => Effect.fail(new ConfigError({ file, reason }))
+    const numKvHeads = raw.num_key_value_heads ?? raw.num_attention_heads
+    if (raw.num_attention_heads % numKvHeads !== 0) {
+      return yield* fail(
+        `num_attention_heads (${raw.num_attention_heads}) is not a multiple of num_key_value_heads (${numKvHeads})`
+      )
+    }
+    const headDim = raw.head_dim ?? raw.hidden_size / raw.num_attention_heads
+    if (!Number.isInteger(headDim)) {
+      return yield* fail(`head_dim is missing and hidden_size ${raw.hidden_size} is not divisible by num_attention_heads`)
+    }
+    // transformers' defaults differ by architecture for the fields a config may leave out.
+    const defaults = raw.model_type === "mistral"
+      ? { rmsNormEps: 1e-6, maxPositions: 131072, theta: 10000 }
+      : { rmsNormEps: 1e-5, maxPositions: 262144, theta: 1000000 }
+    const maxPositionEmbeddings = raw.max_position_embeddings ?? defaults.maxPositions
+    const rope = yield* ropeConfig(raw, defaults.theta, file)
+    if (headDim % 2 !== 0) return yield* fail(`head_dim ${headDim} must be even for rotary embeddings`)
+    return {
+      modelType: raw.model_type,
+      vocabSize: raw.vocab_size,
+      hiddenSize: raw.hidden_size,
+      intermediateSize: raw.intermediate_size,
+      numLayers: raw.num_hidden_layers,
+      numHeads: raw.num_attention_heads,
+      numKvHeads,
+      headDim,
+      rmsNormEps: raw.rms_norm_eps ?? defaults.rmsNormEps,
+      tieWordEmbeddings: raw.tie_word_embeddings ?? false,
+      maxPositionEmbeddings,
+      slidingWindow: raw.sliding_window ?? null,
+      rope,
+      bosTokenId: firstId(raw.bos_token_id),
+      eosTokenId: firstId(raw.eos_token_id),
+      padTokenId: firstId(raw.pad_token_id),
+      raw: json
+    } satisfies ModelConfig
+  })
+
+const ropeConfig = (raw: RawConfig, defaultTheta: number, file: string) =>
+  Effect.gen(function*() {
+    // `rope_parameters` is the current layout; `rope_scaling` plus top-level `rope_theta` the legacy one.
+    const params = raw.rope_parameters ?? raw.rope_scaling ?? {}
+    const type = params.rope_type ?? params.type ?? "default"
+    if (type !== "default" && type !== "yarn") {
+      return yield* Effect.fail(new ConfigError({ file, reason: `rope type "${type}" is not supported (default, yarn)` }))
+    }
+    if (type === "yarn" && (params.factor === undefined || params.factor === null)) {
+      return yield* Effect.fail(new ConfigError({ file, reason: `yarn rope parameters need a "factor"` }))
+    }
+    const orNone = (value: number | null | undefined) => value ?? undefined
+    return {
+      type,
+      theta: params.rope_theta ?? raw.rope_theta ?? defaultTheta,
+      factor: params.factor ?? 1,
+      originalMaxPositionEmbeddings: orNone(params.original_max_position_embeddings),
+      betaFast: params.beta_fast ?? 32,
+      betaSlow: params.beta_slow ?? 1,
+      mscale: orNone(params.mscale),
+      mscaleAllDim: orNone(params.mscale_all_dim),
+      attentionFactor: orNone(params.attention_factor),
+      truncate: params.truncate ?? true,
+      llama4ScalingBeta: orNone(params.llama_4_scaling_beta)
+    } satisfies RopeConfig
+  })
+
+/** Parameter count of a model of this shape (embeddings counted once when tied). */
+export const parameterCount = (config: ModelConfig): number => {
+  const d = config.hiddenSize
+  const attention = d * config.headDim * (2 * config.numHeads + 2 * config.numKvHeads)
+  const mlp = 3 * d * config.intermediateSize
+  const layer = attention + mlp + 2 * d
+  const embeddings = config.vocabSize * d * (config.tieWordEmbeddings ? 1 : 2)
+  return config.numLayers * layer + embeddings + d
+}

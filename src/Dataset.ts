@@ -1,0 +1,83 @@
+/**
+ * Training and evaluation data: JSONL files whose lines are `{"input_ids": [...]}` or `{"text": "..."}`,
+ * read as a stream so that a file of any size passes through in bounded memory. A line that cannot
+ * be used fails the stream with a `DataError` naming the file and line.
+ */
+import { Effect, Schema, Stream } from "effect"
+import { createReadStream } from "node:fs"
+import { access } from "node:fs/promises"
+import { createInterface } from "node:readline"
+import { DataError } from "./Errors.ts"
+import type { Tokenizer } from "./Tokenizer.ts"
+
+export interface Line {
+  /** 1-based line number in the file. */
+  readonly line: number
+  readonly text: string
+}
+
+/** The non-blank lines of a text file, numbered. */
+export const lines = (file: string): Stream.Stream<Line, DataError> =>
+  Stream.unwrap(
+    Effect.tryPromise({
+      try: () => access(file),
+      catch: () => new DataError({ file, reason: "cannot be read (missing or not readable)" })
+    }).pipe(Effect.map(() =>
+      Stream.fromAsyncIterable(
+        numbered(createInterface({ input: createReadStream(file, "utf8"), crlfDelay: Infinity })),
+        (cause) => new DataError({ file, reason: `read failed (${String(cause)})` })
+      )
+    ))
+  )
+
+async function* numbered(input: AsyncIterable<string>): AsyncGenerator<Line> {
+  let line = 0
+  for await (const text of input) {
+    line++
+    if (text.trim() !== "") yield { line, text }
+  }
+}
+
+const Record = Schema.Union([
+  Schema.Struct({ input_ids: Schema.Array(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))) }),
+  Schema.Struct({ text: Schema.String })
+])
+const decodeRecord = Schema.decodeUnknownEffect(Record)
+
+export interface Sequence {
+  readonly line: number
+  readonly ids: ReadonlyArray<number>
+}
+
+/**
+ * Token sequences of a JSONL file. `{"text"}` lines need a tokenizer (with its special tokens, as
+ * transformers' tokenizer adds them); every id must be below `vocabSize`.
+ */
+export const sequences = (
+  file: string,
+  options: { readonly vocabSize: number; readonly tokenizer?: Tokenizer | undefined }
+): Stream.Stream<Sequence, DataError> =>
+  lines(file).pipe(Stream.mapEffect(({ line, text }) =>
+    Effect.gen(function*() {
+      const fail = (reason: string) => Effect.fail(new DataError({ file, line, reason }))
+      const json = yield* Effect.try({
+        try: () => JSON.parse(text) as unknown,
+        catch: () => new DataError({ file, line, reason: "is not valid JSON" })
+      })
+      const record = yield* decodeRecord(json).pipe(
+        Effect.mapError(() =>
+          new DataError({ file, line, reason: `expected {"input_ids": [non-negative integers]} or {"text": string}` })
+        )
+      )
+      let ids: ReadonlyArray<number>
+      if ("input_ids" in record) {
+        ids = record.input_ids
+      } else {
+        if (options.tokenizer === undefined) return yield* fail(`has "text" but the model folder has no tokenizer.json`)
+        ids = options.tokenizer.encode(record.text)
+      }
+      const outside = ids.find((id) => id >= options.vocabSize)
+      if (outside !== undefined) return yield* fail(`token id ${outside} is outside the vocabulary (${options.vocabSize})`)
+      return { line, ids }
+    })
+  ))

@@ -1,0 +1,287 @@
+/**
+ * The decoder-only transformer of Mistral and Ministral 3, written as plain TensorFlow.js functions:
+ * pre-norm RMSNorm, grouped-query attention with RoPE (plain or YaRN) and Ministral 3's
+ * position-based query scaling, SwiGLU MLP, final norm and the LM head.
+ *
+ * All compute is float32 whatever the stored dtype. Linear weights keep Hugging Face's
+ * `[out_features, in_features]` layout, so `x @ W^T` everywhere.
+ *
+ * Notation: B batch, T new tokens, P tokens already in the KV cache, S = P + T keys, D hidden,
+ * H query heads, K key/value heads, G = H / K, E head_dim, F FFN width, V vocabulary.
+ */
+import * as tf from "@tensorflow/tfjs"
+import type { ModelConfig } from "./Config.ts"
+import * as Rope from "./Rope.ts"
+
+export interface LayerWeights {
+  readonly inputNorm: tf.Tensor1D // [D]
+  readonly q: tf.Tensor2D // [H*E, D]
+  readonly k: tf.Tensor2D // [K*E, D]
+  readonly v: tf.Tensor2D // [K*E, D]
+  readonly o: tf.Tensor2D // [D, H*E]
+  readonly postNorm: tf.Tensor1D // [D]
+  readonly gate: tf.Tensor2D // [F, D]
+  readonly up: tf.Tensor2D // [F, D]
+  readonly down: tf.Tensor2D // [D, F]
+}
+
+export interface Weights {
+  readonly embed: tf.Tensor2D // [V, D]
+  readonly layers: ReadonlyArray<LayerWeights>
+  readonly norm: tf.Tensor1D // [D]
+  /** [V, D]; undefined when the embeddings are tied. */
+  readonly lmHead: tf.Tensor2D | undefined
+}
+
+export interface Model {
+  readonly config: ModelConfig
+  readonly weights: Weights
+  readonly rope: Rope.Rope
+}
+
+/** Keys and values of the positions already seen, per layer, and which of them are padding. */
+export interface KVCache {
+  readonly layers: ReadonlyArray<{ readonly k: tf.Tensor4D; readonly v: tf.Tensor4D }> // [B, K, P, E]
+  /** [B, P]: 1 for a real token, 0 for padding. */
+  readonly keyMask: ReadonlyArray<Uint8Array>
+  readonly length: number
+}
+
+export interface ForwardOptions {
+  /** [B][T] 1 for tokens, 0 for padding; all ones when left out. */
+  readonly attentionMask?: ReadonlyArray<ArrayLike<number>>
+  /** Positions already processed; their keys and values are consumed (disposed) by this call. */
+  readonly cache?: KVCache
+  /** Also return the residual stream entering each layer and the final normed output. */
+  readonly hiddenStates?: boolean
+  /** Return a new cache holding this call's keys and values too. */
+  readonly useCache?: boolean
+}
+
+export interface ForwardResult {
+  readonly logits: tf.Tensor3D // [B, T, V]
+  /** transformers' convention: [0] embeddings, [i] input of layer i, [L] after the final norm. */
+  readonly hiddenStates: ReadonlyArray<tf.Tensor3D>
+  readonly cache: KVCache | undefined
+}
+
+/** The layout of a checkpoint for this config: every tensor's name and shape. */
+export const tensorShapes = (config: ModelConfig): Array<{ name: string; shape: Array<number> }> => {
+  const { hiddenSize: d, headDim: e, numHeads: h, numKvHeads: k, intermediateSize: f, vocabSize: v } = config
+  const shapes = [{ name: "model.embed_tokens.weight", shape: [v, d] }]
+  for (let i = 0; i < config.numLayers; i++) {
+    const p = `model.layers.${i}`
+    shapes.push(
+      { name: `${p}.input_layernorm.weight`, shape: [d] },
+      { name: `${p}.self_attn.q_proj.weight`, shape: [h * e, d] },
+      { name: `${p}.self_attn.k_proj.weight`, shape: [k * e, d] },
+      { name: `${p}.self_attn.v_proj.weight`, shape: [k * e, d] },
+      { name: `${p}.self_attn.o_proj.weight`, shape: [d, h * e] },
+      { name: `${p}.post_attention_layernorm.weight`, shape: [d] },
+      { name: `${p}.mlp.gate_proj.weight`, shape: [f, d] },
+      { name: `${p}.mlp.up_proj.weight`, shape: [f, d] },
+      { name: `${p}.mlp.down_proj.weight`, shape: [d, f] }
+    )
+  }
+  shapes.push({ name: "model.norm.weight", shape: [d] })
+  if (!config.tieWordEmbeddings) shapes.push({ name: "lm_head.weight", shape: [v, d] })
+  return shapes
+}
+
+/** Builds the weights from tensors keyed by checkpoint name (see `tensorShapes`). */
+export const weightsFromTensors = (config: ModelConfig, tensors: ReadonlyMap<string, tf.Tensor>): Weights => {
+  const get = <R extends tf.Rank>(name: string) => tensors.get(name) as tf.Tensor<R>
+  const layers: Array<LayerWeights> = []
+  for (let i = 0; i < config.numLayers; i++) {
+    const p = `model.layers.${i}`
+    layers.push({
+      inputNorm: get(`${p}.input_layernorm.weight`),
+      q: get(`${p}.self_attn.q_proj.weight`),
+      k: get(`${p}.self_attn.k_proj.weight`),
+      v: get(`${p}.self_attn.v_proj.weight`),
+      o: get(`${p}.self_attn.o_proj.weight`),
+      postNorm: get(`${p}.post_attention_layernorm.weight`),
+      gate: get(`${p}.mlp.gate_proj.weight`),
+      up: get(`${p}.mlp.up_proj.weight`),
+      down: get(`${p}.mlp.down_proj.weight`)
+    })
+  }
+  return {
+    embed: get("model.embed_tokens.weight"),
+    layers,
+    norm: get("model.norm.weight"),
+    lmHead: config.tieWordEmbeddings ? undefined : get("lm_head.weight")
+  }
+}
+
+/** The weights keyed by checkpoint name, the inverse of `weightsFromTensors`. */
+export const tensorsOfWeights = (config: ModelConfig, weights: Weights): Map<string, tf.Tensor> => {
+  const tensors = new Map<string, tf.Tensor>([["model.embed_tokens.weight", weights.embed]])
+  weights.layers.forEach((layer, i) => {
+    const p = `model.layers.${i}`
+    tensors.set(`${p}.input_layernorm.weight`, layer.inputNorm)
+    tensors.set(`${p}.self_attn.q_proj.weight`, layer.q)
+    tensors.set(`${p}.self_attn.k_proj.weight`, layer.k)
+    tensors.set(`${p}.self_attn.v_proj.weight`, layer.v)
+    tensors.set(`${p}.self_attn.o_proj.weight`, layer.o)
+    tensors.set(`${p}.post_attention_layernorm.weight`, layer.postNorm)
+    tensors.set(`${p}.mlp.gate_proj.weight`, layer.gate)
+    tensors.set(`${p}.mlp.up_proj.weight`, layer.up)
+    tensors.set(`${p}.mlp.down_proj.weight`, layer.down)
+  })
+  tensors.set("model.norm.weight", weights.norm)
+  if (!config.tieWordEmbeddings && weights.lmHead) tensors.set("lm_head.weight", weights.lmHead)
+  return tensors
+}
+
+export const make = (config: ModelConfig, weights: Weights): Model => ({ config, weights, rope: Rope.make(config) })
+
+export const dispose = (model: Model) => tf.dispose([...tensorsOfWeights(model.config, model.weights).values()])
+
+export const disposeCache = (cache: KVCache) => tf.dispose(cache.layers.flatMap((layer) => [layer.k, layer.v]))
+
+/** `x @ W^T` over the last axis: [..., in] -> [..., out]. */
+export const linear = (x: tf.Tensor, weight: tf.Tensor2D): tf.Tensor => {
+  const shape = x.shape
+  const out = tf.matMul(x.reshape([-1, shape[shape.length - 1]]), weight, false, true)
+  return out.reshape([...shape.slice(0, -1), weight.shape[0]])
+}
+
+/** RMSNorm: `x / sqrt(mean(x^2) + eps) * weight` over the last axis. */
+export const rmsNorm = (x: tf.Tensor, weight: tf.Tensor1D, eps: number): tf.Tensor =>
+  tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), -1, true), eps))), weight)
+
+/** SwiGLU: `down(silu(gate x) * up x)`. */
+export const mlp = (x: tf.Tensor, layer: LayerWeights): tf.Tensor => {
+  const gate = linear(x, layer.gate) // [..., F]
+  return linear(tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(x, layer.up)), layer.down)
+}
+
+/** Rotates pairs (i, i + E/2) by the position's angle: `x cos + rotate_half(x) sin`. x: [B, heads, T, E]. */
+const applyRope = (x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor4D => {
+  const half = x.shape[3] / 2
+  const [first, second] = tf.split(x, [half, half], 3)
+  const rotated = tf.concat([tf.neg(second), first], 3)
+  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin))
+}
+
+/** [B, T, heads*E] -> [B, heads, T, E] */
+const splitHeads = (x: tf.Tensor, heads: number, headDim: number): tf.Tensor4D => {
+  const [b, t] = x.shape
+  return tf.transpose(x.reshape([b, t, heads, headDim]), [0, 2, 1, 3])
+}
+
+interface AttentionContext {
+  readonly cos: tf.Tensor2D // [T, E]
+  readonly sin: tf.Tensor2D // [T, E]
+  readonly queryScales: tf.Tensor2D // [T, 1]
+  readonly mask: tf.Tensor4D // [B, 1, T, S] additive: 0 or a large negative number
+}
+
+/** Grouped-query attention with RoPE; returns the output and this layer's keys and values including the past. */
+const attention = (
+  x: tf.Tensor3D,
+  layer: LayerWeights,
+  config: ModelConfig,
+  context: AttentionContext,
+  past: { k: tf.Tensor4D; v: tf.Tensor4D } | undefined
+) => {
+  const [b, t] = x.shape
+  const { numHeads: h, numKvHeads: kv, headDim: e } = config
+  const g = h / kv
+  const q = applyRope(splitHeads(linear(x, layer.q), h, e), context.cos, context.sin).mul(context.queryScales)
+  let k = applyRope(splitHeads(linear(x, layer.k), kv, e), context.cos, context.sin)
+  let v = splitHeads(linear(x, layer.v), kv, e)
+  if (past) {
+    k = tf.concat([past.k, k], 2)
+    v = tf.concat([past.v, v], 2)
+  }
+  const s = k.shape[2]
+  // The G query heads sharing a key/value head are stacked along the time axis, so no copy of k or v is made.
+  const grouped = q.reshape([b, kv, g * t, e]) // [B, K, G*T, E]
+  const scores = tf.matMul(grouped, k, false, true).reshape([b, h, t, s]).mul(1 / Math.sqrt(e)).add(context.mask)
+  const probabilities = tf.softmax(scores, -1).reshape([b, kv, g * t, s])
+  const heads = tf.matMul(probabilities, v).reshape([b, h, t, e]) // [B, H, T, E]
+  const merged = tf.transpose(heads, [0, 2, 1, 3]).reshape([b, t, h * e])
+  return { output: linear(merged, layer.o), k, v }
+}
+
+const MASKED = -1e9
+
+/**
+ * The additive attention mask [B, 1, T, S]: a query sees keys at or before its position that are
+ * not padding and, with a sliding window, fewer than `window` positions back.
+ */
+const attentionMask = (keyMask: ReadonlyArray<Uint8Array>, offset: number, t: number, window: number | null) => {
+  const b = keyMask.length
+  const s = offset + t
+  const mask = new Float32Array(b * t * s)
+  for (let row = 0; row < b; row++) {
+    for (let i = 0; i < t; i++) {
+      const position = offset + i
+      for (let j = 0; j < s; j++) {
+        const visible = j <= position && keyMask[row][j] === 1 && (window === null || position - j < window)
+        mask[(row * t + i) * s + j] = visible ? 0 : MASKED
+      }
+    }
+  }
+  return tf.tensor4d(mask, [b, 1, t, s])
+}
+
+/** Token ids [B][T] -> embeddings [B, T, D]. */
+const embed = (table: tf.Tensor2D, ids: ReadonlyArray<ArrayLike<number>>): tf.Tensor3D => {
+  const b = ids.length
+  const t = b === 0 ? 0 : ids[0].length
+  const flat = new Int32Array(b * t)
+  ids.forEach((row, i) => flat.set(Array.from(row), i * t))
+  return tf.gather(table, tf.tensor1d(flat, "int32")).reshape([b, t, table.shape[1]])
+}
+
+/**
+ * Runs the model over `ids` ([B][T], rows of equal length) after the positions in `cache`, if any.
+ * Returns logits for every new position; tensors returned belong to the caller.
+ */
+export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: ForwardOptions = {}): ForwardResult => {
+  const { config, weights } = model
+  const t = ids[0].length
+  const past = options.cache
+  const offset = past?.length ?? 0
+  const newMask = ids.map((_, row) => Uint8Array.from(options.attentionMask?.[row] ?? new Array(t).fill(1)))
+  const keyMask = newMask.map((mask, row) => past ? concatBytes(past.keyMask[row], mask) : mask)
+  const result = tf.tidy(() => {
+    const tables = Rope.tables(model.rope, offset, t)
+    const context: AttentionContext = {
+      cos: tf.tensor2d(tables.cos, [t, config.headDim]),
+      sin: tf.tensor2d(tables.sin, [t, config.headDim]),
+      queryScales: tf.tensor2d(Rope.queryScales(config, offset, t), [t, 1]),
+      mask: attentionMask(keyMask, offset, t, config.slidingWindow)
+    }
+    let x = embed(weights.embed, ids)
+    const hiddenStates: Array<tf.Tensor3D> = []
+    const layers: Array<{ k: tf.Tensor4D; v: tf.Tensor4D }> = []
+    weights.layers.forEach((layer, i) => {
+      if (options.hiddenStates) hiddenStates.push(x)
+      const attended = attention(rmsNorm(x, layer.inputNorm, config.rmsNormEps) as tf.Tensor3D, layer, config, context, past?.layers[i])
+      x = tf.add(x, attended.output)
+      x = tf.add(x, mlp(rmsNorm(x, layer.postNorm, config.rmsNormEps), layer))
+      layers.push({ k: attended.k, v: attended.v })
+    })
+    const normed = rmsNorm(x, weights.norm, config.rmsNormEps) as tf.Tensor3D
+    if (options.hiddenStates) hiddenStates.push(normed)
+    const logits = linear(normed, weights.lmHead ?? weights.embed) as tf.Tensor3D
+    return { logits, hiddenStates, layers: options.useCache ? layers : [] }
+  })
+  if (past) disposeCache(past)
+  return {
+    logits: result.logits,
+    hiddenStates: result.hiddenStates,
+    cache: options.useCache ? { layers: result.layers, keyMask, length: offset + t } : undefined
+  }
+}
+
+const concatBytes = (a: Uint8Array, b: Uint8Array) => {
+  const out = new Uint8Array(a.length + b.length)
+  out.set(a)
+  out.set(b, a.length)
+  return out
+}

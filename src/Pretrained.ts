@@ -1,0 +1,73 @@
+/**
+ * Models in Hugging Face form: load a checkpoint folder into a `Model`, save a `Model` as one that
+ * transformers' `from_pretrained` loads as it is.
+ *
+ * Loading checks every tensor against the shape config.json implies, so a config that lies fails
+ * with the tensor and file named instead of producing garbage. Each tensor is read from disk, copied
+ * to the backend and dropped from JS memory before the next, so a checkpoint is never held twice.
+ */
+import * as tf from "@tensorflow/tfjs"
+import { Effect } from "effect"
+import * as Checkpoint from "./Checkpoint.ts"
+import * as Config from "./Config.ts"
+import { CheckpointError } from "./Errors.ts"
+import * as Model from "./Model.ts"
+import type { FloatDtype } from "./Safetensors.ts"
+
+const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) =>
+  a.length === b.length && a.every((size, i) => size === b[i])
+
+/** Loads a checkpoint folder. The model's tensors are released when the scope closes. */
+export const load = Effect.fn("Pretrained.load")(function*(dir: string) {
+  const checkpoint = yield* Checkpoint.open(dir)
+  const config = yield* Config.decode(checkpoint.rawConfig, checkpoint.configPath)
+  const tensors = yield* Effect.acquireRelease(
+    Effect.sync(() => new Map<string, tf.Tensor>()),
+    (tensors) => Effect.sync(() => tf.dispose([...tensors.values()]))
+  )
+  for (const { name, shape } of Model.tensorShapes(config)) {
+    const info = yield* checkpoint.info(name)
+    if (!sameShape(info.shape, shape)) {
+      return yield* new CheckpointError({
+        file: yield* checkpoint.fileOf(name),
+        tensor: name,
+        reason: `has shape [${info.shape}] but ${checkpoint.configPath} implies [${shape}]`
+      })
+    }
+    tensors.set(name, tf.tensor(yield* checkpoint.readFloat32(name), shape, "float32"))
+  }
+  return Model.make(config, Model.weightsFromTensors(config, tensors))
+})
+
+/** Sizes and dtype that a saved config.json states, over whatever else the model's own config held. */
+export const configJson = (config: Config.ModelConfig, dtype: FloatDtype): Record<string, unknown> => ({
+  ...config.raw,
+  vocab_size: config.vocabSize,
+  hidden_size: config.hiddenSize,
+  intermediate_size: config.intermediateSize,
+  num_hidden_layers: config.numLayers,
+  num_attention_heads: config.numHeads,
+  num_key_value_heads: config.numKvHeads,
+  head_dim: config.headDim,
+  tie_word_embeddings: config.tieWordEmbeddings,
+  dtype: { F32: "float32", BF16: "bfloat16", F16: "float16" }[dtype]
+})
+
+/** Saves `model` as a checkpoint folder, reading one tensor at a time off the backend. */
+export const save = Effect.fn("Pretrained.save")(function*(
+  dir: string,
+  model: Model.Model,
+  options: { readonly dtype: FloatDtype; readonly maxShardBytes?: number }
+) {
+  const tensors = Model.tensorsOfWeights(model.config, model.weights)
+  yield* Checkpoint.save(dir, {
+    config: configJson(model.config, options.dtype),
+    dtype: options.dtype,
+    maxShardBytes: options.maxShardBytes,
+    tensors: Model.tensorShapes(model.config).map(({ name, shape }) => ({
+      name,
+      shape,
+      data: Effect.promise(() => tensors.get(name)!.data() as Promise<Float32Array>)
+    }))
+  })
+})

@@ -1,0 +1,30 @@
+#!/usr/bin/env node
+/**
+ * The `cascade` command line. Every failure the engine knows (a bad checkpoint, config, data line
+ * or backend) is printed as one line naming what to look at, and the process exits non-zero.
+ */
+import { NodeRuntime, NodeServices } from "@effect/platform-node"
+import { Console, Effect } from "effect"
+import { Command } from "effect/cli"
+import { evalCommand } from "./eval.ts"
+import { cascade } from "./root.ts"
+
+const version = "0.1.0"
+
+const program = cascade.pipe(
+  Command.withSubcommands([evalCommand]),
+  Command.run({ version }),
+  Effect.catch((error) =>
+    // Parse errors were already rendered by the CLI module; our own errors are rendered here.
+    error._tag === "ShowHelp" || isCliError(error)
+      ? Effect.failSync(() => (process.exitCode = 2))
+      : Console.error(`cascade: ${error.message}`).pipe(Effect.andThen(Effect.failSync(() => (process.exitCode = 1))))
+  ),
+  Effect.provide(NodeServices.layer)
+)
+
+function isCliError(error: { readonly _tag: string }): boolean {
+  return ["UnrecognizedOption", "DuplicateOption", "MissingOption", "MissingArgument", "InvalidValue", "UnknownSubcommand", "UserError"].includes(error._tag)
+}
+
+NodeRuntime.runMain(program, { disableErrorReporting: true })

@@ -1,0 +1,94 @@
+import { assert, describe, it } from "@effect/vitest"
+import * as tf from "@tensorflow/tfjs"
+import { Effect, Schema } from "effect"
+import { existsSync } from "node:fs"
+import * as Model from "../src/Model.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import { localFixture, maxAbsDiff, onBackend, reference, sharedFixture, take } from "./support.ts"
+
+const tolerance = 1e-4
+
+/** Logits and every hidden state of `dir` against a reference file, on padded positions too where unmasked. */
+const matchesReference = (dir: string, referencePath: string) =>
+  Effect.gen(function*() {
+    const model = yield* Pretrained.load(dir)
+    const ref = yield* reference(referencePath)
+    const before = tf.memory().numTensors
+    const out = Model.forward(model, ref.ids, { attentionMask: ref.mask, hiddenStates: true })
+    const t = ref.ids[0].length
+    // Positions that are padding are left out: what a model computes there is not defined.
+    const real = (width: number) => (i: number) => ref.mask === undefined || ref.mask[Math.floor(i / (t * width))][Math.floor(i / width) % t] === 1
+    const logitsDiff = maxAbsDiff(take(out.logits), yield* ref.tensor("logits"), real(model.config.vocabSize))
+    assert.isAtMost(logitsDiff, tolerance, `logits of ${dir}`)
+    for (const [i, state] of out.hiddenStates.entries()) {
+      const diff = maxAbsDiff(take(state), yield* ref.tensor(`hidden_states.${i}`), real(model.config.hiddenSize))
+      assert.isAtMost(diff, tolerance, `hidden_states.${i} of ${dir}`)
+    }
+    assert.strictEqual(out.hiddenStates.length, model.config.numLayers + 1)
+    assert.strictEqual(tf.memory().numTensors, before, "forward leaves no tensors behind")
+  })
+
+/** Variants made with transformers by scripts/make_references.py. */
+const variants = ["mistral-bf16", "mistral-tied", "mistral-headdim", "mistral-mqa", "ministral3-yarn", "ministral3-yarn-legacy"]
+  .filter((name) => existsSync(localFixture(name)))
+
+for (const backend of ["wasm", "cpu"] as const) {
+  describe(`Model on ${backend}`, () => {
+    it.effect("tiny-mistral matches transformers' logits and hidden states", () =>
+      matchesReference(sharedFixture("tiny-mistral"), sharedFixture("tiny-mistral/reference.safetensors")).pipe(
+        onBackend(backend)
+      ))
+
+    it.effect("tiny-mistral with a right-padded batch matches transformers", () =>
+      matchesReference(sharedFixture("tiny-mistral"), localFixture("tiny-mistral-padded/reference-padded.safetensors")).pipe(
+        onBackend(backend)
+      ), { skip: !existsSync(localFixture("tiny-mistral-padded")) })
+
+    for (const name of variants) {
+      for (const file of ["reference.safetensors", "reference-padded.safetensors"]) {
+        it.effect(`${name} (${file}) matches transformers`, () =>
+          matchesReference(localFixture(name), localFixture(`${name}/${file}`)).pipe(
+            onBackend(backend)
+          ), { skip: !existsSync(localFixture(`${name}/${file}`)) })
+      }
+    }
+  })
+}
+
+/** Random token rows of the fixture's vocabulary. */
+const Prompt = Schema.Struct({
+  tokens: Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 511 }))).check(
+    Schema.isMinLength(2),
+    Schema.isMaxLength(20)
+  ),
+  split: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 19 })),
+  steps: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 4 }))
+})
+
+describe("KV cache", () => {
+  it.effect.prop("decoding with the cache gives the full forward pass's logits", { prompt: Prompt }, ({ prompt }) =>
+    Effect.gen(function*() {
+      const model = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const tokens = prompt.tokens
+      const split = Math.min(prompt.split, tokens.length - 1)
+      const full = take(Model.forward(model, [tokens]).logits)
+      const v = model.config.vocabSize
+      // The prefix in one call, then the rest in chunks of `steps` tokens.
+      const first = Model.forward(model, [tokens.slice(0, split)], { useCache: true })
+      const pieces = [take(first.logits)]
+      let cache = first.cache
+      for (let start = split; start < tokens.length; start += prompt.steps) {
+        const next = Model.forward(model, [tokens.slice(start, start + prompt.steps)], { cache, useCache: true })
+        pieces.push(take(next.logits))
+        cache = next.cache
+      }
+      if (cache) Model.disposeCache(cache)
+      const incremental = new Float32Array(tokens.length * v)
+      let offset = 0
+      for (const piece of pieces) {
+        incremental.set(piece, offset)
+        offset += piece.length
+      }
+      assert.isAtMost(maxAbsDiff(incremental, full), 1e-4)
+    }).pipe(onBackend("wasm")), { timeout: 120_000, arbitrary: { runs: 15 } })
+})
