@@ -47,6 +47,18 @@ export interface KVCache {
   readonly length: number
 }
 
+/**
+ * What one decoder layer saw, for statistics (calibration). The tensors live only during the call:
+ * read them (dataSync) or derive tensors from them inside it.
+ */
+export interface LayerTrace {
+  readonly index: number
+  readonly input: tf.Tensor3D // [B, T, D] residual stream entering the layer (input of input_layernorm)
+  readonly middle: tf.Tensor3D // [B, T, D] after attention (input of post_attention_layernorm)
+  readonly ffn: tf.Tensor3D // [B, T, F] FFN activations silu(gate x) * up x
+  readonly output: tf.Tensor3D // [B, T, D] residual stream leaving the layer
+}
+
 export interface ForwardOptions {
   /** [B][T] 1 for tokens, 0 for padding; all ones when left out. */
   readonly attentionMask?: ReadonlyArray<ArrayLike<number>>
@@ -56,6 +68,8 @@ export interface ForwardOptions {
   readonly hiddenStates?: boolean
   /** Return a new cache holding this call's keys and values too. */
   readonly useCache?: boolean
+  /** Called with each layer's internals as the pass goes. */
+  readonly trace?: (layer: LayerTrace) => void
 }
 
 export interface ForwardResult {
@@ -151,10 +165,10 @@ export const linear = (x: tf.Tensor, weight: tf.Tensor2D): tf.Tensor => {
 export const rmsNorm = (x: tf.Tensor, weight: tf.Tensor1D, eps: number): tf.Tensor =>
   tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), -1, true), eps))), weight)
 
-/** SwiGLU: `down(silu(gate x) * up x)`. */
-export const mlp = (x: tf.Tensor, layer: LayerWeights): tf.Tensor => {
-  const gate = linear(x, layer.gate) // [..., F]
-  return linear(tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(x, layer.up)), layer.down)
+/** The FFN neurons' activations `silu(gate x) * up x`: [..., D] -> [..., F]. */
+export const ffnActivation = (x: tf.Tensor, layer: LayerWeights): tf.Tensor => {
+  const gate = linear(x, layer.gate)
+  return tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(x, layer.up))
 }
 
 /** Rotates pairs (i, i + E/2) by the position's angle: `x cos + rotate_half(x) sin`. x: [B, heads, T, E]. */
@@ -262,8 +276,11 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
     weights.layers.forEach((layer, i) => {
       if (options.hiddenStates) hiddenStates.push(x)
       const attended = attention(rmsNorm(x, layer.inputNorm, config.rmsNormEps) as tf.Tensor3D, layer, config, context, past?.layers[i])
-      x = tf.add(x, attended.output)
-      x = tf.add(x, mlp(rmsNorm(x, layer.postNorm, config.rmsNormEps), layer))
+      const middle = tf.add(x, attended.output) as tf.Tensor3D
+      const ffn = ffnActivation(rmsNorm(middle, layer.postNorm, config.rmsNormEps), layer) as tf.Tensor3D
+      const output = tf.add(middle, linear(ffn, layer.down)) as tf.Tensor3D
+      options.trace?.({ index: i, input: x, middle, ffn, output })
+      x = output
       layers.push({ k: attended.k, v: attended.v })
     })
     const normed = rmsNorm(x, weights.norm, config.rmsNormEps) as tf.Tensor3D

@@ -1,0 +1,110 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import { execFile } from "node:child_process"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import * as Tokenizer from "../src/Tokenizer.ts"
+import { reference, sharedFixture } from "./support.ts"
+
+const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
+
+/** Runs the CLI as a user would; never fails, returns what happened. */
+const cascade = (...args: Array<string>) =>
+  Effect.callback<{ code: number; stdout: string; stderr: string }>((resume) => {
+    execFile(process.execPath, [main, ...args], { timeout: 60_000 }, (error, stdout, stderr) => {
+      resume(Effect.succeed({ code: error ? (typeof error.code === "number" ? error.code : 1) : 0, stdout, stderr }))
+    })
+  })
+
+const tempDir = Effect.acquireRelease(
+  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-cli-"))),
+  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+)
+
+/** Mean NLL of the next tokens computed in float64 from transformers' logits. */
+const referenceNll = (ids: Array<Array<number>>, logits: Float32Array, vocab: number) => {
+  let total = 0
+  let count = 0
+  const t = ids[0].length
+  ids.forEach((row, b) => {
+    for (let i = 0; i < t - 1; i++) {
+      const offset = (b * t + i) * vocab
+      let max = -Infinity
+      for (let v = 0; v < vocab; v++) max = Math.max(max, logits[offset + v])
+      let sum = 0
+      for (let v = 0; v < vocab; v++) sum += Math.exp(logits[offset + v] - max)
+      total -= logits[offset + row[i + 1]] - max - Math.log(sum)
+      count++
+    }
+  })
+  return { nll: total / count, tokens: count }
+}
+
+describe("cascade eval", () => {
+  it.effect("--json gives the NLL of transformers' logits to 1e-5", () =>
+    Effect.gen(function*() {
+      const ref = yield* reference(sharedFixture("tiny-mistral/reference.safetensors"))
+      const expected = referenceNll(ref.ids, yield* ref.tensor("logits"), 512)
+      const dir = yield* tempDir
+      const data = path.join(dir, "data.jsonl")
+      yield* Effect.promise(() => fs.writeFile(data, ref.ids.map((ids) => JSON.stringify({ input_ids: ids })).join("\n")))
+      for (const backend of ["wasm", "cpu"]) {
+        const run = yield* cascade("eval", "--model", sharedFixture("tiny-mistral"), "--data", data, "--json", "--backend", backend)
+        assert.strictEqual(run.code, 0, run.stderr)
+        const result = JSON.parse(run.stdout)
+        assert.strictEqual(result.tokens, expected.tokens)
+        assert.isAtMost(Math.abs(result.nll - expected.nll), 1e-5)
+        assert.isAtMost(Math.abs(result.ppl - Math.exp(expected.nll)), 1e-5 * Math.exp(expected.nll))
+      }
+    }))
+
+  it.effect("tokenizes {\"text\"} lines with the model folder's tokenizer", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      for (const file of ["config.json", "model.safetensors"]) {
+        yield* Effect.promise(() => fs.copyFile(path.join(sharedFixture("tiny-mistral"), file), path.join(dir, file)))
+      }
+      yield* Effect.promise(() => fs.copyFile(sharedFixture("tiny-bpe/tokenizer.json"), path.join(dir, "tokenizer.json")))
+      const texts = ["Question: what is 12 plus 30? Answer: 42.", "The student distills the teacher."]
+      const data = path.join(dir, "data.jsonl")
+      yield* Effect.promise(() => fs.writeFile(data, texts.map((text) => JSON.stringify({ text })).join("\n") + "\n"))
+      const tokenizer = yield* Tokenizer.load(dir)
+      const expectedTokens = texts.reduce((n, text) => n + tokenizer.encode(text).length - 1, 0)
+      const run = yield* cascade("eval", "--model", dir, "--data", data, "--json")
+      assert.strictEqual(run.code, 0, run.stderr)
+      assert.strictEqual(JSON.parse(run.stdout).tokens, expectedTokens)
+    }))
+
+  it.effect("bad input prints one line naming the file and line, and exits non-zero", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = path.join(dir, "bad.jsonl")
+      yield* Effect.promise(() => fs.writeFile(data, `{"input_ids": [1, 2, 3]}\n{"input_ids": [1, "x"]}\n`))
+      const cases = [
+        { args: ["--data", data], expect: `${data}:2:` },
+        { args: ["--data", path.join(dir, "missing.jsonl")], expect: "missing.jsonl: cannot be read" },
+        { args: ["--data", data, "--backend", "tensorflow"], expect: "backend tensorflow is unavailable" }
+      ]
+      for (const { args, expect } of cases) {
+        const run = yield* cascade("eval", "--model", sharedFixture("tiny-mistral"), ...args)
+        assert.notStrictEqual(run.code, 0)
+        assert.strictEqual(run.stdout, "")
+        const lines = run.stderr.trim().split("\n")
+        assert.strictEqual(lines.length, 1, run.stderr)
+        assert.include(lines[0], expect)
+      }
+      const big = path.join(dir, "big.jsonl")
+      yield* Effect.promise(() => fs.writeFile(big, `{"input_ids": [1, 600]}\n`))
+      const outside = yield* cascade("eval", "--model", sharedFixture("tiny-mistral"), "--data", big)
+      assert.include(outside.stderr, `${big}:1: token id 600 is outside the vocabulary (512)`)
+    }))
+
+  it.effect("--help lists the commands", () =>
+    Effect.gen(function*() {
+      const run = yield* cascade("--help")
+      assert.strictEqual(run.code, 0)
+      assert.include(run.stdout, "eval")
+    }))
+})
