@@ -14,11 +14,11 @@ import * as nodePath from "node:path"
 import { Effect, type Scope } from "effect"
 import { CheckpointError } from "./Errors.ts"
 
-export type Dtype = "F32" | "BF16" | "F16" | "I32" | "I64" | "U8" | "BOOL"
+export type Dtype = "F64" | "F32" | "BF16" | "F16" | "I32" | "I64" | "U8" | "BOOL"
 export type FloatDtype = "F32" | "BF16" | "F16"
 
 /** Bytes per element. */
-export const itemSize: Readonly<Record<Dtype, number>> = { F32: 4, BF16: 2, F16: 2, I32: 4, I64: 8, U8: 1, BOOL: 1 }
+export const itemSize: Readonly<Record<Dtype, number>> = { F64: 8, F32: 4, BF16: 2, F16: 2, I32: 4, I64: 8, U8: 1, BOOL: 1 }
 
 const isDtype = (value: unknown): value is Dtype => typeof value === "string" && Object.hasOwn(itemSize, value)
 
@@ -28,7 +28,7 @@ export interface TensorInfo {
 }
 
 /** The typed array that holds a tensor's values for each dtype, in memory. */
-export type TensorData = Float32Array | Int32Array | BigInt64Array | Uint8Array
+export type TensorData = Float64Array | Float32Array | Int32Array | BigInt64Array | Uint8Array
 
 export interface SafetensorsFile {
   readonly path: string
@@ -41,6 +41,8 @@ export interface SafetensorsFile {
   readonly readBytes: (name: string) => Effect.Effect<Uint8Array, CheckpointError>
   /** A float tensor's values; BF16 and F16 widen to f32 exactly. */
   readonly readFloat32: (name: string) => Effect.Effect<Float32Array, CheckpointError>
+  /** An F64 tensor's values (statistics accumulated in double precision). */
+  readonly readFloat64: (name: string) => Effect.Effect<Float64Array, CheckpointError>
   /** An integer or bool tensor's values; I64 values must fit in an int32 (token ids do). */
   readonly readInt32: (name: string) => Effect.Effect<Int32Array, CheckpointError>
 }
@@ -203,6 +205,11 @@ export const open = Effect.fn("Safetensors.open")(function*(
     }
     return decodeFloats(found.dtype, yield* bytesOf(found))
   })
+  const readFloat64 = Effect.fn("Safetensors.readFloat64")(function*(name: string) {
+    const found = yield* entry(name)
+    if (found.dtype !== "F64") return yield* new CheckpointError({ file: path, tensor: name, reason: `is ${found.dtype}, not F64` })
+    return new Float64Array((yield* bytesOf(found)).buffer)
+  })
   const readInt32 = Effect.fn("Safetensors.readInt32")(function*(name: string) {
     const found = yield* entry(name)
     const bytes = yield* bytesOf(found)
@@ -235,6 +242,7 @@ export const open = Effect.fn("Safetensors.open")(function*(
     info,
     readBytes,
     readFloat32,
+    readFloat64,
     readInt32
   }
 })
@@ -321,7 +329,8 @@ const narrowFloats = (data: Float32Array, convert: (bits: number) => number): Ui
 }
 
 /** The array type each dtype is written from. */
-const arrayTypeFor: Record<Dtype, typeof Float32Array | typeof Int32Array | typeof BigInt64Array | typeof Uint8Array> = {
+const arrayTypeFor: Record<Dtype, typeof Float64Array | typeof Float32Array | typeof Int32Array | typeof BigInt64Array | typeof Uint8Array> = {
+  F64: Float64Array,
   F32: Float32Array,
   BF16: Float32Array,
   F16: Float32Array,
@@ -390,7 +399,7 @@ const compareNames = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0)
  * The Python library's layout order: by dtype (its enum order, descending), then by name. Following it
  * makes our files byte-identical to the ones it writes, and it keeps every tensor aligned to its item size.
  */
-const layoutOrder: ReadonlyArray<Dtype> = ["I64", "F32", "I32", "BF16", "F16", "U8", "BOOL"]
+const layoutOrder: ReadonlyArray<Dtype> = ["I64", "F64", "F32", "I32", "BF16", "F16", "U8", "BOOL"]
 
 /**
  * Writes a safetensors file, laid out as the Python library does, the header padded with spaces to a

@@ -57,6 +57,8 @@ const randomData = (dtype: Safetensors.Dtype, count: number, seed: number): Safe
     case "BF16":
     case "F16":
       return floatsFromBits(Array.from({ length: count }, () => randomFloatBits(next)))
+    case "F64":
+      return Float64Array.from({ length: count }, () => (next() | 0) / (next() || 1))
     case "I32":
       return Int32Array.from({ length: count }, () => next() | 0)
     case "I64": // odd seeds: small values that readInt32 accepts
@@ -89,7 +91,7 @@ const expectedF16Bits = (bits: number) => {
   return bitsOfNumber(f16round(f32(bits)))
 }
 
-const Dtype = Schema.Literals(["F32", "BF16", "F16", "I32", "I64", "U8", "BOOL"])
+const Dtype = Schema.Literals(["F64", "F32", "BF16", "F16", "I32", "I64", "U8", "BOOL"])
 const Dimension = Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 7 }))
 const TensorSetArbitrary = Schema.Array(
   Schema.Struct({
@@ -156,6 +158,8 @@ describe("Safetensors", () => {
           const result = yield* Effect.result(file.readInt32(spec.name))
           assert.strictEqual(result._tag === "Success", fits)
           if (result._tag === "Success") assert.deepStrictEqual(Array.from(result.success), Array.from(spec.data, Number))
+        } else if (spec.data instanceof Float64Array) {
+          assert.deepStrictEqual(yield* file.readFloat64(spec.name), spec.data)
         } else {
           assert.deepStrictEqual(Array.from(yield* file.readInt32(spec.name)), Array.from(spec.data))
         }
@@ -363,7 +367,7 @@ describe("Safetensors", () => {
       ["header length past the end", rawFile({}, new Uint8Array(0), 1000n), undefined, /header length 1000 runs past the end/],
       ["invalid JSON", rawFile("{\"a\": ", new Uint8Array(0)), undefined, /not valid JSON/],
       ["a header that is not an object", rawFile("[1]", new Uint8Array(0)), undefined, /not a JSON object/],
-      ["unknown dtype", rawFile({ w: { dtype: "F64", shape: [2], data_offsets: [0, 16] } }, data16), "w", /unsupported dtype "F64"/],
+      ["unknown dtype", rawFile({ w: { dtype: "C64", shape: [2], data_offsets: [0, 16] } }, data16), "w", /unsupported dtype "C64"/],
       ["a bad shape", rawFile({ w: { dtype: "F32", shape: [-1], data_offsets: [0, 16] } }, data16), "w", /shape/],
       ["offsets that disagree with the shape", rawFile({ w: { dtype: "F32", shape: [3], data_offsets: [0, 16] } }, data16), "w", /hold 16 bytes but F32 \[3\] needs 12/],
       ["offsets out of range", rawFile({ w: { dtype: "F32", shape: [8], data_offsets: [0, 32] } }, data16), "w", /run past the end of the data section \(16 bytes\)/],
