@@ -7,6 +7,7 @@ import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { Effect, type Scope } from "effect"
 import { CheckpointError, ConfigError } from "./Errors.ts"
+import { writeJson } from "./Files.ts"
 import * as Safetensors from "./Safetensors.ts"
 
 const configName = "config.json"
@@ -166,8 +167,6 @@ const splitIntoShards = <T>(tensors: ReadonlyArray<T>, sizeOf: (tensor: T) => nu
   return shards
 }
 
-const writeJson = (path: string, value: unknown) =>
-  Safetensors.writeAtomically(path, (append) => append(new TextEncoder().encode(JSON.stringify(value, null, 2) + "\n")))
 
 /**
  * Saves a checkpoint folder as transformers' save_pretrained does: model.safetensors, or

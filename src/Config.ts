@@ -7,6 +7,7 @@
  * user's config had, with only the sizes we changed.
  */
 import { Effect, Schema } from "effect"
+import { createHash } from "node:crypto"
 import { ConfigError } from "./Errors.ts"
 
 /** How rotary position embeddings are computed; the YaRN fields are used only when `type` is "yarn". */
@@ -112,16 +113,18 @@ const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) 
         `num_attention_heads (${raw.num_attention_heads}) is not a multiple of num_key_value_heads (${numKvHeads})`
       )
     }
-    const headDim = raw.head_dim ?? raw.hidden_size / raw.num_attention_heads
+    // transformers' defaults: Mistral derives head_dim, Ministral 3's class default is 128 and null is invalid.
+    if (raw.model_type === "ministral3" && raw.head_dim === null) return yield* fail("head_dim must be an integer, not null")
+    const headDim = raw.head_dim ?? (raw.model_type === "ministral3" ? 128 : raw.hidden_size / raw.num_attention_heads)
     if (!Number.isInteger(headDim)) {
       return yield* fail(`head_dim is missing and hidden_size ${raw.hidden_size} is not divisible by num_attention_heads`)
     }
     // transformers' defaults differ by architecture for the fields a config may leave out.
     const defaults = raw.model_type === "mistral"
-      ? { rmsNormEps: 1e-6, maxPositions: 131072, theta: 10000 }
-      : { rmsNormEps: 1e-5, maxPositions: 262144, theta: 1000000 }
+      ? { rmsNormEps: 1e-6, maxPositions: 131072, theta: 10000, slidingWindow: 4096 }
+      : { rmsNormEps: 1e-5, maxPositions: 262144, theta: 1000000, slidingWindow: null }
     const maxPositionEmbeddings = raw.max_position_embeddings ?? defaults.maxPositions
-    const rope = yield* ropeConfig(raw, defaults.theta, file)
+    const rope = yield* ropeConfig(raw, maxPositionEmbeddings, defaults.theta, file)
     if (headDim % 2 !== 0) return yield* fail(`head_dim ${headDim} must be even for rotary embeddings`)
     return {
       modelType: raw.model_type,
@@ -135,7 +138,8 @@ const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) 
       rmsNormEps: raw.rms_norm_eps ?? defaults.rmsNormEps,
       tieWordEmbeddings: raw.tie_word_embeddings ?? false,
       maxPositionEmbeddings,
-      slidingWindow: raw.sliding_window ?? null,
+      // A missing key takes the class default; an explicit null means no window.
+      slidingWindow: raw.sliding_window === undefined ? defaults.slidingWindow : raw.sliding_window,
       rope,
       bosTokenId: firstId(raw.bos_token_id),
       eosTokenId: firstId(raw.eos_token_id),
@@ -144,23 +148,42 @@ const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) 
     } satisfies ModelConfig
   })
 
-const ropeConfig = (raw: RawConfig, defaultTheta: number, file: string) =>
+/** Ministral 3's class default when a config gives no rope parameters. */
+const ministral3Rope: typeof RopeFields.Type = {
+  rope_type: "yarn",
+  rope_theta: 1e6,
+  factor: 16,
+  original_max_position_embeddings: 16384,
+  beta_fast: 32,
+  beta_slow: 1,
+  mscale: 1,
+  mscale_all_dim: 1,
+  llama_4_scaling_beta: 0.1
+}
+
+const ropeConfig = (raw: RawConfig, maxPositionEmbeddings: number, defaultTheta: number, file: string) =>
   Effect.gen(function*() {
     // `rope_parameters` is the current layout; `rope_scaling` plus top-level `rope_theta` the legacy one.
-    const params = raw.rope_parameters ?? raw.rope_scaling ?? {}
+    const params = raw.rope_parameters ?? raw.rope_scaling ?? (raw.model_type === "ministral3" ? ministral3Rope : {})
     const type = params.rope_type ?? params.type ?? "default"
     if (type !== "default" && type !== "yarn") {
       return yield* Effect.fail(new ConfigError({ file, reason: `rope type "${type}" is not supported (default, yarn)` }))
     }
-    if (type === "yarn" && (params.factor === undefined || params.factor === null)) {
+    if (type === "yarn" && params.factor === undefined) {
       return yield* Effect.fail(new ConfigError({ file, reason: `yarn rope parameters need a "factor"` }))
     }
     const orNone = (value: number | null | undefined) => value ?? undefined
+    // As transformers standardises it: a top-level original_max_position_embeddings wins, then the
+    // rope dict's, then max_position_embeddings; a null yarn factor is the ratio of the two lengths.
+    const topLevelOriginal = (raw as { original_max_position_embeddings?: unknown }).original_max_position_embeddings
+    const originalMax = typeof topLevelOriginal === "number"
+      ? topLevelOriginal
+      : params.original_max_position_embeddings ?? (type === "yarn" ? maxPositionEmbeddings : undefined)
     return {
       type,
       theta: params.rope_theta ?? raw.rope_theta ?? defaultTheta,
-      factor: params.factor ?? 1,
-      originalMaxPositionEmbeddings: orNone(params.original_max_position_embeddings),
+      factor: params.factor ?? (type === "yarn" && originalMax ? maxPositionEmbeddings / originalMax : 1),
+      originalMaxPositionEmbeddings: originalMax,
       betaFast: params.beta_fast ?? 32,
       betaSlow: params.beta_slow ?? 1,
       mscale: orNone(params.mscale),
@@ -180,3 +203,13 @@ export const parameterCount = (config: ModelConfig): number => {
   const embeddings = config.vocabSize * d * (config.tieWordEmbeddings ? 1 : 2)
   return config.numLayers * layer + embeddings + d
 }
+
+/** sha256 of config.json's content with keys sorted, naming the model statistics were made for. */
+export const hash = (config: ModelConfig): string => createHash("sha256").update(canonicalJson(config.raw)).digest("hex")
+
+const canonicalJson = (value: unknown): string =>
+  Array.isArray(value)
+    ? `[${value.map(canonicalJson).join(",")}]`
+    : value !== null && typeof value === "object"
+    ? `{${Object.keys(value).sort().map((key) => `${JSON.stringify(key)}:${canonicalJson((value as Record<string, unknown>)[key])}`).join(",")}}`
+    : JSON.stringify(value)

@@ -81,3 +81,35 @@ export const sequences = (
       return { line, ids }
     })
   ))
+
+/** A row of a packed batch: `ids` has the packing length; positions from `length` on are padding. */
+export interface PackedRow {
+  readonly ids: ReadonlyArray<number>
+  readonly length: number
+}
+
+/**
+ * Concatenates sequences and cuts them into rows of `length` tokens; the last row is padded (with
+ * `padId`) and its padding masked out. Documents may share a row, as in pretraining.
+ */
+export const pack = (length: number, padId = 0) => <E, R>(sequences: Stream.Stream<Sequence, E, R>) =>
+  sequences.pipe(
+    Stream.mapAccum(
+      (): Array<number> => [],
+      (pending, { ids }) => {
+        const buffer = pending.concat(ids)
+        const rows: Array<PackedRow> = []
+        let start = 0
+        for (; start + length <= buffer.length; start += length) rows.push({ ids: buffer.slice(start, start + length), length })
+        return [buffer.slice(start), rows] as const
+      },
+      {
+        onHalt: (rest): ReadonlyArray<PackedRow> =>
+          rest.length === 0 ? [] : [{ ids: rest.concat(new Array(length - rest.length).fill(padId)), length: rest.length }]
+      }
+    )
+  )
+
+/** The attention mask of packed rows: 1 for tokens, 0 for padding. */
+export const rowMask = (rows: ReadonlyArray<PackedRow>) =>
+  rows.map((row) => Array.from({ length: row.ids.length }, (_, i) => (i < row.length ? 1 : 0)))

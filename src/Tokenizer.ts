@@ -191,3 +191,9 @@ export const load = Effect.fn("Tokenizer.load")(function*(dirOrFile: string): Ef
     })
   }
 })
+
+/** The tokenizer of a model folder, or none when the folder has no tokenizer.json. */
+export const loadIfPresent = (dir: string): Effect.Effect<Tokenizer | undefined, TokenizerError> =>
+  Effect.promise(() => stat(join(dir, "tokenizer.json")).then(() => true, () => false)).pipe(
+    Effect.flatMap((present) => (present ? load(dir) : Effect.succeed(undefined)))
+  )

@@ -1,20 +1,12 @@
 /** `cascade eval`: next-token NLL and perplexity of a model over a JSONL file. */
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
-import { access } from "node:fs/promises"
-import { join } from "node:path"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { evaluate } from "../../stages/Evaluate.ts"
 import * as Dataset from "../Dataset.ts"
 import * as Pretrained from "../Pretrained.ts"
 import * as Tokenizer from "../Tokenizer.ts"
 import { cascade } from "./root.ts"
-
-/** The model folder's tokenizer, if it has one; `{"text"}` lines need it. */
-const folderTokenizer = (dir: string) =>
-  Effect.promise(() => access(join(dir, "tokenizer.json")).then(() => true, () => false)).pipe(
-    Effect.flatMap((present) => (present ? Effect.map(Tokenizer.load(dir), Option.some) : Effect.succeedNone))
-  )
 
 export const evalCommand = Command.make(
   "eval",
@@ -30,7 +22,7 @@ export const evalCommand = Command.make(
     const { backend } = yield* cascade
     const result = yield* Effect.gen(function*() {
       const loaded = yield* Pretrained.load(model)
-      const tokenizer = Option.getOrUndefined(yield* folderTokenizer(model))
+      const tokenizer = yield* Tokenizer.loadIfPresent(model)
       const sequences = Dataset.sequences(data, { vocabSize: loaded.config.vocabSize, tokenizer })
       return yield* evaluate(loaded, sequences, { batchSize: batch })
     }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
