@@ -56,3 +56,12 @@ export class BackendUnavailable extends Schema.TaggedError<BackendUnavailable>()
     return `backend ${this.backend} is unavailable: ${this.reason}. ${this.remedy}`
   }
 }
+
+/** A pruning request that cannot be met: targets out of range, statistics of another model, too little data. */
+export class PruneError extends Schema.TaggedError<PruneError>()("PruneError", {
+  reason: Schema.String
+}) {
+  override get message() {
+    return this.reason
+  }
+}

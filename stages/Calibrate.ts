@@ -12,7 +12,7 @@ import * as path from "node:path"
 import * as Calibration from "../src/Calibration.ts"
 import * as Config from "../src/Config.ts"
 import * as Dataset from "../src/Dataset.ts"
-import { CheckpointError } from "../src/Errors.ts"
+import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
 import type * as Model from "../src/Model.ts"
 import type { Tokenizer } from "../src/Tokenizer.ts"
@@ -121,7 +121,7 @@ export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model
     )
   )
   if (stats.tokens === 0) {
-    return yield* new CheckpointError({ file: options.data, reason: "holds no tokens to calibrate on" })
+    return yield* new DataError({ file: options.data, reason: "holds no tokens to calibrate on" })
   }
   return { stats, manifest: yield* save(true) }
 })

@@ -6,13 +6,15 @@
 import { NodeRuntime, NodeServices } from "@effect/platform-node"
 import { Console, Effect } from "effect"
 import { Command } from "effect/cli"
+import { calibrateCommand } from "./calibrate.ts"
 import { evalCommand } from "./eval.ts"
+import { pruneCommand } from "./prune.ts"
 import { cascade } from "./root.ts"
 
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([evalCommand]),
+  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand]),
   Command.run({ version }),
   Effect.catch((error) =>
     // Parse errors were already rendered by the CLI module; our own errors are rendered here.

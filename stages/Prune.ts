@@ -1,0 +1,161 @@
+/**
+ * The prune stage: checks a request against the parent and its calibration statistics, prunes
+ * (src/Pruning.ts), and writes the child as an ordinary Hugging Face checkpoint with
+ * `prune-report.json` beside it. Everything is checked before anything is written, and the folder
+ * appears whole or not at all (written aside, then renamed into place).
+ */
+import { Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as Calibration from "../src/Calibration.ts"
+import * as Config from "../src/Config.ts"
+import { CheckpointError, PruneError } from "../src/Errors.ts"
+import * as Files from "../src/Files.ts"
+import * as Model from "../src/Model.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Pruning from "../src/Pruning.ts"
+import type { FloatDtype } from "../src/Safetensors.ts"
+import * as Calibrate from "./Calibrate.ts"
+
+/** Checks targets against the parent and the statistics against the parent. */
+export const validate = (
+  parent: Config.ModelConfig,
+  stats: Calibration.Statistics,
+  calibration: Calibrate.Manifest,
+  targets: Pruning.Targets
+): Effect.Effect<void, PruneError> =>
+  Effect.gen(function*() {
+    const fail = (reason: string) => Effect.fail(new PruneError({ reason }))
+    if (calibration.configHash !== Config.hash(parent)) {
+      return yield* fail(
+        `the statistics were made for another model (${calibration.model}, config hash ${calibration.configHash.slice(0, 12)}), not this one (config hash ${Config.hash(parent).slice(0, 12)}): calibrate this model first`
+      )
+    }
+    const axes = [
+      ["--layers", targets.layers, parent.numLayers, "layers"],
+      ["--hidden", targets.hidden, parent.hiddenSize, "hidden size"],
+      ["--ffn", targets.ffn, parent.intermediateSize, "FFN width"]
+    ] as const
+    for (const [flag, target, size, what] of axes) {
+      if (target === undefined) continue
+      if (!Number.isInteger(target) || target <= 0) return yield* fail(`${flag} must be a positive integer, got ${target}`)
+      if (target > size) return yield* fail(`${flag} ${target} is larger than the parent's ${what} (${size})`)
+    }
+    if (targets.hidden !== undefined && targets.hidden < parent.hiddenSize && stats.tokens < targets.hidden) {
+      return yield* fail(
+        `too few calibration tokens (${stats.tokens}) for a rank-${targets.hidden} rotation: calibrate on at least ${targets.hidden} tokens`
+      )
+    }
+  })
+
+const shapeOf = (config: Config.ModelConfig) => ({
+  layers: config.numLayers,
+  hidden: config.hiddenSize,
+  ffn: config.intermediateSize,
+  tiedEmbeddings: config.tieWordEmbeddings,
+  parameters: Config.parameterCount(config)
+})
+
+/** What a person needs to judge a pruned model: what was kept, at what cost, what is exact. */
+export const report = (parent: Model.Model, plan: Pruning.Plan, stats: Calibration.Statistics, calibration: Calibrate.Manifest, selection: Pruning.Selection) => {
+  const child = plan.config
+  const rotated = plan.rotation !== undefined
+  const exact: Array<string> = []
+  const approximate: Array<string> = []
+  if (child.numLayers === parent.config.numLayers) exact.push("layers: all kept")
+  else approximate.push(`layers: ${parent.config.numLayers - child.numLayers} removed; their contribution to the residual stream is lost`)
+  if (child.intermediateSize === parent.config.intermediateSize) exact.push("FFN: all neurons kept")
+  else approximate.push(`FFN: ${parent.config.intermediateSize - child.intermediateSize} neurons per layer removed (kept share of importance per layer in ffn.retainedImportance)`)
+  if (!rotated) exact.push("hidden: width kept, no rotation")
+  else if (child.hiddenSize === parent.config.hiddenSize) {
+    exact.push("hidden: full-rank rotation with RMSNorm weights folded into the linears that read them; equal to the parent up to float rounding")
+  } else {
+    approximate.push(
+      `hidden: ${parent.config.hiddenSize} -> ${child.hiddenSize} principal directions keep ${(100 * plan.explainedVariance).toFixed(2)}% of the residual stream's second moment; RMSNorm then measures the kept part only (weights set to sqrt(D/H) = ${Math.sqrt(parent.config.hiddenSize / child.hiddenSize).toFixed(4)}), and its eps acts at H/D of its former strength`
+    )
+  }
+  const tiedBefore = parent.config.tieWordEmbeddings
+  if (child.tieWordEmbeddings && rotated) {
+    approximate.push("tied embeddings: lm_head = E Q; the final norm's weight cannot be folded into a shared matrix, so diag(w_final) is replaced by diag(Q^T diag(w_final) Q), exact only when w_final is constant")
+  } else if (child.tieWordEmbeddings && !tiedBefore) {
+    approximate.push("tied embeddings: the parent's lm_head was dropped and the input embedding serves as output embedding (--tie-embeddings)")
+  } else if (!child.tieWordEmbeddings && tiedBefore) {
+    exact.push(`embeddings untied: lm_head = E diag(w_final) Q is stored separately, exact, at the cost of ${child.vocabSize * child.hiddenSize} more parameters (pass --tie-embeddings to keep them tied, approximately)`)
+  } else {
+    exact.push(`embeddings: ${tiedBefore ? "tied" : "untied"} as in the parent`)
+  }
+  const layerScores = plan.layerScores
+  return {
+    selection: selection.kind === "scores" ? "calibration scores" : `random (seed ${selection.seed})`,
+    parent: shapeOf(parent.config),
+    child: shapeOf(child),
+    layers: {
+      kept: plan.keptLayers.map((index) => ({ index, score: layerScores[index] })),
+      removed: layerScores.flatMap((score, index) => (plan.keptLayers.includes(index) ? [] : [{ index, score }]))
+    },
+    hidden: rotated ? { explainedVariance: plan.explainedVariance } : null,
+    ffn: { retainedImportance: plan.ffnRetained },
+    calibration: { model: calibration.model, data: calibration.data, tokens: stats.tokens, seq: calibration.seq },
+    exact,
+    approximate
+  }
+}
+
+export type Report = ReturnType<typeof report>
+
+/** Files of the parent folder the child needs as they are: tokenizer, chat template, generation defaults. */
+const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+
+export interface PruneOptions {
+  readonly modelDir: string
+  readonly statsDir: string
+  readonly out: string
+  readonly targets: Pruning.Targets
+  readonly selection?: Pruning.Selection
+  readonly dtype?: FloatDtype
+}
+
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+
+/** Loads parent and statistics, prunes and writes OUT. Returns the report. */
+export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
+  const selection = options.selection ?? { kind: "scores" }
+  const parent = yield* Pretrained.load(options.modelDir)
+  const calibration = yield* Calibrate.readManifest(options.statsDir)
+  if (calibration === undefined || !calibration.complete) {
+    return yield* new PruneError({ reason: `${options.statsDir} holds no finished calibration (run cascade calibrate)` })
+  }
+  const stats = yield* Calibration.read(Calibrate.statisticsFile(options.statsDir))
+  yield* validate(parent.config, stats, calibration, options.targets)
+  const existing = yield* Effect.promise(() => fs.readdir(options.out).catch(() => [] as Array<string>))
+  if (existing.length > 0 && !existing.includes("prune-report.json")) {
+    return yield* new PruneError({ reason: `${options.out} exists and is not an earlier prune output; choose an empty or new folder` })
+  }
+
+  const plan = Pruning.plan(parent.config, stats, options.targets, selection)
+  const child = yield* Effect.acquireRelease(Effect.sync(() => Pruning.apply(parent, plan)), (child) => Effect.sync(() => Model.dispose(child)))
+  const result = report(parent, plan, stats, calibration, selection)
+
+  // Written aside and renamed into place, so OUT is never half a checkpoint.
+  const staging = `${path.resolve(options.out)}.partial-${process.pid}`
+  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
+  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? "F32" })
+  for (const file of companionFiles) {
+    const from = path.join(options.modelDir, file)
+    yield* Effect.tryPromise({
+      try: () => fs.copyFile(from, path.join(staging, file)).catch((error) => {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
+      }),
+      catch: io(from, "cannot copy")
+    })
+  }
+  yield* Files.writeJson(path.join(staging, "prune-report.json"), result)
+  yield* Effect.tryPromise({
+    try: async () => {
+      await fs.rm(options.out, { recursive: true, force: true })
+      await fs.rename(staging, options.out)
+    },
+    catch: io(options.out, "cannot move the pruned checkpoint into place")
+  })
+  return result
+})

@@ -1,0 +1,114 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
+import * as Calibration from "../src/Calibration.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import { calibrate, readManifest } from "../stages/Calibrate.ts"
+import { prune } from "../stages/Prune.ts"
+import { localFixture, onBackend, sharedFixture } from "./support.ts"
+
+const parentDir = sharedFixture("tiny-mistral")
+
+const tempDir = Effect.acquireRelease(
+  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-prune-"))),
+  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+)
+
+/** A JSONL file of seeded token rows. */
+const dataFile = (dir: string, rows: number, length: number) => {
+  let state = 12345
+  const lines = Array.from({ length: rows }, () =>
+    JSON.stringify({
+      input_ids: Array.from({ length }, () => {
+        state = (state * 1103515245 + 12345) % 2147483648
+        return state % 512
+      })
+    })
+  )
+  const file = path.join(dir, "calib.jsonl")
+  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
+}
+
+const exists = (file: string) => Effect.promise(() => fs.access(file).then(() => true, () => false))
+
+describe("calibrate", () => {
+  it.effect("a run stopped midway resumes and ends with the statistics of an uninterrupted run", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 24, 40)
+      const model = yield* Pretrained.load(parentDir)
+      const options = { modelDir: parentDir, data, seq: 32, batchSize: 2, saveEvery: 2 }
+      const whole = yield* calibrate(model, { ...options, out: path.join(dir, "whole") })
+
+      const out = path.join(dir, "resumed")
+      const stop = new Error("stopped")
+      const interrupted = yield* Effect.exit(calibrate(model, {
+        ...options,
+        out,
+        onProgress: ({ rows }) => {
+          if (rows >= 14) throw stop
+        }
+      }))
+      assert.strictEqual(interrupted._tag, "Failure")
+      const partial = yield* readManifest(out)
+      assert.isFalse(partial!.complete)
+      assert.strictEqual(partial!.rows, 12)
+
+      const resumed = yield* calibrate(model, { ...options, out })
+      assert.isTrue(resumed.manifest.complete)
+      assert.strictEqual(resumed.manifest.rows, whole.manifest.rows)
+      assert.strictEqual(resumed.stats.tokens, whole.stats.tokens)
+      assert.deepStrictEqual(resumed.stats.secondMoment, whole.stats.secondMoment)
+      assert.deepStrictEqual(resumed.stats.ffnAbsSum, whole.stats.ffnAbsSum)
+      assert.deepStrictEqual(resumed.stats.layerRatioSum, whole.stats.layerRatioSum)
+      // What is on disk is what was returned.
+      const saved = yield* Calibration.read(path.join(out, "statistics.safetensors"))
+      assert.deepStrictEqual(saved.secondMoment, whole.stats.secondMoment)
+    }).pipe(onBackend("wasm")))
+})
+
+describe("prune", () => {
+  it.effect("writes a checkpoint of the same architecture, its tokenizer files and a report", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 8, 32)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const out = path.join(dir, "child")
+      const report = yield* prune({ modelDir: parentDir, statsDir: stats, out, targets: { layers: 3, hidden: 40, ffn: 100 } })
+      const child = yield* Pretrained.load(out)
+      assert.deepStrictEqual(
+        [child.config.numLayers, child.config.hiddenSize, child.config.intermediateSize, child.config.headDim],
+        [3, 40, 100, 16]
+      )
+      const config = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(out, "config.json"), "utf8")))
+      assert.strictEqual(config.head_dim, 16) // no longer hidden / heads, so it must be explicit
+      assert.deepStrictEqual(config.architectures, ["MistralForCausalLM"])
+      assert.strictEqual(report.child.parameters, 3 * (2 * 40 * 16 * 6 + 3 * 40 * 100 + 2 * 40) + 2 * 512 * 40 + 40)
+      assert.strictEqual(report.layers.kept.length, 3)
+      assert.isAbove(report.hidden!.explainedVariance, 0.5)
+      assert.isTrue(yield* exists(path.join(out, "generation_config.json")))
+    }).pipe(onBackend("wasm")))
+
+  it.effect("bad requests fail clearly and write nothing", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 1, 8)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 8 })
+      const out = path.join(dir, "child")
+      const cases = [
+        { modelDir: parentDir, targets: { layers: 5 }, expect: "--layers 5 is larger than the parent's layers (4)" },
+        { modelDir: parentDir, targets: { ffn: 0 }, expect: "--ffn must be a positive integer" },
+        { modelDir: parentDir, targets: { hidden: 32 }, expect: "too few calibration tokens (8) for a rank-32 rotation" },
+        { modelDir: localFixture("mistral-tied"), targets: { layers: 1 }, expect: "statistics were made for another model" }
+      ]
+      for (const { modelDir, targets, expect } of cases) {
+        const error = yield* Effect.flip(prune({ modelDir, statsDir: stats, out, targets }))
+        assert.include(error.message, expect)
+        assert.isFalse(yield* exists(out), "nothing written")
+      }
+    }).pipe(onBackend("wasm")))
+})
