@@ -39,6 +39,12 @@ export const load = Effect.fn("Pretrained.load")(function*(dir: string) {
   return Model.make(config, Model.weightsFromTensors(config, tensors))
 })
 
+/** The dtype the checkpoint's config.json says its weights are stored in (transformers' `dtype`, formerly `torch_dtype`). */
+export const storedDtype = (config: Config.ModelConfig): FloatDtype => {
+  const name = config.raw.dtype ?? config.raw.torch_dtype
+  return name === "bfloat16" ? "BF16" : name === "float16" ? "F16" : "F32"
+}
+
 /** Sizes and dtype that a saved config.json states, over whatever else the model's own config held. */
 export const configJson = (config: Config.ModelConfig, dtype: FloatDtype): Record<string, unknown> => ({
   ...config.raw,

@@ -26,7 +26,7 @@ export interface Targets {
   readonly hidden?: number | undefined
   /** FFN neurons per layer; all when undefined. */
   readonly ffn?: number | undefined
-  /** Make the child's lm_head its input embedding. */
+  /** Make the child's lm_head its input embedding; by default a tied parent stays tied unless the width is rotated. */
   readonly tieEmbeddings?: boolean | undefined
 }
 
@@ -111,7 +111,8 @@ export const plan = (parent: ModelConfig, stats: Calibration.Statistics, targets
       explainedVariance = values.slice(0, h).reduce((a, b) => a + b, 0) / trace
     }
   }
-  const tied = targets.tieEmbeddings ?? parent.tieWordEmbeddings
+  // A rotated tied model stays tied only when asked: untying is exact, tying is not.
+  const tied = targets.tieEmbeddings ?? (parent.tieWordEmbeddings && h === undefined)
   return {
     keptLayers,
     layerScores,

@@ -112,6 +112,7 @@ export interface PruneOptions {
   readonly out: string
   readonly targets: Pruning.Targets
   readonly selection?: Pruning.Selection
+  /** Stored dtype of the child; the parent's by default. */
   readonly dtype?: FloatDtype
 }
 
@@ -139,7 +140,7 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   // Written aside and renamed into place, so OUT is never half a checkpoint.
   const staging = `${path.resolve(options.out)}.partial-${process.pid}`
   yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? "F32" })
+  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config) })
   for (const file of companionFiles) {
     const from = path.join(options.modelDir, file)
     yield* Effect.tryPromise({

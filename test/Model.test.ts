@@ -4,27 +4,20 @@ import { Effect, Schema } from "effect"
 import { existsSync } from "node:fs"
 import * as Model from "../src/Model.ts"
 import * as Pretrained from "../src/Pretrained.ts"
-import { localFixture, maxAbsDiff, onBackend, reference, sharedFixture, take } from "./support.ts"
+import * as Reference from "../src/Reference.ts"
+import { localFixture, maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 const tolerance = 1e-4
 
-/** Logits and every hidden state of `dir` against a reference file, on padded positions too where unmasked. */
+/** Logits and every hidden state of `dir` against a reference file, padded positions left out. */
 const matchesReference = (dir: string, referencePath: string) =>
   Effect.gen(function*() {
     const model = yield* Pretrained.load(dir)
-    const ref = yield* reference(referencePath)
     const before = tf.memory().numTensors
-    const out = Model.forward(model, ref.ids, { attentionMask: ref.mask, hiddenStates: true })
-    const t = ref.ids[0].length
-    // Positions that are padding are left out: what a model computes there is not defined.
-    const real = (width: number) => (i: number) => ref.mask === undefined || ref.mask[Math.floor(i / (t * width))][Math.floor(i / width) % t] === 1
-    const logitsDiff = maxAbsDiff(take(out.logits), yield* ref.tensor("logits"), real(model.config.vocabSize))
-    assert.isAtMost(logitsDiff, tolerance, `logits of ${dir}`)
-    for (const [i, state] of out.hiddenStates.entries()) {
-      const diff = maxAbsDiff(take(state), yield* ref.tensor(`hidden_states.${i}`), real(model.config.hiddenSize))
-      assert.isAtMost(diff, tolerance, `hidden_states.${i} of ${dir}`)
-    }
-    assert.strictEqual(out.hiddenStates.length, model.config.numLayers + 1)
+    const diff = yield* Reference.compare(model, yield* Reference.open(referencePath))
+    assert.isAtMost(diff.logits, tolerance, `logits of ${dir}`)
+    diff.hiddenStates.forEach((d, i) => assert.isAtMost(d, tolerance, `hidden_states.${i} of ${dir}`))
+    assert.strictEqual(diff.hiddenStates.length, model.config.numLayers + 1)
     assert.strictEqual(tf.memory().numTensors, before, "forward leaves no tensors behind")
   })
 

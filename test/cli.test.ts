@@ -6,7 +6,8 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Tokenizer from "../src/Tokenizer.ts"
-import { reference, sharedFixture } from "./support.ts"
+import * as Reference from "../src/Reference.ts"
+import { sharedFixture } from "./support.ts"
 
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
@@ -45,7 +46,7 @@ const referenceNll = (ids: Array<Array<number>>, logits: Float32Array, vocab: nu
 describe("cascade eval", () => {
   it.effect("--json gives the NLL of transformers' logits to 1e-5", () =>
     Effect.gen(function*() {
-      const ref = yield* reference(sharedFixture("tiny-mistral/reference.safetensors"))
+      const ref = yield* Reference.open(sharedFixture("tiny-mistral/reference.safetensors"))
       const expected = referenceNll(ref.ids, yield* ref.tensor("logits"), 512)
       const dir = yield* tempDir
       const data = path.join(dir, "data.jsonl")
