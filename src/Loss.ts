@@ -1,8 +1,32 @@
 /**
  * Losses over logits. Means are taken over the positions a mask selects, in float32 tensors; sums
  * that outlive a batch are accumulated by callers in float64.
+ *
+ * Distillation is forward KL, `KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v))` per token,
+ * averaged over the tokens a [B][T] mask keeps. The teacher comes as full log-probabilities or as
+ * its top-k, and is first turned into a `Target` (`teacherTarget`, outside the gradient tape, since
+ * nothing flows back into the teacher); `distillation` then compares the student's logits with it.
+ *
+ * Choices, since the recipe publishes none:
+ * - Temperature T softens both sides, `softmax(logits / T)`, and the KL is multiplied by T^2
+ *   (Hinton et al.): its gradient w.r.t. the logits is `T (softmax(z/T) - p_t)` per token, so a
+ *   learning rate and a cross-entropy weight tuned at T = 1 keep their meaning at another T. The
+ *   `kl` metric is the plain KL between the softened distributions, without T^2.
+ * - Top-k: the teacher's k probabilities are renormalised over the k ids and compared with the
+ *   student's full softmax, a true KL over the vocabulary that also pushes the student's mass off
+ *   the other ids. With `restBucket`, the teacher's remaining mass `1 - sum(top-k)` is kept as one
+ *   more category and matched against the student's mass on the other ids: a (k+1)-way KL. The
+ *   teacher's tail logits are unknown, so at T != 1 the k+1 categories are softened as they stand
+ *   (the rest bucket as one category); at T = 1 this is exact.
+ * - Vocabularies that differ by padding rows are aligned on their common prefix: with full
+ *   log-probs both sides are renormalised over the first min(Vt, Vs) ids; with top-k, ids at or
+ *   above the student's vocabulary are dropped and the rest renormalised. The teacher's probability
+ *   dropped so (per kept token) must stay at or below `maxOutsideMass`, else `teacherTarget` fails
+ *   with `TeacherVocabularyError`: padding rows carry negligible mass, so more means that the two
+ *   vocabularies do not match.
  */
 import * as tf from "@tensorflow/tfjs"
+import { Effect, Schema } from "effect"
 
 /**
  * log p(targets) under the logits: [B, T, V] logits and [B][T] targets -> [B, T] log-probabilities.
@@ -17,3 +41,221 @@ export const tokenLogProbs = (logits: tf.Tensor3D, targets: ReadonlyArray<ArrayL
     }
     return tf.gather(flat, tf.tensor1d(index, "int32")).reshape([b, t])
   })
+
+/** The teacher at every position: full log-probabilities, or the ids and log-probabilities of its top-k. */
+export type Teacher =
+  | { readonly _tag: "Full"; readonly logProbs: tf.Tensor3D } // [B, T, Vt]
+  | { readonly _tag: "TopK"; readonly ids: tf.Tensor3D; readonly logProbs: tf.Tensor3D } // [B, T, k] int32, float32
+
+export interface Options {
+  /** Softens teacher and student alike; the KL is scaled by T^2. */
+  readonly temperature: number
+  /** w in `loss = T^2 KL + w CE`, CE the next-token cross-entropy at T = 1. */
+  readonly crossEntropyWeight: number
+  /** Top-k only: match the teacher's mass outside its top-k as a (k+1)-th category. */
+  readonly restBucket: boolean
+  /** Teacher probability per token that may fall outside the student's vocabulary and be dropped. */
+  readonly maxOutsideMass: number
+}
+
+export const defaultOptions: Options = { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }
+
+/** A teacher that puts more than negligible probability on ids the student's vocabulary lacks. */
+export class TeacherVocabularyError extends Schema.TaggedError<TeacherVocabularyError>()("TeacherVocabularyError", {
+  studentVocab: Schema.Number,
+  mass: Schema.Number,
+  maxMass: Schema.Number
+}) {
+  override get message() {
+    return `the teacher puts ${this.mass.toPrecision(3)} of a token's probability on ids outside the student's ` +
+      `vocabulary (${this.studentVocab}); at most ${this.maxMass} may be dropped. Do the tokenizers match?`
+  }
+}
+
+/** The teacher as the loss consumes it, over N = B*T positions and the V ids compared, at temperature T. */
+export type Target = {
+  /** [N, V] teacher probabilities, zero off its top-k. */
+  readonly probs: tf.Tensor2D
+  /** [N] `sum q log q` over the teacher's categories: the constant part of the KL. */
+  readonly negEntropy: tf.Tensor1D
+  /** With a rest bucket: [N, V] 1 on the top-k ids, 0 elsewhere, and [N] the teacher's rest probability. */
+  readonly rest: { readonly inTopK: tf.Tensor2D; readonly probs: tf.Tensor1D } | undefined
+}
+
+/** Stands for log 0 where -Infinity would give 0 * -Infinity = NaN. */
+const LOG_ZERO = -1e30
+
+const flatMask = (mask: ReadonlyArray<ArrayLike<number>>) => Float32Array.from(mask.flatMap((row) => Array.from(row)))
+
+/**
+ * Turns the teacher into the target of a student whose vocabulary has `studentVocab` ids, on the
+ * positions `mask` ([B][T]) keeps. The target's tensors are released with the scope.
+ */
+export const teacherTarget = Effect.fn("Loss.teacherTarget")(function*(
+  teacher: Teacher,
+  studentVocab: number,
+  mask: ReadonlyArray<ArrayLike<number>>,
+  options: Options
+) {
+  const outside = tf.tidy(() => {
+    const mass = teacher._tag === "Full"
+      ? fullOutsideMass(teacher.logProbs, studentVocab)
+      : topKOutsideMass(teacher, studentVocab)
+    return tf.max(tf.mul(mass, tf.tensor1d(flatMask(mask)))).dataSync()[0]
+  })
+  if (outside > options.maxOutsideMass) {
+    return yield* new TeacherVocabularyError({ studentVocab, mass: outside, maxMass: options.maxOutsideMass })
+  }
+  return yield* Effect.acquireRelease(
+    Effect.sync(() =>
+      tf.tidy(() =>
+        teacher._tag === "Full"
+          ? fullTarget(teacher.logProbs, studentVocab, options.temperature)
+          : topKTarget(teacher, studentVocab, options)
+      )
+    ),
+    (target) =>
+      Effect.sync(() => {
+        tf.dispose([target.probs, target.negEntropy])
+        if (target.rest) tf.dispose([target.rest.inTopK, target.rest.probs])
+      })
+  )
+})
+
+/** [B, T, Vt] -> [N]: teacher probability on ids at or above `studentVocab`. */
+const fullOutsideMass = (logProbs: tf.Tensor3D, studentVocab: number) => {
+  const [b, t, vt] = logProbs.shape
+  if (vt <= studentVocab) return tf.zeros([b * t])
+  return tf.sum(tf.exp(logProbs.reshape([b * t, vt]).slice([0, studentVocab], [b * t, vt - studentVocab])), -1)
+}
+
+/** [B, T, k] -> [N]: teacher probability on top-k ids at or above `studentVocab`. */
+const topKOutsideMass = (teacher: { ids: tf.Tensor3D; logProbs: tf.Tensor3D }, studentVocab: number) => {
+  const [b, t, k] = teacher.ids.shape
+  const outside = tf.greaterEqual(teacher.ids.reshape([b * t, k]), studentVocab)
+  return tf.sum(tf.mul(tf.exp(teacher.logProbs.reshape([b * t, k])), tf.cast(outside, "float32")), -1)
+}
+
+/** `sum q log q` over the last axis from log q, with 0 log 0 = 0. */
+const sumQLogQ = (logQ: tf.Tensor) => tf.sum(tf.mul(tf.exp(logQ), tf.maximum(logQ, LOG_ZERO)), -1) as tf.Tensor1D
+
+/** Full teacher: renormalised over the common prefix of the two vocabularies, then softened. */
+const fullTarget = (logProbs: tf.Tensor3D, studentVocab: number, temperature: number): Target => {
+  const [b, t, vt] = logProbs.shape
+  const v = Math.min(vt, studentVocab)
+  const prefix = logProbs.reshape([b * t, vt]).slice([0, 0], [b * t, v])
+  const logQ = tf.logSoftmax(tf.div(tf.maximum(prefix, LOG_ZERO), temperature)) // [N, V]
+  return { probs: tf.exp(logQ) as tf.Tensor2D, negEntropy: sumQLogQ(logQ), rest: undefined }
+}
+
+/**
+ * Top-k teacher: the k log-probabilities (and with a rest bucket the rest's), those outside the
+ * student's vocabulary dropped, renormalised and softened; then scattered onto the vocabulary.
+ */
+const topKTarget = (
+  teacher: { ids: tf.Tensor3D; logProbs: tf.Tensor3D },
+  studentVocab: number,
+  options: Options
+): Target => {
+  const [b, t, k] = teacher.ids.shape
+  const n = b * t
+  const ids = teacher.ids.reshape([n, k]) as tf.Tensor2D
+  const logP = tf.maximum(teacher.logProbs.reshape([n, k]), LOG_ZERO)
+  const inside = tf.less(ids, studentVocab)
+  const kept = tf.where(inside, logP, tf.fill([n, k], LOG_ZERO)) // [N, k]
+  // The rest is 1 minus all k probabilities, dropped ids' included, so that renormalising the kept
+  // categories gives the teacher renormalised over the student's vocabulary.
+  const restLog = tf.log(tf.relu(tf.sub(1, tf.sum(tf.exp(logP), -1, true)))) // [N, 1], -Infinity when empty
+  const categories = options.restBucket ? tf.concat([kept, tf.maximum(restLog, LOG_ZERO)], 1) : kept
+  const logQ = tf.logSoftmax(tf.div(categories, options.temperature)) // [N, k(+1)]
+  // (row, id) pairs; ids outside the vocabulary point at id 0 and add zero there.
+  const rows = tf.tile(tf.range(0, n, 1, "int32").reshape([n, 1]), [1, k])
+  const index = tf.stack([rows, tf.where(inside, ids, tf.zerosLike(ids))], -1).reshape([n * k, 2])
+  const scatter = (values: tf.Tensor) => tf.scatterND(index, values.reshape([n * k]), [n, studentVocab]) as tf.Tensor2D
+  return {
+    probs: scatter(tf.exp(logQ.slice([0, 0], [n, k]))),
+    negEntropy: sumQLogQ(logQ),
+    rest: options.restBucket
+      ? {
+        inTopK: scatter(tf.cast(inside, "float32")),
+        probs: tf.exp(logQ.slice([0, k], [n, 1])).reshape([n]) as tf.Tensor1D
+      }
+      : undefined
+  }
+}
+
+/** The loss to minimise (a scalar tensor, the caller's) and float metrics, means over `tokens`. */
+export interface Distillation {
+  readonly loss: tf.Scalar
+  /** KL(teacher || student) at the temperature, nats per token. */
+  readonly kl: number
+  /** Next-token cross-entropy of the student at T = 1, nats per token. */
+  readonly ce: number
+  /** Tokens the mask keeps. */
+  readonly tokens: number
+}
+
+/**
+ * The distillation loss of student logits [B, T, Vs] against a target, over the positions `mask`
+ * keeps; `targets` are the next tokens for the cross-entropy. Differentiable w.r.t. the logits.
+ */
+export const distillation = (
+  logits: tf.Tensor3D,
+  target: Target,
+  batch: { readonly mask: ReadonlyArray<ArrayLike<number>>; readonly targets: ReadonlyArray<ArrayLike<number>> },
+  options: Options
+): Distillation => {
+  const [b, t, vs] = logits.shape
+  const n = b * t
+  const mask = flatMask(batch.mask)
+  const tokens = mask.reduce((sum, keep) => sum + keep, 0)
+  const temperature = options.temperature
+  let metrics = new Float32Array(2)
+  const loss = tf.tidy(() => {
+    const z = logits.reshape([n, vs]) as tf.Tensor2D
+    const v = target.probs.shape[1]
+    // Per token: KL = sum q log q - sum q log s, the second term the cross term.
+    const cross = target.rest === undefined
+      ? tf.sum(tf.mul(target.probs, tf.logSoftmax(tf.div(z.slice([0, 0], [n, v]), temperature))), -1)
+      : restBucketCross(z, target.probs, target.rest, temperature)
+    const perToken = tf.sub(target.negEntropy, cross) // [N]
+    const weights = tf.div(tf.tensor1d(mask), Math.max(tokens, 1)) // [N], sums to 1 over kept tokens
+    const kl = tf.sum(tf.mul(perToken, weights))
+    const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, batch.targets), weights))
+    metrics = Float32Array.from(tf.stack([kl, ce]).dataSync())
+    const scaled = tf.mul(kl, temperature * temperature)
+    return (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
+  })
+  return { loss, kl: metrics[0], ce: metrics[1], tokens }
+}
+
+/**
+ * `sum_c q_c log s_c` over the k+1 categories: the student's logits on the top-k ids and the
+ * log-sum-exp of its other logits as the rest, softened together. [N, Vs] logits -> [N].
+ */
+const restBucketCross = (
+  z: tf.Tensor2D,
+  probs: tf.Tensor2D,
+  rest: { readonly inTopK: tf.Tensor2D; readonly probs: tf.Tensor1D },
+  temperature: number
+) => {
+  const inTopK = rest.inTopK
+  const offTopK = tf.sub(1, inTopK)
+  const topK = tf.add(tf.div(z, temperature), tf.mul(offTopK, LOG_ZERO)) // [N, V], LOG_ZERO off the top-k
+  const tail = tf.div(tf.logSumExp(tf.add(z, tf.mul(inTopK, LOG_ZERO)), -1, true), temperature) // [N, 1]
+  const normaliser = tf.logSumExp(tf.concat([topK, tail], 1), -1, true) // [N, 1]
+  // probs is 0 where topK is LOG_ZERO, so those terms vanish instead of becoming NaN.
+  return tf.add(
+    tf.sum(tf.mul(probs, tf.sub(topK, normaliser)), -1),
+    tf.mul(rest.probs, tf.sub(tail, normaliser).reshape([-1]))
+  )
+}
+
+/**
+ * [N, Vs] logits and [B][T] next tokens -> [N] cross-entropy. A one-hot product rather than a
+ * gather, whose gradient the wasm backend lacks.
+ */
+const nextTokenCrossEntropy = (z: tf.Tensor2D, targets: ReadonlyArray<ArrayLike<number>>) => {
+  const ids = tf.tensor1d(Int32Array.from(targets.flatMap((row) => Array.from(row))), "int32")
+  return tf.neg(tf.sum(tf.mul(tf.oneHot(ids, z.shape[1]), tf.logSoftmax(z)), -1))
+}

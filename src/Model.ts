@@ -242,13 +242,22 @@ const attentionMask = (keyMask: ReadonlyArray<Uint8Array>, offset: number, t: nu
   return tf.tensor4d(mask, [b, 1, t, s])
 }
 
-/** Token ids [B][T] -> embeddings [B, T, D]. */
+/**
+ * Token ids [B][T] -> embeddings [B, T, D]. The table's gradient is a scatter-add of the rows'
+ * gradients [B*T, D] into [V, D]: tf.gather's own gradient needs UnsortedSegmentSum, which the wasm
+ * backend lacks, while ScatterNd (which sums repeated ids) every backend has.
+ */
 const embed = (table: tf.Tensor2D, ids: ReadonlyArray<ArrayLike<number>>): tf.Tensor3D => {
   const b = ids.length
   const t = b === 0 ? 0 : ids[0].length
   const flat = new Int32Array(b * t)
   ids.forEach((row, i) => flat.set(Array.from(row), i * t))
-  return tf.gather(table, tf.tensor1d(flat, "int32")).reshape([b, t, table.shape[1]])
+  const lookup = tf.customGrad((weights) => ({
+    value: tf.gather(weights as tf.Tensor2D, tf.tensor1d(flat, "int32")),
+    // The ids are rebuilt from JS: a tensor made here would be gone when the backward pass runs.
+    gradFunc: (dy) => tf.scatterND(tf.tensor2d(flat, [b * t, 1], "int32"), dy, table.shape)
+  }))
+  return lookup(table).reshape([b, t, table.shape[1]])
 }
 
 /**

@@ -1,0 +1,179 @@
+/**
+ * Training a model: its weights as variables, one optimizer step over micro-batches (gradient
+ * accumulation, global-norm clipping, AdamW), and a seeded random initialisation.
+ *
+ * Gradient accumulation weights each micro-batch by its tokens: a micro-batch's loss is a mean over
+ * its own tokens, so `sum_i tokens_i grad_i / sum_i tokens_i` is the gradient of the mean over all
+ * the step's tokens, whatever the padding of each micro-batch.
+ */
+import * as tf from "@tensorflow/tfjs"
+import { Effect } from "effect"
+import type { ModelConfig } from "./Config.ts"
+import type { Distillation } from "./Loss.ts"
+import * as Model from "./Model.ts"
+import * as Optimizer from "./Optimizer.ts"
+
+export interface Trainable {
+  /** The model over the variables: forward it like any model. */
+  readonly model: Model.Model
+  /** The variables by checkpoint name. */
+  readonly variables: ReadonlyMap<string, tf.Variable>
+}
+
+/**
+ * `model`'s weights as variables, released with the scope. They share memory with the model's
+ * tensors until the first update replaces them; `model` itself is left as it was.
+ */
+export const trainable = Effect.fn("Training.trainable")(function*(model: Model.Model) {
+  return yield* Effect.acquireRelease(
+    Effect.sync((): Trainable => {
+      const variables = new Map(
+        [...Model.tensorsOfWeights(model.config, model.weights)].map(([name, tensor]) => [name, tf.variable(tensor)])
+      )
+      return { model: { ...model, weights: Model.weightsFromTensors(model.config, variables) }, variables }
+    }),
+    (trainable) => Effect.sync(() => tf.dispose([...trainable.variables.values()]))
+  )
+})
+
+/** The L2 norm of all the gradients together, summed in float64. */
+const globalNorm = (grads: ReadonlyMap<string, tf.Tensor>): number => {
+  const squares = tf.tidy(() => {
+    const perTensor = tf.stack([...grads.values()].map((grad) => tf.sum(tf.square(grad))))
+    return Array.from(perTensor.dataSync())
+  })
+  return Math.sqrt(squares.reduce((sum, square) => sum + square, 0))
+}
+
+/**
+ * Scales `grads` so that their global L2 norm is at most `maxNorm`, as torch's clip_grad_norm_:
+ * by `maxNorm / (norm + 1e-6)` when that is below 1. Returns the norm before clipping; the input
+ * tensors are disposed when replaced.
+ */
+export const clipByGlobalNorm = (grads: Map<string, tf.Tensor>, maxNorm: number): number => {
+  const norm = globalNorm(grads)
+  const scale = maxNorm / (norm + 1e-6)
+  if (scale < 1) {
+    for (const [name, grad] of grads) {
+      grads.set(name, tf.tidy(() => tf.mul(grad, scale)))
+      grad.dispose()
+    }
+  }
+  return norm
+}
+
+export interface StepOptions {
+  readonly learningRate: number
+  /** Clip the global gradient norm to this; no clipping when undefined. */
+  readonly maxGradNorm: number | undefined
+}
+
+/** Token-weighted means over the step's micro-batches, the learning rate and the gradient norm before clipping. */
+export interface StepResult {
+  readonly loss: number
+  readonly kl: number
+  readonly ce: number
+  readonly tokens: number
+  readonly gradNorm: number
+  readonly learningRate: number
+}
+
+/**
+ * One optimizer step: the gradients of `lossOf` summed over the micro-batches, token-weighted,
+ * clipped, then applied by `optimizer`. Leaves no tensors behind.
+ */
+export const step = Effect.fn("Training.step")(function*<Batch>(
+  trainable: Trainable,
+  optimizer: Optimizer.AdamW,
+  microBatches: ReadonlyArray<Batch>,
+  lossOf: (model: Model.Model, batch: Batch) => Distillation,
+  options: StepOptions
+) {
+  const nameOf = new Map([...trainable.variables].map(([name, variable]) => [variable.name, name]))
+  const variables = [...trainable.variables.values()]
+  const sums = new Map<string, tf.Tensor>()
+  const totals = { loss: 0, kl: 0, ce: 0, tokens: 0 }
+  for (const batch of microBatches) {
+    let result: Distillation | undefined
+    const { value, grads } = tf.variableGrads(() => {
+      result = lossOf(trainable.model, batch)
+      return result.loss
+    }, variables)
+    const { kl, ce, tokens } = result!
+    totals.loss += value.dataSync()[0] * tokens
+    totals.kl += kl * tokens
+    totals.ce += ce * tokens
+    totals.tokens += tokens
+    value.dispose()
+    for (const [id, grad] of Object.entries(grads)) {
+      const name = nameOf.get(id)!
+      const previous = sums.get(name)
+      sums.set(name, tf.tidy(() => {
+        const weighted = tf.mul(grad, tokens)
+        return previous === undefined ? weighted : tf.add(previous, weighted)
+      }))
+      grad.dispose()
+      previous?.dispose()
+    }
+  }
+  const divisor = Math.max(totals.tokens, 1)
+  for (const [name, sum] of sums) {
+    sums.set(name, tf.tidy(() => tf.div(sum, divisor)))
+    sum.dispose()
+  }
+  const gradNorm = options.maxGradNorm === undefined ? globalNorm(sums) : clipByGlobalNorm(sums, options.maxGradNorm)
+  Optimizer.update(optimizer, sums, options.learningRate)
+  tf.dispose([...sums.values()])
+  return {
+    loss: totals.loss / divisor,
+    kl: totals.kl / divisor,
+    ce: totals.ce / divisor,
+    tokens: totals.tokens,
+    gradNorm,
+    learningRate: options.learningRate
+  } satisfies StepResult
+})
+
+/** mulberry32: a small seeded PRNG of uniform floats in [0, 1). */
+const uniform = (seed: number) => {
+  let state = seed >>> 0
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0
+    let x = state
+    x = Math.imul(x ^ (x >>> 15), x | 1)
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61)
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/** `count` normal samples of standard deviation `std` (Box-Muller), the same for the same seed everywhere. */
+const normals = (next: () => number, count: number, std: number) => {
+  const values = new Float32Array(count)
+  for (let i = 0; i < count; i += 2) {
+    const radius = std * Math.sqrt(-2 * Math.log(1 - next()))
+    const angle = 2 * Math.PI * next()
+    values[i] = radius * Math.cos(angle)
+    if (i + 1 < count) values[i + 1] = radius * Math.sin(angle)
+  }
+  return values
+}
+
+/**
+ * A model of `config` initialised as transformers does, from `seed`: matrices normal with std
+ * `initializer_range` (0.02 unless the config says), norm weights 1. Released with the scope.
+ */
+export const initialise = Effect.fn("Training.initialise")(function*(config: ModelConfig, seed: number) {
+  const std = typeof config.raw.initializer_range === "number" ? config.raw.initializer_range : 0.02
+  return yield* Effect.acquireRelease(
+    Effect.sync(() => {
+      const next = uniform(seed)
+      const tensors = new Map(Model.tensorShapes(config).map(({ name, shape }) => {
+        const count = shape.reduce((a, b) => a * b, 1)
+        const values = shape.length === 1 ? new Float32Array(count).fill(1) : normals(next, count, std)
+        return [name, tf.tensor(values, shape, "float32")] as const
+      }))
+      return Model.make(config, Model.weightsFromTensors(config, tensors))
+    }),
+    (model) => Effect.sync(() => Model.dispose(model))
+  )
+})
