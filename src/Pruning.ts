@@ -18,6 +18,7 @@ import type { ModelConfig } from "./Config.ts"
 import * as Calibration from "./Calibration.ts"
 import { symmetricEigen } from "./Eigen.ts"
 import * as Model from "./Model.ts"
+import * as Random from "./Random.ts"
 
 export interface Targets {
   /** Layers to keep; all when undefined. */
@@ -47,18 +48,6 @@ export interface Plan {
   readonly config: ModelConfig
 }
 
-/** A seeded uniform generator in [0, 1) (mulberry32), so random baselines replay. */
-export const random = (seed: number) => {
-  let state = seed >>> 0
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0
-    let t = state
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
-
 /** Indices of the `k` largest scores, in ascending index order. */
 const topK = (scores: ReadonlyArray<number>, k: number): Array<number> =>
   scores.map((score, i) => ({ score, i })).sort((a, b) => b.score - a.score || a.i - b.i).slice(0, k).map(({ i }) => i)
@@ -78,7 +67,7 @@ const childConfig = (parent: ModelConfig, layers: number, hidden: number, ffn: n
 
 /** Decides what to keep. Targets must already be validated against the parent (see stages/Prune.ts). */
 export const plan = (parent: ModelConfig, stats: Calibration.Statistics, targets: Targets, selection: Selection): Plan => {
-  const next = selection.kind === "random" ? random(selection.seed) : undefined
+  const next = selection.kind === "random" ? Random.uniform(selection.seed) : undefined
   const d = parent.hiddenSize
   const layerScores = Calibration.layerScores(stats)
   const layers = targets.layers ?? parent.numLayers

@@ -12,6 +12,7 @@ import type { ModelConfig } from "./Config.ts"
 import type { Distillation } from "./Loss.ts"
 import * as Model from "./Model.ts"
 import * as Optimizer from "./Optimizer.ts"
+import * as Random from "./Random.ts"
 
 export interface Trainable {
   /** The model over the variables: forward it like any model. */
@@ -134,30 +135,6 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
   } satisfies StepResult
 })
 
-/** mulberry32: a small seeded PRNG of uniform floats in [0, 1). */
-const uniform = (seed: number) => {
-  let state = seed >>> 0
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0
-    let x = state
-    x = Math.imul(x ^ (x >>> 15), x | 1)
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61)
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
-  }
-}
-
-/** `count` normal samples of standard deviation `std` (Box-Muller), the same for the same seed everywhere. */
-const normals = (next: () => number, count: number, std: number) => {
-  const values = new Float32Array(count)
-  for (let i = 0; i < count; i += 2) {
-    const radius = std * Math.sqrt(-2 * Math.log(1 - next()))
-    const angle = 2 * Math.PI * next()
-    values[i] = radius * Math.cos(angle)
-    if (i + 1 < count) values[i + 1] = radius * Math.sin(angle)
-  }
-  return values
-}
-
 /**
  * A model of `config` initialised as transformers does, from `seed`: matrices normal with std
  * `initializer_range` (0.02 unless the config says), norm weights 1. Released with the scope.
@@ -166,10 +143,10 @@ export const initialise = Effect.fn("Training.initialise")(function*(config: Mod
   const std = typeof config.raw.initializer_range === "number" ? config.raw.initializer_range : 0.02
   return yield* Effect.acquireRelease(
     Effect.sync(() => {
-      const next = uniform(seed)
+      const next = Random.uniform(seed)
       const tensors = new Map(Model.tensorShapes(config).map(({ name, shape }) => {
         const count = shape.reduce((a, b) => a * b, 1)
-        const values = shape.length === 1 ? new Float32Array(count).fill(1) : normals(next, count, std)
+        const values = shape.length === 1 ? new Float32Array(count).fill(1) : Random.normals(next, count, std)
         return [name, tf.tensor(values, shape, "float32")] as const
       }))
       return Model.make(config, Model.weightsFromTensors(config, tensors))

@@ -6,11 +6,12 @@ import * as Config from "../src/Config.ts"
 import * as Model from "../src/Model.ts"
 import * as Pretrained from "../src/Pretrained.ts"
 import * as Pruning from "../src/Pruning.ts"
+import * as Random from "../src/Random.ts"
 import { localFixture, maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 /** Seeded rows of token ids, with the last row padded. */
 const rows = (seed: number, count: number, length: number, vocab: number) => {
-  const next = Pruning.random(seed)
+  const next = Random.uniform(seed)
   const ids = Array.from({ length: count }, () => Array.from({ length }, () => Math.floor(next() * vocab)))
   const mask = ids.map((row, r) => row.map((_, i) => (r === count - 1 && i >= length - 3 ? 0 : 1)))
   return { ids, mask }
