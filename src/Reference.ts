@@ -44,12 +44,16 @@ export const maxAbsDiff = (a: ArrayLike<number>, b: ArrayLike<number>, keep?: (i
   return worst
 }
 
-/** Values of a tensor, disposing it. */
+/** Values of a tensor, disposing it (synchronous: CPU backends only). */
 export const take = (tensor: tf.Tensor): Float32Array => {
   const values = tensor.dataSync() as Float32Array
   tensor.dispose()
   return values
 }
+
+/** Values of a tensor, disposing it; asynchronous, as a GPU backend requires. */
+export const read = (tensor: tf.Tensor): Effect.Effect<Float32Array> =>
+  Effect.promise(() => tensor.data() as Promise<Float32Array>).pipe(Effect.ensuring(Effect.sync(() => tensor.dispose())))
 
 export interface Comparison {
   readonly logits: number
@@ -63,10 +67,10 @@ export const compare = Effect.fn("Reference.compare")(function*(model: Model.Mod
   const t = reference.ids[0].length
   const real = (width: number) => (i: number) =>
     reference.mask === undefined || reference.mask[Math.floor(i / (t * width))][Math.floor(i / width) % t] === 1
-  const logits = maxAbsDiff(take(out.logits), yield* reference.tensor("logits"), real(model.config.vocabSize))
+  const logits = maxAbsDiff(yield* read(out.logits), yield* reference.tensor("logits"), real(model.config.vocabSize))
   const hiddenStates: Array<number> = []
   for (const [i, state] of out.hiddenStates.entries()) {
-    hiddenStates.push(maxAbsDiff(take(state), yield* reference.tensor(`hidden_states.${i}`), real(model.config.hiddenSize)))
+    hiddenStates.push(maxAbsDiff(yield* read(state), yield* reference.tensor(`hidden_states.${i}`), real(model.config.hiddenSize)))
   }
   return { logits, hiddenStates } satisfies Comparison
 })

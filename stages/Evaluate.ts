@@ -2,11 +2,11 @@
  * Evaluation: the mean negative log-likelihood of next tokens and the perplexity, over a stream of
  * token sequences. The mean runs over every position after the first of each sequence.
  */
-import * as tf from "@tensorflow/tfjs"
 import { Effect, Stream } from "effect"
 import type { Sequence } from "../src/Dataset.ts"
 import * as Loss from "../src/Loss.ts"
 import * as Model from "../src/Model.ts"
+import * as Reference from "../src/Reference.ts"
 
 export interface Perplexity {
   /** Number of predicted tokens. */
@@ -17,7 +17,7 @@ export interface Perplexity {
 }
 
 /** Summed NLL and token count of one padded batch, in float64. */
-const batchNll = (model: Model.Model, batch: ReadonlyArray<Sequence>) => {
+const batchNll = Effect.fnUntraced(function*(model: Model.Model, batch: ReadonlyArray<Sequence>) {
   const width = Math.max(...batch.map((sequence) => sequence.ids.length))
   const ids = batch.map(({ ids }) => Array.from({ length: width }, (_, i) => ids[i] ?? 0))
   const mask = batch.map(({ ids }) => Array.from({ length: width }, (_, i) => (i < ids.length ? 1 : 0)))
@@ -25,8 +25,8 @@ const batchNll = (model: Model.Model, batch: ReadonlyArray<Sequence>) => {
     attentionMask: mask.map((row) => row.slice(0, -1))
   })
   const logProbs = Loss.tokenLogProbs(logits, ids.map((row) => row.slice(1)))
-  const values = logProbs.dataSync()
-  tf.dispose([logits, logProbs])
+  logits.dispose()
+  const values = yield* Reference.read(logProbs)
   let nll = 0
   let tokens = 0
   batch.forEach(({ ids: sequence }, row) => {
@@ -34,7 +34,7 @@ const batchNll = (model: Model.Model, batch: ReadonlyArray<Sequence>) => {
     tokens += Math.max(0, sequence.length - 1)
   })
   return { nll, tokens }
-}
+})
 
 export const evaluate = <E, R>(
   model: Model.Model,
@@ -44,12 +44,10 @@ export const evaluate = <E, R>(
   sequences.pipe(
     Stream.filter((sequence) => sequence.ids.length > 1),
     Stream.grouped(options.batchSize ?? 8),
-    Stream.runFold(
+    Stream.runFoldEffect(
       () => ({ nll: 0, tokens: 0 }),
-      (total, batch) => {
-        const part = batchNll(model, batch)
-        return { nll: total.nll + part.nll, tokens: total.tokens + part.tokens }
-      }
+      (total, batch) =>
+        Effect.map(batchNll(model, batch), (part) => ({ nll: total.nll + part.nll, tokens: total.tokens + part.tokens }))
     ),
     Effect.map(({ nll, tokens }) => {
       const mean = tokens === 0 ? Number.NaN : nll / tokens
