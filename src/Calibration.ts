@@ -13,6 +13,7 @@ import type { ModelConfig } from "./Config.ts"
 import { CheckpointError } from "./Errors.ts"
 import * as Model from "./Model.ts"
 import * as Safetensors from "./Safetensors.ts"
+import { matMul } from "./MatMul.ts"
 
 export interface Statistics {
   readonly numLayers: number
@@ -75,7 +76,7 @@ export const observe = (model: Model.Model, ids: ReadonlyArray<ReadonlyArray<num
       const ratio = tf.divNoNan(tf.norm(output, "euclidean", 1, true), tf.norm(input, "euclidean", 1, true)) // [N, 1]
       stats.layerRatioSum[layer.index] = tf.sum(tf.mul(ratio, weights)).dataSync()[0]
       for (const x of [input, middle]) {
-        const moment = tf.matMul(tf.mul(x, weights), x, true, false).dataSync() // [D, D]
+        const moment = matMul(tf.mul(x, weights), x, true, false).dataSync() // [D, D]
         for (let i = 0; i < moment.length; i++) stats.secondMoment[i] += moment[i]
       }
       const activation = tf.sum(tf.mul(tf.abs(layer.ffn.reshape([-1, f])), weights), 0).dataSync() // [F]

@@ -194,6 +194,46 @@ const ropeConfig = (raw: RawConfig, maxPositionEmbeddings: number, defaultTheta:
     } satisfies RopeConfig
   })
 
+/**
+ * The config of a long-context phase: RoPE switched to YaRN stretching `originalMax` positions by
+ * `factor` (other YaRN fields at transformers' defaults), written into the raw config as well so the
+ * saved config.json says so.
+ */
+export const withYarn = (config: ModelConfig, yarn: { readonly factor: number; readonly originalMax: number }): ModelConfig => {
+  const rope: RopeConfig = {
+    ...config.rope,
+    type: "yarn",
+    factor: yarn.factor,
+    originalMaxPositionEmbeddings: yarn.originalMax,
+    betaFast: 32,
+    betaSlow: 1,
+    mscale: undefined,
+    mscaleAllDim: undefined,
+    attentionFactor: undefined,
+    truncate: true
+  }
+  const maxPositionEmbeddings = Math.round(yarn.factor * yarn.originalMax)
+  const { rope_scaling: _legacy, rope_theta: _theta, ...raw } = config.raw
+  return {
+    ...config,
+    rope,
+    maxPositionEmbeddings,
+    raw: {
+      ...raw,
+      max_position_embeddings: maxPositionEmbeddings,
+      rope_parameters: {
+        rope_type: "yarn",
+        rope_theta: rope.theta,
+        factor: yarn.factor,
+        original_max_position_embeddings: yarn.originalMax,
+        beta_fast: 32,
+        beta_slow: 1,
+        ...(rope.llama4ScalingBeta === undefined ? {} : { llama_4_scaling_beta: rope.llama4ScalingBeta })
+      }
+    }
+  }
+}
+
 /** Parameter count of a model of this shape (embeddings counted once when tied). */
 export const parameterCount = (config: ModelConfig): number => {
   const d = config.hiddenSize

@@ -12,6 +12,7 @@
 import * as tf from "@tensorflow/tfjs"
 import type { ModelConfig } from "./Config.ts"
 import * as Rope from "./Rope.ts"
+import { matMul } from "./MatMul.ts"
 
 export interface LayerWeights {
   readonly inputNorm: tf.Tensor1D // [D]
@@ -157,7 +158,7 @@ export const disposeCache = (cache: KVCache) => tf.dispose(cache.layers.flatMap(
 /** `x @ W^T` over the last axis: [..., in] -> [..., out]. */
 export const linear = (x: tf.Tensor, weight: tf.Tensor2D): tf.Tensor => {
   const shape = x.shape
-  const out = tf.matMul(x.reshape([-1, shape[shape.length - 1]]), weight, false, true)
+  const out = matMul(x.reshape([-1, shape[shape.length - 1]]), weight, false, true)
   return out.reshape([...shape.slice(0, -1), weight.shape[0]])
 }
 
@@ -213,9 +214,9 @@ const attention = (
   const s = k.shape[2]
   // The G query heads sharing a key/value head are stacked along the time axis, so no copy of k or v is made.
   const grouped = q.reshape([b, kv, g * t, e]) // [B, K, G*T, E]
-  const scores = tf.matMul(grouped, k, false, true).reshape([b, h, t, s]).mul(1 / Math.sqrt(e)).add(context.mask)
+  const scores = matMul(grouped, k, false, true).reshape([b, h, t, s]).mul(1 / Math.sqrt(e)).add(context.mask)
   const probabilities = tf.softmax(scores, -1).reshape([b, kv, g * t, s])
-  const heads = tf.matMul(probabilities, v).reshape([b, h, t, e]) // [B, H, T, E]
+  const heads = matMul(probabilities, v).reshape([b, h, t, e]) // [B, H, T, E]
   const merged = tf.transpose(heads, [0, 2, 1, 3]).reshape([b, t, h * e])
   return { output: linear(merged, layer.o), k, v }
 }

@@ -19,6 +19,7 @@ import * as Calibration from "./Calibration.ts"
 import { symmetricEigen } from "./Eigen.ts"
 import * as Model from "./Model.ts"
 import * as Random from "./Random.ts"
+import { matMul } from "./MatMul.ts"
 
 export interface Targets {
   /** Layers to keep; all when undefined. */
@@ -131,9 +132,9 @@ export const apply = (parent: Model.Model, plan: Plan): Model.Model => {
     const normScale = Math.sqrt(d / h)
     const constantNorm = () => tf.fill([h], normScale) as tf.Tensor1D
     // A linear reading a norm's output: [out, D] -> [out, H] as W diag(w) Q.
-    const reader = (w: tf.Tensor2D, norm: tf.Tensor1D) => (q ? tf.matMul(tf.mul(w, norm), q) : w.clone()) as tf.Tensor2D
+    const reader = (w: tf.Tensor2D, norm: tf.Tensor1D) => (q ? matMul(tf.mul(w, norm), q) : w.clone()) as tf.Tensor2D
     // A linear writing to the residual stream: [D, in] -> [H, in] as Q^T W.
-    const writer = (w: tf.Tensor2D) => (q ? tf.matMul(q, w, true, false) : w.clone()) as tf.Tensor2D
+    const writer = (w: tf.Tensor2D) => (q ? matMul(q, w, true, false) : w.clone()) as tf.Tensor2D
 
     const layers = plan.keptLayers.map((index, i): Model.LayerWeights => {
       const layer = parent.weights.layers[index]
@@ -150,14 +151,14 @@ export const apply = (parent: Model.Model, plan: Plan): Model.Model => {
         down: writer(takeColumns(layer.down, neurons))
       }
     })
-    const embed = (q ? tf.matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
+    const embed = (q ? matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
     const head = parent.weights.lmHead ?? parent.weights.embed
     let norm: tf.Tensor1D
     let lmHead: tf.Tensor2D | undefined
     if (config.tieWordEmbeddings) {
       // lm_head becomes E Q; diag(w_final) is approximated in the rotated basis by diag(Q^T diag(w) Q).
       lmHead = undefined
-      norm = q ? tf.mul(tf.matMul(tf.square(q), parent.weights.norm.reshape([d, 1]), true, false).reshape([h]), normScale) as tf.Tensor1D
+      norm = q ? tf.mul(matMul(tf.square(q), parent.weights.norm.reshape([d, 1]), true, false).reshape([h]), normScale) as tf.Tensor1D
         : parent.weights.norm.clone()
     } else {
       lmHead = reader(head, parent.weights.norm)

@@ -1,0 +1,127 @@
+/**
+ * `npm run bench [-- --json] [-- --backend B] [-- --steps N] [-- --case NAME]`: the engine's speed on
+ * the named configuration `bench-small` (../shared/bench/README.md): vocab 2048, hidden 256, FFN 768,
+ * 4 layers, 8 heads, 2 KV heads, head_dim 32, sequence 256, batch 4, fp32.
+ *
+ * Cases, each the median of several runs after warm-up:
+ * - distill-step: one forward-KL training step against full-vocabulary teacher log-probs, AdamW;
+ *   the same work as ../shared/bench/ref_distill_bench.py does in PyTorch;
+ * - forward: the forward pass of the batch to logits;
+ * - decode: greedy decoding with the KV cache, one token per row per step.
+ */
+import * as tf from "@tensorflow/tfjs"
+import { NodeRuntime } from "@effect/platform-node"
+import { Console, Effect } from "effect"
+import { parseArgs } from "node:util"
+import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
+import * as Config from "../src/Config.ts"
+import * as Loss from "../src/Loss.ts"
+import * as Model from "../src/Model.ts"
+import * as Optimizer from "../src/Optimizer.ts"
+import * as Random from "../src/Random.ts"
+import * as Training from "../src/Training.ts"
+
+const { values } = parseArgs({
+  options: {
+    json: { type: "boolean", default: false },
+    backend: { type: "string" },
+    steps: { type: "string", default: "5" },
+    case: { type: "string", multiple: true }
+  }
+})
+const runs = Number(values.steps)
+const cases = values.case ?? ["distill-step", "forward", "decode"]
+
+const benchSmall = { vocab: 2048, hidden: 256, ffn: 768, layers: 4, heads: 8, kv: 2, headDim: 32, seq: 256, batch: 4 }
+
+const config = Config.decode({
+  model_type: "mistral",
+  vocab_size: benchSmall.vocab,
+  hidden_size: benchSmall.hidden,
+  intermediate_size: benchSmall.ffn,
+  num_hidden_layers: benchSmall.layers,
+  num_attention_heads: benchSmall.heads,
+  num_key_value_heads: benchSmall.kv,
+  head_dim: benchSmall.headDim,
+  rms_norm_eps: 1e-5,
+  sliding_window: null,
+  rope_parameters: { rope_type: "default", rope_theta: 1e6 }
+}, "bench-small")
+
+/** Median seconds of `run` over `runs` timed calls after two warm-ups. */
+const median = (run: () => Effect.Effect<void, unknown>) =>
+  Effect.gen(function*() {
+    for (let i = 0; i < 2; i++) yield* run()
+    const times: Array<number> = []
+    for (let i = 0; i < runs; i++) {
+      const started = performance.now()
+      yield* run()
+      times.push((performance.now() - started) / 1000)
+    }
+    times.sort((a, b) => a - b)
+    return times[Math.floor(times.length / 2)]
+  })
+
+const program = Effect.gen(function*() {
+  const backend = yield* TensorBackend
+  const modelConfig = yield* config
+  const { batch: b, seq: t, vocab: v } = benchSmall
+  const next = Random.uniform(0)
+  const ids = Array.from({ length: b }, () => Array.from({ length: t }, () => Math.floor(next() * v)))
+  const mask = ids.map((row) => row.map(() => 1))
+  const model = yield* Training.initialise(modelConfig, 0)
+
+  const report = (name: string, seconds: number, tokens: number) =>
+    Console.log(
+      values.json
+        ? JSON.stringify({ case: name, config: "bench-small", backend: backend.name, device: backend.device, tokens_per_s: tokens / seconds, step_s: seconds })
+        : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s`
+    )
+
+  if (cases.includes("distill-step")) {
+    const trainable = yield* Training.trainable(model)
+    const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: 0.01 })
+    // The teacher's full-vocabulary log-probabilities are given, as in the PyTorch reference.
+    const teacherLogProbs = tf.tidy(() => tf.logSoftmax(tf.mul(tf.tensor3d(Random.normals(next, b * t * v, 1), [b, t, v]), 2)) as tf.Tensor3D)
+    const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs: teacherLogProbs }, v, mask, Loss.defaultOptions)
+    const batch = { ids, mask, targets: ids, target }
+    const seconds = yield* median(() =>
+      Effect.asVoid(Training.step(trainable, adam, [batch], (m, x) =>
+        Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions), {
+        learningRate: 1e-3,
+        maxGradNorm: undefined
+      }))
+    )
+    teacherLogProbs.dispose()
+    yield* report("distill-step", seconds, b * t)
+  }
+  if (cases.includes("forward")) {
+    const seconds = yield* median(() =>
+      Effect.promise(async () => {
+        const { logits } = Model.forward(model, ids)
+        await logits.data()
+        logits.dispose()
+      })
+    )
+    yield* report("forward", seconds, b * t)
+  }
+  if (cases.includes("decode")) {
+    const steps = 32
+    const seconds = yield* median(() =>
+      Effect.promise(async () => {
+        let result = Model.forward(model, ids.map((row) => row.slice(0, 16)), { useCache: true })
+        for (let i = 0; i < steps; i++) {
+          const lastLogits = tf.tidy(() => result.logits.slice([0, result.logits.shape[1] - 1, 0], [b, 1, v]).argMax(-1))
+          const chosen = Array.from(await lastLogits.data(), (id) => [id])
+          tf.dispose([lastLogits, result.logits])
+          result = Model.forward(model, chosen, { cache: result.cache, useCache: true })
+        }
+        result.logits.dispose()
+        if (result.cache) Model.disposeCache(result.cache)
+      })
+    )
+    yield* report("decode", seconds, b * steps)
+  }
+}).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(values.backend as BackendName | undefined)))
+
+NodeRuntime.runMain(program)
