@@ -10,12 +10,13 @@ import { calibrateCommand } from "./calibrate.ts"
 import { evalCommand } from "./eval.ts"
 import { pruneCommand } from "./prune.ts"
 import { cascade } from "./root.ts"
+import { serveCommand } from "./serve.ts"
 import { teacherCacheCommand } from "./teacher-cache.ts"
 
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand, teacherCacheCommand]),
+  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand, serveCommand, teacherCacheCommand]),
   Command.run({ version }),
   Effect.catch((error) =>
     // Parse errors were already rendered by the CLI module; our own errors are rendered here.

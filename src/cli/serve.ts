@@ -1,0 +1,42 @@
+/** `cascade serve`: an OpenAI-compatible HTTP API over a model folder, until interrupted (Ctrl-C). */
+import { Console, Context, Effect, Layer, Option, Schema } from "effect"
+import { Command, Flag } from "effect/cli"
+import { HttpServer } from "effect/http"
+import { TensorBackend } from "../../layers/TensorBackend.ts"
+import * as Pretrained from "../Pretrained.ts"
+import * as Server from "../Server.ts"
+import * as Tokenizer from "../Tokenizer.ts"
+import { cascade } from "./root.ts"
+
+/** The address is taken or cannot be bound. */
+class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
+  address: Schema.String,
+  reason: Schema.String
+}) {
+  override get message() {
+    return `cannot listen on ${this.address}: ${this.reason}`
+  }
+}
+
+export const serveCommand = Command.make(
+  "serve",
+  {
+    model: Flag.String("model").pipe(Flag.withDescription("Hugging Face checkpoint folder, with its tokenizer")),
+    host: Flag.String("host").pipe(Flag.withDescription("Address to listen on (default 127.0.0.1)"), Flag.withDefault("127.0.0.1")),
+    port: Flag.Int("port").pipe(Flag.withDescription("Port to listen on (default 8000; 0: any free port)"), Flag.withDefault(8000))
+  },
+  Effect.fn("cli.serve")(function*({ model, host, port }) {
+    const { backend } = yield* cascade
+    yield* Effect.gen(function*() {
+      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.load(model), name: model }
+      const services = yield* Layer.build(Server.layer(served, { host, port })).pipe(
+        Effect.mapError(({ cause }) =>
+          new ListenError({ address: `${host}:${port}`, reason: cause instanceof Error ? cause.message : String(cause) })
+        )
+      )
+      const address = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
+      yield* Console.log(`Serving ${model} at ${address}/v1`)
+      return yield* Effect.never
+    }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
+  })
+).pipe(Command.withDescription("Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"))

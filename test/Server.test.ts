@@ -1,0 +1,341 @@
+import { assert, describe, it } from "@effect/vitest"
+import * as tf from "@tensorflow/tfjs"
+import { Context, Effect, Layer, Logger, type Scope } from "effect"
+import { HttpServer } from "effect/http"
+import { spawn } from "node:child_process"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import * as Generate from "../src/Generate.ts"
+import * as Model from "../src/Model.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Server from "../src/Server.ts"
+import * as Tokenizer from "../src/Tokenizer.ts"
+import { onBackend, sharedFixture, take } from "./support.ts"
+
+const chatTemplate = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" +
+  "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}" +
+  "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+
+/** The fixture model with the fixture tokenizer (vocab 400 < the model's 512) and a Mistral-style chat template. */
+const modelFolder = Effect.gen(function*() {
+  const dir = yield* Effect.acquireRelease(
+    Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-server-"))),
+    (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+  )
+  yield* Effect.promise(async () => {
+    for (const file of ["config.json", "model.safetensors"]) {
+      await fs.copyFile(path.join(sharedFixture("tiny-mistral"), file), path.join(dir, file))
+    }
+    await fs.copyFile(sharedFixture("tiny-bpe/tokenizer.json"), path.join(dir, "tokenizer.json"))
+    const config = { bos_token: "<s>", eos_token: "</s>", add_bos_token: true, chat_template: chatTemplate }
+    await fs.writeFile(path.join(dir, "tokenizer_config.json"), JSON.stringify(config))
+  })
+  return dir
+})
+
+interface Fixture {
+  readonly model: Model.Model
+  readonly tokenizer: Tokenizer.Tokenizer
+  /** Starts a server over `model` on an ephemeral loopback port; returns its `/v1` URL. */
+  readonly serve: (model: Model.Model) => Effect.Effect<string, unknown, never>
+}
+
+/**
+ * Runs a test against servers over the fixture, and checks that the requests it makes leave
+ * the tensor count as they found it. Request logs are silenced.
+ */
+const withServer = <A, E>(test: (fixture: Fixture) => Effect.Effect<A, E, Scope.Scope>) =>
+  Effect.gen(function*() {
+    const dir = yield* modelFolder
+    const model = yield* Pretrained.load(dir)
+    const tokenizer = yield* Tokenizer.load(dir)
+    const scope = yield* Effect.scope
+    const serve = (served: Model.Model) =>
+      Layer.buildWithScope(Server.layer({ model: served, tokenizer, name: "tiny" }, { host: "127.0.0.1", port: 0 }), scope).pipe(
+        Effect.map((services) => `${HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)}/v1`)
+      )
+    const before = tf.memory().numTensors
+    yield* test({ model, tokenizer, serve })
+    assert.strictEqual(tf.memory().numTensors, before, "requests leave no tensors behind")
+  }).pipe(onBackend("wasm"), Effect.provide(Logger.layer([])))
+
+interface Reply {
+  readonly status: number
+  readonly json: any
+}
+
+const request = (url: string, init?: RequestInit) =>
+  Effect.promise(async (): Promise<Reply> => {
+    const response = await fetch(url, init)
+    return { status: response.status, json: await response.json() }
+  })
+
+const post = (url: string, body: unknown) =>
+  request(url, { method: "POST", headers: { "content-type": "application/json" }, body: typeof body === "string" ? body : JSON.stringify(body) })
+
+/** Log-softmax in float64 of one row of logits. */
+const logSoftmax = (logits: ArrayLike<number>): Array<number> => {
+  const values = Array.from(logits)
+  const max = Math.max(...values)
+  const logSum = Math.log(values.reduce((sum, logit) => sum + Math.exp(logit - max), 0))
+  return values.map((logit) => logit - max - logSum)
+}
+
+/** What the server passes to Generate for a request with only these fields. */
+const generateLike = (fixture: Fixture, prompts: ReadonlyArray<ReadonlyArray<number>>, options: Partial<Generate.Options>) =>
+  Generate.generate(fixture.model, prompts, {
+    maxNewTokens: 16,
+    stopTokenIds: [2],
+    decode: (ids) => fixture.tokenizer.decode(ids, { skipSpecialTokens: true }),
+    ...options
+  })
+
+const prompts = [[1, 58, 321, 361, 89, 355], [1, 294, 32]]
+
+describe("Server", () => {
+  it.live("prompt_logprobs are the log-softmax of Model.forward's logits, in vLLM's shape", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const k = 3
+        const reply = yield* post(`${url}/completions`, { prompt: prompts, max_tokens: 0, prompt_logprobs: k })
+        assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+        const v = fixture.model.config.vocabSize
+        for (const [i, prompt] of prompts.entries()) {
+          const choice = reply.json.choices[i]
+          assert.strictEqual(choice.text, "")
+          assert.strictEqual(choice.finish_reason, "length")
+          const logits = take(Model.forward(fixture.model, [prompt]).logits)
+          assert.strictEqual(choice.prompt_logprobs.length, prompt.length)
+          assert.isNull(choice.prompt_logprobs[0])
+          for (let j = 1; j < prompt.length; j++) {
+            const expected = logSoftmax(logits.subarray((j - 1) * v, j * v))
+            const top = expected.map((logprob, id) => ({ logprob, id })).sort((a, b) => b.logprob - a.logprob).slice(0, k)
+            const entries = choice.prompt_logprobs[j]
+            const ids = new Set([prompt[j], ...top.map(({ id }) => id)])
+            assert.sameMembers(Object.keys(entries), [...ids].map(String))
+            for (const id of ids) {
+              const entry = entries[String(id)]
+              assert.sameMembers(Object.keys(entry), ["logprob", "rank", "decoded_token"])
+              assert.closeTo(entry.logprob, expected[id], 1e-5)
+              assert.strictEqual(entry.rank, expected.filter((logprob) => logprob >= expected[id]).length)
+              assert.strictEqual(entry.decoded_token, fixture.tokenizer.decode([id]))
+            }
+          }
+        }
+        assert.deepStrictEqual(reply.json.usage, { prompt_tokens: 9, completion_tokens: 0, total_tokens: 9 })
+      })
+    ))
+
+  it.live("greedy completions equal Generate's, with legacy logprobs, echo and stop strings", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const text = "Question: what is 12 plus 30?"
+        const greedy = { maxNewTokens: 12, temperature: 0, topLogprobs: 2 }
+        const expected = yield* generateLike(fixture, prompts, greedy)
+        const reply = yield* post(`${url}/completions`, {
+          model: "tiny",
+          prompt: prompts,
+          max_tokens: 12,
+          temperature: 0,
+          logprobs: 2
+        })
+        assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+        assert.strictEqual(reply.json.choices.length, prompts.length)
+        reply.json.choices.forEach((choice: any, i: number) => {
+          const generation = expected[i]
+          assert.strictEqual(choice.index, i)
+          assert.strictEqual(choice.text, generation.text)
+          assert.strictEqual(choice.finish_reason, generation.finishReason)
+          assert.deepStrictEqual(choice.logprobs.tokens, generation.tokens.map((id) => fixture.tokenizer.decode([id])))
+          choice.logprobs.token_logprobs.forEach((logprob: number, j: number) => assert.closeTo(logprob, generation.logprobs[j].logprob, 1e-5))
+          choice.logprobs.top_logprobs.forEach((top: Record<string, number>) => assert.isAtMost(Object.keys(top).length, 3))
+          assert.strictEqual(choice.logprobs.text_offset[0], 0)
+        })
+
+        // A text prompt, echoed: the prompt's tokens come first, the first without a log-prob.
+        const ids = fixture.tokenizer.encode(text)
+        const [fromText] = yield* generateLike(fixture, [ids], greedy)
+        const echoed = yield* post(`${url}/completions`, { prompt: text, max_tokens: 12, temperature: 0, logprobs: 1, echo: true })
+        assert.strictEqual(echoed.status, 200, JSON.stringify(echoed.json))
+        const [choice] = echoed.json.choices
+        assert.strictEqual(choice.text, text + fromText.text)
+        assert.deepStrictEqual(choice.logprobs.tokens, [...ids, ...fromText.tokens].map((id) => fixture.tokenizer.decode([id])))
+        assert.isNull(choice.logprobs.token_logprobs[0])
+        assert.isNull(choice.logprobs.top_logprobs[0])
+        assert.deepStrictEqual(echoed.json.usage, {
+          prompt_tokens: ids.length,
+          completion_tokens: fromText.tokens.length,
+          total_tokens: ids.length + fromText.tokens.length
+        })
+
+        // max_tokens 0 and 1.
+        const none = yield* post(`${url}/completions`, { prompt: text, max_tokens: 0, echo: true })
+        assert.strictEqual(none.json.choices[0].text, text)
+        assert.strictEqual(none.json.usage.completion_tokens, 0)
+        const one = yield* post(`${url}/completions`, { prompt: prompts[0], max_tokens: 1, temperature: 0 })
+        assert.strictEqual(one.json.choices[0].text, fixture.tokenizer.decode(expected[0].tokens.slice(0, 1), { skipSpecialTokens: true }))
+        assert.strictEqual(one.json.usage.completion_tokens, 1)
+
+        // A stop string cuts the text before it.
+        const full = expected[1].text!
+        const stop = full.slice(3, 5)
+        const stopped = yield* post(`${url}/completions`, { prompt: prompts[1], max_tokens: 12, temperature: 0, stop: [stop] })
+        assert.strictEqual(stopped.json.choices[0].text, full.slice(0, full.indexOf(stop)))
+        assert.strictEqual(stopped.json.choices[0].finish_reason, "stop")
+        assert.strictEqual(stopped.json.choices[0].stop_reason, stop)
+      })
+    ))
+
+  it.live("chat completions go through the chat template", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const messages = [{ role: "user", content: "what is 12 plus 30?" }]
+        const templated = yield* fixture.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true })
+        const ids = fixture.tokenizer.encode(templated, { addSpecialTokens: false })
+        assert.strictEqual(ids[0], 1, "the template's BOS")
+        const [expected] = yield* generateLike(fixture, [ids], { maxNewTokens: 8, temperature: 0, topLogprobs: 2 })
+        const reply = yield* post(`${url}/chat/completions`, {
+          messages: [{ role: "user", content: [{ type: "text", text: "what is 12 plus 30?" }] }],
+          max_completion_tokens: 8,
+          temperature: 0,
+          logprobs: true,
+          top_logprobs: 2
+        })
+        assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+        const [choice] = reply.json.choices
+        assert.deepStrictEqual(choice.message, { role: "assistant", content: expected.text })
+        assert.strictEqual(choice.finish_reason, expected.finishReason)
+        assert.strictEqual(choice.logprobs.content.length, expected.tokens.length)
+        choice.logprobs.content.forEach((entry: any, j: number) => {
+          assert.strictEqual(entry.token, fixture.tokenizer.decode([expected.tokens[j]]))
+          assert.closeTo(entry.logprob, expected.logprobs[j].logprob, 1e-5)
+          assert.deepStrictEqual(entry.bytes, [...new TextEncoder().encode(entry.token)])
+          assert.strictEqual(entry.top_logprobs.length, 2)
+        })
+        assert.deepStrictEqual(reply.json.usage, {
+          prompt_tokens: ids.length,
+          completion_tokens: expected.tokens.length,
+          total_tokens: ids.length + expected.tokens.length
+        })
+
+        // The same seed samples the same text.
+        const sampled = { messages, max_tokens: 10, temperature: 1, top_p: 0.95, seed: 3 }
+        const first = yield* post(`${url}/chat/completions`, sampled)
+        const again = yield* post(`${url}/chat/completions`, sampled)
+        assert.strictEqual(first.json.choices[0].message.content, again.json.choices[0].message.content)
+      })
+    ))
+
+  it.live("bad requests get OpenAI-style 4xx errors and the server goes on answering", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const long = Array.from({ length: 2049 }, (_, i) => i % 400)
+        const cases: Array<{ path: string; body: unknown; status: number; param: string | null; code?: string }> = [
+          { path: "completions", body: "{\"prompt\": ", status: 400, param: null },
+          { path: "completions", body: "[1, 2]", status: 400, param: null },
+          { path: "completions", body: { prompt: 5 }, status: 400, param: "prompt" },
+          { path: "completions", body: { max_tokens: 3 }, status: 400, param: "prompt" },
+          { path: "completions", body: { prompt: "x", max_tokens: -1 }, status: 400, param: "max_tokens" },
+          { path: "completions", body: { prompt: "x", temperature: "hot" }, status: 400, param: "temperature" },
+          { path: "completions", body: { prompt: "x", logprobs: 21 }, status: 400, param: "logprobs" },
+          { path: "completions", body: { prompt: [1, 512] }, status: 400, param: "prompt" },
+          { path: "completions", body: { prompt: [[1, 2], [-1]] }, status: 400, param: "prompt" },
+          { path: "completions", body: { prompt: [] }, status: 400, param: "prompt" },
+          { path: "completions", body: { prompt: long, max_tokens: 0 }, status: 400, param: "prompt", code: "context_length_exceeded" },
+          { path: "completions", body: { prompt: [1, 2], max_tokens: 2047 }, status: 400, param: "max_tokens", code: "context_length_exceeded" },
+          { path: "completions", body: { prompt: "x", model: "gpt-4" }, status: 404, param: "model", code: "model_not_found" },
+          { path: "completions", body: { prompt: "x", stream: true }, status: 400, param: "stream" },
+          { path: "chat/completions", body: { messages: [] }, status: 400, param: "messages" },
+          { path: "chat/completions", body: { messages: [{ role: "user" }] }, status: 400, param: "messages" },
+          { path: "chat/completions", body: { messages: [{ role: "user", content: "hi" }], top_logprobs: 2 }, status: 400, param: "top_logprobs" },
+          { path: "nowhere", body: {}, status: 404, param: null, code: "unknown_url" }
+        ]
+        for (const { path: endpoint, body, status, param, code } of cases) {
+          const reply = yield* post(`${url}/${endpoint}`, body)
+          const label = `${endpoint} ${typeof body === "string" ? body : JSON.stringify(body).slice(0, 80)}`
+          assert.strictEqual(reply.status, status, label)
+          assert.sameMembers(Object.keys(reply.json.error), ["message", "type", "param", "code"], label)
+          assert.isString(reply.json.error.message)
+          assert.strictEqual(reply.json.error.type, "invalid_request_error", label)
+          assert.strictEqual(reply.json.error.param, param, label)
+          assert.strictEqual(reply.json.error.code, code ?? null, label)
+        }
+        const models = yield* request(`${url}/models`)
+        assert.strictEqual(models.status, 200)
+        assert.deepStrictEqual(models.json.data.map((model: any) => [model.id, model.object]), [["tiny", "model"]])
+        const after = yield* post(`${url}/completions`, { prompt: "still here", max_tokens: 2 })
+        assert.strictEqual(after.status, 200)
+      })
+    ))
+
+  it.live("an internal failure is a 500 with a JSON error, and the server goes on serving", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        // A final norm of the wrong size makes every forward pass throw.
+        const norm = tf.zeros([3]) as tf.Tensor1D
+        return yield* Effect.gen(function*() {
+          const before = tf.memory().numTensors
+          const url = yield* fixture.serve(Model.make(fixture.model.config, { ...fixture.model.weights, norm }))
+          for (let attempt = 0; attempt < 2; attempt++) {
+            const reply = yield* post(`${url}/completions`, { prompt: [1, 2, 3], max_tokens: 4 })
+            assert.strictEqual(reply.status, 500)
+            assert.strictEqual(reply.json.error.type, "server_error")
+            assert.strictEqual(tf.memory().numTensors, before, "a failed forward pass leaves no tensors behind")
+          }
+          const models = yield* request(`${url}/models`)
+          assert.strictEqual(models.status, 200)
+        }).pipe(Effect.ensuring(Effect.sync(() => norm.dispose())))
+      })
+    ))
+
+  it.live("serves concurrent requests one model call at a time", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const completion = { prompt: prompts[0], max_tokens: 10, temperature: 0, logprobs: 1 }
+        const chat = { messages: [{ role: "user", content: "hi" }], max_tokens: 10, temperature: 0 }
+        const replies = yield* Effect.all(
+          Array.from({ length: 8 }, (_, i) => (i % 2 === 0 ? post(`${url}/completions`, completion) : post(`${url}/chat/completions`, chat))),
+          { concurrency: "unbounded" }
+        )
+        replies.forEach((reply) => assert.strictEqual(reply.status, 200, JSON.stringify(reply.json)))
+        const texts = (parity: number) =>
+          new Set(replies.filter((_, i) => i % 2 === parity).map(({ json }) => JSON.stringify(json.choices[0].text ?? json.choices[0].message)))
+        assert.strictEqual(texts(0).size, 1, "identical greedy completions agree")
+        assert.strictEqual(texts(1).size, 1, "identical greedy chats agree")
+      })
+    ))
+
+  it.live("cascade serve prints its URL, answers, and stops on SIGINT", () =>
+    Effect.gen(function*() {
+      const dir = yield* modelFolder
+      const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
+      const child = yield* Effect.acquireRelease(
+        Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0"])),
+        (child) => Effect.sync(() => child.kill("SIGKILL"))
+      )
+      const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
+      const url = yield* Effect.promise(() =>
+        new Promise<string>((resolve, reject) => {
+          let output = ""
+          child.stdout.on("data", (chunk) => {
+            output += String(chunk)
+            const match = /http:\/\/\S+\/v1/.exec(output)
+            if (match) resolve(match[0])
+          })
+          child.on("exit", () => reject(new Error(`serve exited: ${output}`)))
+        })
+      )
+      const models = yield* request(`${url}/models`)
+      assert.strictEqual(models.status, 200)
+      assert.strictEqual(models.json.data[0].id, dir)
+      child.kill("SIGINT")
+      assert.strictEqual(yield* Effect.promise(() => exited), 130)
+    }).pipe(Effect.scoped))
+})
