@@ -7,6 +7,7 @@ import { NodeRuntime, NodeServices } from "@effect/platform-node"
 import { Console, Effect } from "effect"
 import { Command } from "effect/cli"
 import { calibrateCommand } from "./calibrate.ts"
+import { distillCommand } from "./distill.ts"
 import { evalCommand } from "./eval.ts"
 import { pruneCommand } from "./prune.ts"
 import { cascade } from "./root.ts"
@@ -16,7 +17,7 @@ import { teacherCacheCommand } from "./teacher-cache.ts"
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand, serveCommand, teacherCacheCommand]),
+  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand]),
   Command.run({ version }),
   Effect.catch((error) =>
     // Parse errors were already rendered by the CLI module; our own errors are rendered here.

@@ -1,0 +1,311 @@
+/**
+ * Distillation: trains a student to match a teacher's next-token distributions with forward KL
+ * (RECIPE.md section 2), over packed rows of a data set in a seeded order, with AdamW, warmup then
+ * cosine, clipping and gradient accumulation. The teacher is any source of the `Teacher` service.
+ *
+ * OUT holds `metrics.jsonl` (a line per step), `checkpoint/` every `saveEvery` steps (weights,
+ * optimizer moments and the data position, swapped in atomically) and, at the end, the student as
+ * an ordinary Hugging Face checkpoint. A killed run given the same options resumes from its last
+ * checkpoint and ends where an uninterrupted run ends: same data order, same updates.
+ */
+import * as tf from "@tensorflow/tfjs"
+import { Effect, Schema, Stream } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as Config from "../src/Config.ts"
+import * as Dataset from "../src/Dataset.ts"
+import { CheckpointError, DataError } from "../src/Errors.ts"
+import * as Files from "../src/Files.ts"
+import * as Loss from "../src/Loss.ts"
+import * as Model from "../src/Model.ts"
+import * as Optimizer from "../src/Optimizer.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Random from "../src/Random.ts"
+import * as Safetensors from "../src/Safetensors.ts"
+import { type Batch, type Output, Teacher, toLossTeacher } from "../src/Teacher.ts"
+import type { Tokenizer } from "../src/Tokenizer.ts"
+import * as Training from "../src/Training.ts"
+
+export interface DistillOptions {
+  readonly studentDir: string
+  readonly data: string
+  readonly out: string
+  readonly seq: number
+  readonly steps: number
+  readonly seed: number
+  /** Rows per micro-batch. */
+  readonly batch: number
+  /** Micro-batches per optimizer step. */
+  readonly accumulate: number
+  readonly learningRate: number
+  readonly minLearningRate: number
+  readonly warmupSteps: number
+  readonly weightDecay: number
+  readonly maxGradNorm: number | undefined
+  readonly loss: Loss.Options
+  readonly saveEvery: number
+  /** Long-context phase: switch the student's RoPE to YaRN stretching `originalMax` positions by `factor`. */
+  readonly yarn?: { readonly factor: number; readonly originalMax: number } | undefined
+  readonly tokenizer?: Tokenizer | undefined
+  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
+  readonly resume?: boolean
+  /** Rows the seeded shuffle permutes at a time. */
+  readonly shuffleWindow?: number
+  readonly onStep?: (metrics: StepMetrics) => void
+}
+
+export interface StepMetrics {
+  readonly step: number
+  readonly loss: number
+  readonly kl: number
+  readonly ce: number
+  readonly lr: number
+  readonly grad_norm: number
+  readonly tokens: number
+  readonly tokens_per_s: number
+  readonly epoch: number
+}
+
+const State = Schema.Struct({
+  format: Schema.Literal("cascade-distill/1"),
+  step: Schema.Int,
+  /** Packed rows consumed in the seeded order. */
+  rows: Schema.Int,
+  /** What must be the same to resume: data, seed, shapes of the run. */
+  identity: Schema.String,
+  complete: Schema.Boolean
+})
+type State = typeof State.Type
+
+const checkpointDir = (out: string) => path.join(out, "checkpoint")
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+
+/** Files of the student folder the distilled model needs as they are. */
+const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+
+/**
+ * Packed rows in a seeded order, epoch after epoch: the rows of each window of `window` rows are
+ * permuted by a generator seeded with (seed, epoch, window index). `index` is the row's position in
+ * the packed data set, which teacher caches are keyed by.
+ */
+export const seededRows = (
+  file: string,
+  options: { readonly vocabSize: number; readonly tokenizer?: Tokenizer | undefined; readonly seq: number; readonly seed: number; readonly window: number }
+) => {
+  const epoch = (n: number) =>
+    Dataset.sequences(file, options).pipe(
+      Dataset.pack(options.seq),
+      Stream.zipWithIndex,
+      Stream.grouped(options.window),
+      Stream.zipWithIndex,
+      Stream.flatMap(([window, w]) => {
+        const next = Random.uniform(Math.imul(options.seed + 1, 0x9e3779b1) ^ Math.imul(n + 1, 0x85ebca6b) ^ (w + 1))
+        return Stream.fromIterable(Random.permutation(window.length, next).map((i) => ({ row: window[i][0], index: window[i][1], epoch: n })))
+      })
+    )
+  return Stream.flatMap(Stream.iterate(0, (n) => n + 1), epoch)
+}
+
+/** Writes the checkpoint folder aside, then swaps it in: a crash leaves the old one or the new one. */
+const saveCheckpoint = Effect.fn("Distill.saveCheckpoint")(function*(
+  out: string,
+  model: Model.Model,
+  adam: Optimizer.AdamW,
+  state: State
+) {
+  const target = checkpointDir(out)
+  const staging = `${target}.partial`
+  const old = `${target}.old`
+  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
+  yield* Pretrained.save(staging, model, { dtype: "F32" })
+  const moments = Optimizer.exportState(adam)
+  yield* Safetensors.write(path.join(staging, "optimizer.safetensors"), [...moments.expAvg.keys()].flatMap((name) => [
+    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
+    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
+  ]), { format: "cascade-adamw", step: String(moments.step) })
+  yield* Files.writeJson(path.join(staging, "state.json"), state)
+  yield* Effect.tryPromise({
+    try: async () => {
+      await fs.rm(old, { recursive: true, force: true })
+      await fs.rename(target, old).catch(() => undefined)
+      await fs.rename(staging, target)
+      await fs.rm(old, { recursive: true, force: true })
+    },
+    catch: io(target, "cannot move the checkpoint into place")
+  })
+})
+
+/** The last checkpoint, if any: its state, weights folder and optimizer moments. */
+const loadCheckpoint = Effect.fn("Distill.loadCheckpoint")(function*(out: string) {
+  // A crash between the two renames leaves only checkpoint.old.
+  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
+    const json = yield* Files.readJsonIfPresent(path.join(dir, "state.json"))
+    if (json === undefined) continue
+    const state = yield* Schema.decodeUnknownEffect(State)(json).pipe(
+      Effect.mapError((error) => new CheckpointError({ file: path.join(dir, "state.json"), reason: error.message }))
+    )
+    const file = yield* Safetensors.open(path.join(dir, "optimizer.safetensors"))
+    const expAvg = new Map<string, Float32Array>()
+    const expAvgSq = new Map<string, Float32Array>()
+    for (const name of file.names) {
+      const values = yield* file.readFloat32(name)
+      if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
+      else expAvg.set(name.slice("exp_avg.".length), values)
+    }
+    const moments: Optimizer.State = { step: Number(file.metadata.step), expAvg, expAvgSq }
+    return { state, dir, moments }
+  }
+  return undefined
+})
+
+/** Keeps the first `steps` lines of metrics.jsonl: lines after the checkpoint are redone on resume. */
+const truncateMetrics = (file: string, steps: number) =>
+  Effect.tryPromise({
+    try: async () => {
+      const text = await fs.readFile(file, "utf8").catch(() => "")
+      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
+      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
+    },
+    catch: io(file, "cannot rewrite")
+  })
+
+/** Runs (or resumes, or finds finished) a distillation; returns the final state. */
+export const distill = Effect.fn("Distill.distill")(function*(options: DistillOptions) {
+  const teacher = yield* Teacher
+  const { out, seq } = options
+  const metricsFile = path.join(out, "metrics.jsonl")
+  yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
+
+  const loaded = yield* Pretrained.load(options.studentDir)
+  const config = options.yarn ? Config.withYarn(loaded.config, options.yarn) : loaded.config
+  const student = Model.make(config, loaded.weights)
+  const identity = JSON.stringify({
+    student: Config.hash(loaded.config),
+    data: yield* Files.sha256(options.data),
+    teacher: teacher.describe,
+    seq,
+    seed: options.seed,
+    batch: options.batch,
+    accumulate: options.accumulate,
+    steps: options.steps
+  })
+
+  const finished = yield* Files.readJsonIfPresent(path.join(out, "state.json"))
+  if (finished !== undefined && (finished as State).complete && (finished as State).identity === identity) {
+    return finished as State
+  }
+  const resume = yield* loadCheckpoint(out)
+  if (resume !== undefined && !options.resume) {
+    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
+  }
+  if (resume !== undefined && resume.state.identity !== identity) {
+    return yield* new CheckpointError({
+      file: path.join(resume.dir, "state.json"),
+      reason: "belongs to a run with other options, data, student or teacher; use another --out"
+    })
+  }
+  const start = resume === undefined ? student : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
+  const trainable = yield* Training.trainable(start)
+  const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
+  let step = resume?.state.step ?? 0
+  let rows = resume?.state.rows ?? 0
+  yield* truncateMetrics(metricsFile, step)
+
+  const schedule: Optimizer.Schedule = {
+    peak: options.learningRate,
+    min: options.minLearningRate,
+    warmupSteps: options.warmupSteps,
+    totalSteps: options.steps
+  }
+  const firstEpoch = yield* Dataset.sequences(options.data, { vocabSize: config.vocabSize, tokenizer: options.tokenizer }).pipe(
+    Dataset.pack(seq),
+    Stream.runCount
+  )
+  if (firstEpoch === 0) return yield* new DataError({ file: options.data, reason: "holds no tokens to train on" })
+
+  const state = (complete: boolean): State => ({ format: "cascade-distill/1", step, rows, identity, complete })
+  const batches: Stream.Stream<Batch, DataError> = seededRows(options.data, {
+    vocabSize: config.vocabSize,
+    tokenizer: options.tokenizer,
+    seq,
+    seed: options.seed,
+    window: options.shuffleWindow ?? 1024
+  }).pipe(
+    Stream.drop(rows),
+    Stream.grouped(options.batch),
+    Stream.map((group) => ({ rows: group.map((g) => g.row), indices: group.map((g) => g.index) }))
+  )
+
+  yield* teacher.annotate(batches).pipe(
+    Stream.grouped(options.accumulate),
+    Stream.take(options.steps - step),
+    Stream.runForEach((microBatches) =>
+      Effect.gen(function*() {
+        const started = performance.now()
+        const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) => microBatch(batch, output, config.vocabSize, options.loss))
+        const result = yield* Training.step(trainable, adam, prepared, lossOf(options.loss), {
+          learningRate: Optimizer.learningRate(schedule, step),
+          maxGradNorm: options.maxGradNorm
+        })
+        step++
+        rows += microBatches.reduce((n, { batch }) => n + batch.rows.length, 0)
+        const metrics: StepMetrics = {
+          step,
+          loss: result.loss,
+          kl: result.kl,
+          ce: result.ce,
+          lr: result.learningRate,
+          grad_norm: result.gradNorm,
+          tokens: result.tokens,
+          tokens_per_s: result.tokens / ((performance.now() - started) / 1000),
+          epoch: Math.floor((rows - 1) / firstEpoch)
+        }
+        yield* Effect.tryPromise({ try: () => fs.appendFile(metricsFile, JSON.stringify(metrics) + "\n"), catch: io(metricsFile, "cannot append") })
+        options.onStep?.(metrics)
+        if (step % options.saveEvery === 0 && step < options.steps) yield* saveCheckpoint(out, trainable.model, adam, state(false))
+      }).pipe(Effect.scoped)
+    )
+  )
+
+  yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(loaded.config) })
+  for (const file of companionFiles) {
+    const from = path.join(options.studentDir, file)
+    yield* Effect.tryPromise({
+      try: () => fs.copyFile(from, path.join(out, file)).catch((error) => {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
+      }),
+      catch: io(from, "cannot copy")
+    })
+  }
+  const done = state(true)
+  yield* Files.writeJson(path.join(out, "state.json"), done)
+  yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
+  return done
+})
+
+interface MicroBatch {
+  readonly ids: Array<Array<number>>
+  /** 1 for real tokens, 0 for padding. */
+  readonly attention: Array<Array<number>>
+  /** Positions the loss counts: real tokens that have a next token in the row (the last has none). */
+  readonly mask: Array<Array<number>>
+  readonly targets: Array<Array<number>>
+  readonly target: Loss.Target
+}
+
+/** A batch and its teacher output as the loss consumes them; the target's tensors live with the scope. */
+const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, vocab: number, loss: Loss.Options) {
+  const t = batch.rows[0].ids.length
+  const ids = batch.rows.map((row) => [...row.ids])
+  const attention = Dataset.rowMask(batch.rows)
+  const mask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 ? 1 : 0)))
+  const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
+  const teacher = toLossTeacher(output, batch.rows.length, t)
+  const target = yield* Loss.teacherTarget(teacher, vocab, mask, loss).pipe(
+    Effect.ensuring(Effect.sync(() => tf.dispose(teacher._tag === "Full" ? [teacher.logProbs] : [teacher.ids, teacher.logProbs])))
+  )
+  return { ids, attention, mask, targets, target } satisfies MicroBatch
+})
+
+const lossOf = (options: Loss.Options) => (model: Model.Model, batch: MicroBatch) =>
+  Loss.distillation(Model.forward(model, batch.ids, { attentionMask: batch.attention }).logits, batch.target, batch, options)
