@@ -27,6 +27,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
+import type { Objective } from "./Training.ts"
 
 /**
  * log p(targets) under the logits: [B, T, V] logits and [B][T] targets -> [B, T] log-probabilities.
@@ -185,14 +186,9 @@ const topKTarget = (
 }
 
 /** The loss to minimise (a scalar tensor, the caller's) and float metrics, means over `tokens`. */
-export interface Distillation {
-  readonly loss: tf.Scalar
-  /** KL(teacher || student) at the temperature, nats per token. */
-  readonly kl: number
-  /** Next-token cross-entropy of the student at T = 1, nats per token. */
-  readonly ce: number
-  /** Tokens the mask keeps. */
-  readonly tokens: number
+export interface Distillation extends Objective {
+  /** `kl`: KL(teacher || student) at the temperature; `ce`: the student's next-token cross-entropy at T = 1; nats per token. */
+  readonly metrics: { readonly kl: number; readonly ce: number }
 }
 
 /**
@@ -226,7 +222,7 @@ export const distillation = (
     const scaled = tf.mul(kl, temperature * temperature)
     return (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
   })
-  return { loss, kl: metrics[0], ce: metrics[1], tokens }
+  return { loss, tokens, metrics: { kl: metrics[0], ce: metrics[1] } }
 }
 
 /**

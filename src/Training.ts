@@ -9,7 +9,6 @@
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
 import type { ModelConfig } from "./Config.ts"
-import type { Distillation } from "./Loss.ts"
 import * as Model from "./Model.ts"
 import * as Optimizer from "./Optimizer.ts"
 import * as Random from "./Random.ts"
@@ -63,6 +62,16 @@ export const clipByGlobalNorm = (grads: Map<string, tf.Tensor>, maxNorm: number)
   return norm
 }
 
+/**
+ * What a loss function gives the training step: the scalar to minimise (a mean over `tokens`) and
+ * float metrics, also means over `tokens`.
+ */
+export interface Objective {
+  readonly loss: tf.Scalar
+  readonly tokens: number
+  readonly metrics: Readonly<Record<string, number>>
+}
+
 export interface StepOptions {
   readonly learningRate: number
   /** Clip the global gradient norm to this; no clipping when undefined. */
@@ -72,8 +81,7 @@ export interface StepOptions {
 /** Token-weighted means over the step's micro-batches, the learning rate and the gradient norm before clipping. */
 export interface StepResult {
   readonly loss: number
-  readonly kl: number
-  readonly ce: number
+  readonly metrics: Readonly<Record<string, number>>
   readonly tokens: number
   readonly gradNorm: number
   readonly learningRate: number
@@ -87,24 +95,24 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
   trainable: Trainable,
   optimizer: Optimizer.AdamW,
   microBatches: ReadonlyArray<Batch>,
-  lossOf: (model: Model.Model, batch: Batch) => Distillation,
+  lossOf: (model: Model.Model, batch: Batch) => Objective,
   options: StepOptions
 ) {
   const nameOf = new Map([...trainable.variables].map(([name, variable]) => [variable.name, name]))
   const variables = [...trainable.variables.values()]
   const sums = new Map<string, tf.Tensor>()
-  const totals = { loss: 0, kl: 0, ce: 0, tokens: 0 }
+  const totals = { loss: 0, tokens: 0 }
+  const metricSums: Record<string, number> = {}
   for (const batch of microBatches) {
-    let result: Distillation | undefined
+    let result: Objective | undefined
     const { value, grads } = tf.variableGrads(() => {
       result = lossOf(trainable.model, batch)
       return result.loss
     }, variables)
-    const { kl, ce, tokens } = result!
+    const { metrics, tokens } = result!
     totals.loss += value.dataSync()[0] * tokens
-    totals.kl += kl * tokens
-    totals.ce += ce * tokens
     totals.tokens += tokens
+    for (const [name, metric] of Object.entries(metrics)) metricSums[name] = (metricSums[name] ?? 0) + metric * tokens
     value.dispose()
     for (const [id, grad] of Object.entries(grads)) {
       const name = nameOf.get(id)!
@@ -127,8 +135,7 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
   tf.dispose([...sums.values()])
   return {
     loss: totals.loss / divisor,
-    kl: totals.kl / divisor,
-    ce: totals.ce / divisor,
+    metrics: Object.fromEntries(Object.entries(metricSums).map(([name, sum]) => [name, sum / divisor])),
     tokens: totals.tokens,
     gradNorm,
     learningRate: options.learningRate

@@ -252,8 +252,8 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
         const metrics: StepMetrics = {
           step,
           loss: result.loss,
-          kl: result.kl,
-          ce: result.ce,
+          kl: result.metrics.kl,
+          ce: result.metrics.ce,
           lr: result.learningRate,
           grad_norm: result.gradNorm,
           tokens: result.tokens,

@@ -66,8 +66,8 @@ describe("Loss.distillation", () => {
     Effect.gen(function*() {
       // teacher (1/2, 1/2), student (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3).
       const out = yield* run({ student: [[[0, Math.log(3)]]], teacher: { full: [[[Math.log(0.5), Math.log(0.5)]]] } })
-      close(out.kl, 0.5 * Math.log(4 / 3))
-      close(out.loss, out.kl)
+      close(out.metrics.kl, 0.5 * Math.log(4 / 3))
+      close(out.loss, out.metrics.kl)
       assert.strictEqual(out.tokens, 1)
     }).pipe(onBackend("wasm")))
 
@@ -77,7 +77,7 @@ describe("Loss.distillation", () => {
       const teacher = [[[Math.log(0.5), Math.log(0.5)], [Math.log(0.9), Math.log(0.1)]], [[Math.log(0.2), Math.log(0.8)], [Math.log(0.5), Math.log(0.5)]]]
       const out = yield* run({ student, teacher: { full: teacher }, mask: [[1, 0], [1, 0]] })
       const expected = (kl([0.5, 0.5], softmax(student[0][0])) + kl([0.2, 0.8], softmax(student[1][0]))) / 2
-      close(out.kl, expected)
+      close(out.metrics.kl, expected)
       assert.strictEqual(out.tokens, 2)
       assert.isAtMost(maxAbsDiff(out.grad.slice(2, 4), [0, 0]), 0, "no gradient through a masked position")
     }).pipe(onBackend("wasm")))
@@ -90,7 +90,7 @@ describe("Loss.distillation", () => {
         student: [[student]],
         teacher: { ids: [[[2, 0]]], logProbs: [[[Math.log(0.6), Math.log(0.2)]]] }
       })
-      close(out.kl, kl([0.25, 0, 0.75, 0], softmax(student)))
+      close(out.metrics.kl, kl([0.25, 0, 0.75, 0], softmax(student)))
     }).pipe(onBackend("wasm")))
 
   it.effect("top-k with a rest bucket is a (k+1)-way KL", () =>
@@ -102,7 +102,7 @@ describe("Loss.distillation", () => {
         teacher: { ids: [[[2, 0]]], logProbs: [[[Math.log(0.6), Math.log(0.2)]]] },
         options: { restBucket: true }
       })
-      close(out.kl, kl([0.6, 0.2, 0.2], [s[2], s[0], s[1] + s[3]]))
+      close(out.metrics.kl, kl([0.6, 0.2, 0.2], [s[2], s[0], s[1] + s[3]]))
     }).pipe(onBackend("wasm")))
 
   it.effect("temperature softens both sides and scales the loss by T^2", () =>
@@ -111,7 +111,7 @@ describe("Loss.distillation", () => {
       const teacher = [0.1, 0.2, 0.3, 0.4].map(Math.log)
       const out = yield* run({ student: [[student]], teacher: { full: [[teacher]] }, options: { temperature: 2 } })
       const expected = kl(softmax(teacher, 2), softmax(student, 2))
-      close(out.kl, expected)
+      close(out.metrics.kl, expected)
       close(out.loss, 4 * expected)
       // With a rest bucket the k+1 categories are softened as they stand.
       const rest = yield* run({
@@ -120,7 +120,7 @@ describe("Loss.distillation", () => {
         options: { temperature: 2, restBucket: true }
       })
       const s = softmax(student)
-      close(rest.kl, kl(softmax([0.6, 0.2, 0.2].map(Math.log), 2), softmax([s[2], s[0], s[1] + s[3]].map(Math.log), 2)))
+      close(rest.metrics.kl, kl(softmax([0.6, 0.2, 0.2].map(Math.log), 2), softmax([s[2], s[0], s[1] + s[3]].map(Math.log), 2)))
     }).pipe(onBackend("wasm")))
 
   it.effect("cross-entropy weight: loss = KL + w CE, CE at temperature 1", () =>
@@ -134,7 +134,7 @@ describe("Loss.distillation", () => {
         options: { crossEntropyWeight: 0.5, temperature: 2 }
       })
       const ce = -Math.log(softmax(student)[3])
-      close(out.ce, ce)
+      close(out.metrics.ce, ce)
       close(out.loss, 4 * kl(softmax(teacher, 2), softmax(student, 2)) + 0.5 * ce)
     }).pipe(onBackend("wasm")))
 
@@ -144,11 +144,11 @@ describe("Loss.distillation", () => {
       // A teacher with 2 padding rows of negligible mass: renormalised over the first 4 ids.
       const padded = [0.1, 0.2, 0.3, 0.3995, 0.0004, 0.0001]
       const wider = yield* run({ student: [[student]], teacher: { full: [[padded.map(Math.log)]] } })
-      close(wider.kl, kl(softmax(padded.slice(0, 4).map(Math.log)), softmax(student)))
+      close(wider.metrics.kl, kl(softmax(padded.slice(0, 4).map(Math.log)), softmax(student)))
       // A student with 2 more rows than the teacher: its softmax is taken over the first 4.
       const teacher = [0.1, 0.2, 0.3, 0.4]
       const narrower = yield* run({ student: [[[...student, 3, -2]]], teacher: { full: [[teacher.map(Math.log)]] } })
-      close(narrower.kl, kl(teacher, softmax(student)))
+      close(narrower.metrics.kl, kl(teacher, softmax(student)))
       assert.deepStrictEqual(narrower.grad.slice(4), [0, 0])
       // A top-k id beyond the student's vocabulary with negligible mass is dropped.
       const topK = yield* run({
@@ -158,7 +158,7 @@ describe("Loss.distillation", () => {
       })
       const s = softmax(student)
       const rest = 1 - 0.6 - 0.2 - 0.0005
-      close(topK.kl, kl([0.6, 0.2, rest].map((p) => p / (1 - 0.0005)), [s[2], s[0], s[1] + s[3]]))
+      close(topK.metrics.kl, kl([0.6, 0.2, rest].map((p) => p / (1 - 0.0005)), [s[2], s[0], s[1] + s[3]]))
     }).pipe(onBackend("wasm")))
 
   it.effect("a teacher with real mass outside the student's vocabulary is an error", () =>
@@ -220,9 +220,9 @@ describe("Loss.distillation properties", () => {
     Effect.gen(function*() {
       const logSoftmax = (z: ReadonlyArray<number>) => softmax(z).map(Math.log)
       const same = yield* run({ student: [[a]], teacher: { full: [[logSoftmax(a)]] } })
-      assert.isAtMost(Math.abs(same.kl), 1e-5)
+      assert.isAtMost(Math.abs(same.metrics.kl), 1e-5)
       const other = yield* run({ student: [[a]], teacher: { full: [[logSoftmax(b)]] } })
-      assert.isAtLeast(other.kl, -1e-6)
-      assert.approximately(other.kl, kl(softmax(b), softmax(a)), 1e-4)
+      assert.isAtLeast(other.metrics.kl, -1e-6)
+      assert.approximately(other.metrics.kl, kl(softmax(b), softmax(a)), 1e-4)
     }).pipe(onBackend("wasm")), { arbitrary: { runs: 30 } })
 })

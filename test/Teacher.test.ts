@@ -65,7 +65,7 @@ const losses = (student: Model.Model, annotated: ReadonlyArray<Annotated>) =>
       tf.dispose(lossTeacher._tag === "Full" ? [lossTeacher.logProbs] : [lossTeacher.ids, lossTeacher.logProbs])
       const logits = Model.forward(student, batch.rows.map((row) => row.ids), { attentionMask: mask }).logits
       const targets = batch.rows.map((row) => [...row.ids.slice(1), 0])
-      const { loss, kl } = Loss.distillation(logits, target, { mask, targets }, Loss.defaultOptions)
+      const { loss, metrics: { kl } } = Loss.distillation(logits, target, { mask, targets }, Loss.defaultOptions)
       tf.dispose([logits, loss])
       return kl
     })))

@@ -82,8 +82,8 @@ describe("Training.step", () => {
         loss: Loss.defaultOptions,
         onStep: (step) => counts.set(step, tf.memory().numTensors)
       })
-      const first = results[0].kl
-      const last = results[results.length - 1].kl
+      const first = results[0].metrics.kl
+      const last = results[results.length - 1].metrics.kl
       assert.isBelow(last, 0.7 * first, `KL ${first} -> ${last}`)
       assert.strictEqual(results[0].tokens, 2 * (32 - 5))
       assert.isAbove(results[0].gradNorm, 0)
@@ -125,7 +125,7 @@ describe("Training.step", () => {
       const one = yield* stepWith([whole])
       const split = yield* stepWith(parts)
       assert.strictEqual(split.tokens, one.tokens)
-      assert.approximately(split.kl, one.kl, 1e-6)
+      assert.approximately(split.metrics.kl, one.metrics.kl, 1e-6)
       assert.approximately(split.gradNorm / one.gradNorm, 1, 1e-4)
     }).pipe(onBackend("wasm")))
 })
