@@ -27,7 +27,7 @@ const normalise = (text: string) =>
     .replace(/\\[,!;: ]/g, " ") // LaTeX spaces, as in "1\,000"
 
 export interface Found {
-  /** As read, after normalisation ("3/4" for "\\frac{3}{4}"). */
+  /** As read, after normalisation ("3/4" for "\frac{3}{4}"). */
   readonly text: string
   readonly value: number
 }
