@@ -6,9 +6,11 @@ import { Effect } from "effect"
 import { CheckpointError } from "./Errors.ts"
 import { writeAtomically } from "./Safetensors.ts"
 
+/** Writes text to a temp file renamed over `path`. */
+export const writeText = (path: string, text: string) => writeAtomically(path, (append) => append(new TextEncoder().encode(text)))
+
 /** Writes JSON (pretty, newline-terminated) to a temp file renamed over `path`. */
-export const writeJson = (path: string, value: unknown) =>
-  writeAtomically(path, (append) => append(new TextEncoder().encode(JSON.stringify(value, null, 2) + "\n")))
+export const writeJson = (path: string, value: unknown) => writeText(path, JSON.stringify(value, null, 2) + "\n")
 
 /** Parsed JSON of `path`, or undefined when the file does not exist. */
 export const readJsonIfPresent = (path: string): Effect.Effect<unknown, CheckpointError> =>

@@ -20,11 +20,15 @@ const swapLast = (x: tf.Tensor): tf.Tensor => {
   return tf.transpose(x, axes)
 }
 
+/** Below this many multiply-adds per product, one batched kernel beats a loop of fast 2-D ones. */
+const SPLIT_ABOVE = 1 << 16
+
 /** `a @ b` without transposes, batched over leading axes (equal in a and b), as 2-D products. */
 const plainProduct = (a: tf.Tensor, b: tf.Tensor): tf.Tensor => {
   if (a.rank === 2) return tf.matMul(a as tf.Tensor2D, b as tf.Tensor2D)
   const [m, k] = a.shape.slice(-2)
   const n = b.shape[b.rank - 1]
+  if (m * k * n < SPLIT_ABOVE) return tf.matMul(a, b)
   const batch = a.shape.slice(0, -2)
   const count = batch.reduce((x, y) => x * y, 1)
   const as = tf.unstack(a.reshape([count, m, k]))

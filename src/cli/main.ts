@@ -9,15 +9,20 @@ import { Command } from "effect/cli"
 import { calibrateCommand } from "./calibrate.ts"
 import { distillCommand } from "./distill.ts"
 import { evalCommand } from "./eval.ts"
+import { grpoCommand } from "./grpo.ts"
+import { odpoCommand } from "./odpo.ts"
 import { pruneCommand } from "./prune.ts"
+import { pwrmCommand } from "./pwrm.ts"
 import { cascade } from "./root.ts"
+import { runCommand } from "./run.ts"
 import { serveCommand } from "./serve.ts"
+import { sftCommand } from "./sft.ts"
 import { teacherCacheCommand } from "./teacher-cache.ts"
 
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand]),
+  Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand]),
   Command.run({ version }),
   Effect.catch((error) =>
     // Parse errors were already rendered by the CLI module; our own errors are rendered here.

@@ -1,0 +1,318 @@
+/**
+ * The cascade (RECIPE.md section 2): down a list of sizes, each generation is calibrated on and
+ * pruned from the previous generation's short-context model, distilled at short context, then at
+ * long context; the teacher is the root parent unless told otherwise. Each model is measured
+ * (parameters, shape, held-out NLL, recall and arithmetic accuracy) for the retention report.
+ *
+ * The run folder holds every step's output and `manifest.json` with the lineage. Each step is
+ * skipped when its output is complete, and resumed when it was cut short, so rerunning a killed run
+ * continues it; `redo` starts over.
+ */
+import { Console, Effect, Schema, Stream } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as TeacherSources from "../layers/Teacher.ts"
+import * as Config from "../src/Config.ts"
+import * as Dataset from "../src/Dataset.ts"
+import { CheckpointError } from "../src/Errors.ts"
+import * as Files from "../src/Files.ts"
+import * as Generate from "../src/Generate.ts"
+import * as Plot from "../src/Plot.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Tasks from "../src/Tasks.ts"
+import * as Tokenizer from "../src/Tokenizer.ts"
+import { calibrate } from "./Calibrate.ts"
+import { distill, type StepMetrics } from "./Distill.ts"
+import { evaluate } from "./Evaluate.ts"
+import { prune } from "./Prune.ts"
+
+const Phase = Schema.Struct({
+  seq: Schema.Int,
+  steps: Schema.Int,
+  batch: Schema.Int,
+  accumulate: Schema.optional(Schema.Int),
+  lr: Schema.Number,
+  minLr: Schema.optional(Schema.Number),
+  warmup: Schema.optional(Schema.Int),
+  /** Teacher candidates per position; the full vocabulary when left out. */
+  topK: Schema.optional(Schema.Int),
+  /** Weight of the next-token loss added to the KL (0 in the recipe; the ablation sets it). */
+  ceWeight: Schema.optional(Schema.Number)
+})
+
+export const CascadeConfig = Schema.Struct({
+  /** The run folder. */
+  run: Schema.String,
+  /** The root parent's checkpoint folder. */
+  parent: Schema.String,
+  data: Schema.Struct({
+    train: Schema.String,
+    calib: Schema.String,
+    heldout: Schema.String,
+    recall: Schema.optional(Schema.String),
+    arith: Schema.optional(Schema.String)
+  }),
+  sizes: Schema.Array(Schema.Struct({
+    name: Schema.String,
+    layers: Schema.optional(Schema.Int),
+    hidden: Schema.optional(Schema.Int),
+    ffn: Schema.optional(Schema.Int),
+    tieEmbeddings: Schema.optional(Schema.Boolean)
+  })),
+  /** "root" (the recipe), "previous" (each generation's parent), or a checkpoint folder. */
+  teacher: Schema.optional(Schema.String),
+  /** Pick what to keep at random with this seed instead of by calibration scores (the baseline). */
+  randomPruning: Schema.optional(Schema.Int),
+  short: Phase,
+  /** The long-context phase: `seq` is the longer context, `factor` the YaRN factor. */
+  long: Schema.optional(Schema.Struct({ ...Phase.fields, factor: Schema.Number })),
+  evaluation: Schema.optional(Schema.Struct({
+    recallLimit: Schema.optional(Schema.Int),
+    arithLimit: Schema.optional(Schema.Int)
+  })),
+  seed: Schema.optional(Schema.Int)
+})
+export type CascadeConfig = typeof CascadeConfig.Type
+
+export const decodeConfig = Schema.decodeUnknownEffect(CascadeConfig)
+
+/** What the report shows of one model. */
+export interface Measurement {
+  readonly model: string
+  readonly dir: string
+  readonly parameters: number
+  readonly layers: number
+  readonly hidden: number
+  readonly ffn: number
+  readonly nll: number
+  readonly recall: number | undefined
+  readonly arith: number | undefined
+}
+
+export interface CascadeEvents {
+  readonly onStep?: (label: string, metrics: StepMetrics, total: number) => void
+}
+
+const exists = (file: string) => Effect.promise(() => fs.access(file).then(() => true, () => false))
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+
+/** `file`'s sequences tokenized once into `out` as `{"input_ids"}` lines, so no run tokenizes the corpus twice. */
+const tokenizedCopy = Effect.fn("Cascade.tokenizedCopy")(function*(file: string, out: string, vocabSize: number, tokenizer: Tokenizer.Tokenizer | undefined) {
+  if (yield* exists(out)) return out
+  const lines = yield* Dataset.sequences(file, { vocabSize, tokenizer }).pipe(
+    Stream.map(({ ids }) => JSON.stringify({ input_ids: ids })),
+    Stream.runCollect
+  )
+  yield* Files.writeText(out, lines.join("\n") + "\n")
+  return out
+})
+
+/** Held-out NLL and exact-match accuracies of a checkpoint, cached in the run folder's `evals/`. */
+export const measure = Effect.fn("Cascade.measure")(function*(
+  name: string,
+  dir: string,
+  config: Pick<CascadeConfig, "run" | "data" | "evaluation">
+) {
+  const cache = path.join(config.run, "evals", `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.json`)
+  const cached = yield* Files.readJsonIfPresent(cache)
+  if (cached !== undefined) return cached as Measurement
+  const measurement = yield* Effect.gen(function*() {
+    const model = yield* Pretrained.load(dir)
+    const tokenizer = yield* Tokenizer.loadIfPresent(dir)
+    const heldout = yield* evaluate(model, Dataset.sequences(config.data.heldout, { vocabSize: model.config.vocabSize, tokenizer }))
+    const accuracy = (file: string | undefined, limit: number | undefined) =>
+      Effect.gen(function*() {
+        if (file === undefined || tokenizer === undefined) return undefined
+        const tasks = yield* Tasks.read(file, { limit })
+        const greedy = (prompts: Array<string>) =>
+          Effect.map(
+            Generate.generate(model, prompts.map((prompt) => tokenizer.encode(prompt)), {
+              maxNewTokens: 8,
+              temperature: 0,
+              stopTokenIds: tokenizer.eosId === undefined ? [] : [tokenizer.eosId],
+              stopStrings: ["\n"],
+              decode: (ids) => tokenizer.decode(ids),
+              batchSize: 50
+            }),
+            (generations) => generations.map((g) => g.text ?? "")
+          )
+        return (yield* Tasks.score(tasks, greedy, { batchSize: 50 })).accuracy
+      })
+    return {
+      model: name,
+      dir,
+      parameters: Config.parameterCount(model.config),
+      layers: model.config.numLayers,
+      hidden: model.config.hiddenSize,
+      ffn: model.config.intermediateSize,
+      nll: heldout.nll,
+      recall: yield* accuracy(config.data.recall, config.evaluation?.recallLimit),
+      arith: yield* accuracy(config.data.arith, config.evaluation?.arithLimit)
+    } satisfies Measurement
+  }).pipe(Effect.scoped)
+  yield* Effect.tryPromise({ try: () => fs.mkdir(path.dirname(cache), { recursive: true }), catch: io(cache, "cannot create folder") })
+  yield* Files.writeJson(cache, measurement)
+  return measurement
+})
+
+interface Generation {
+  readonly name: string
+  readonly parent: string
+  readonly teacher: string
+  readonly stats: string
+  readonly pruned: string
+  readonly short: string
+  readonly long: string | undefined
+}
+
+const phaseOptions = (phase: typeof Phase.Type, config: CascadeConfig) => ({
+  seq: phase.seq,
+  steps: phase.steps,
+  seed: config.seed ?? 0,
+  batch: phase.batch,
+  accumulate: phase.accumulate ?? 1,
+  learningRate: phase.lr,
+  minLearningRate: phase.minLr ?? phase.lr / 10,
+  warmupSteps: phase.warmup ?? Math.floor(phase.steps / 10),
+  weightDecay: 0.01,
+  maxGradNorm: 1,
+  loss: { temperature: 1, crossEntropyWeight: phase.ceWeight ?? 0, restBucket: false, maxOutsideMass: 1e-3 },
+  saveEvery: Math.max(1, Math.floor(phase.steps / 4)),
+  resume: true
+})
+
+/** Runs (or resumes) the whole cascade and writes the report; returns the measurements. */
+export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, events: CascadeEvents = {}) {
+  const runDir = config.run
+  yield* Effect.tryPromise({ try: () => fs.mkdir(path.join(runDir, "data"), { recursive: true }), catch: io(runDir, "cannot create") })
+  const root = config.parent
+  const rootModel = yield* Effect.scoped(Effect.map(Pretrained.load(root), (m) => m.config))
+  const tokenizer = yield* Tokenizer.loadIfPresent(root)
+  const train = yield* tokenizedCopy(config.data.train, path.join(runDir, "data", "train.ids.jsonl"), rootModel.vocabSize, tokenizer)
+
+  const generations: Array<Generation> = []
+  let current = root
+  for (const [i, size] of config.sizes.entries()) {
+    const base = path.join(runDir, `${i + 1}-${size.name}`)
+    const teacher = config.teacher === undefined || config.teacher === "root" ? root : config.teacher === "previous" ? current : config.teacher
+    const generation: Generation = {
+      name: size.name,
+      parent: current,
+      teacher,
+      stats: path.join(base, "stats"),
+      pruned: path.join(base, "pruned"),
+      short: path.join(base, "short"),
+      long: config.long ? path.join(base, "long") : undefined
+    }
+    generations.push(generation)
+    const label = `[${i + 1}/${config.sizes.length} ${size.name}]`
+    yield* Files.writeJson(path.join(runDir, "manifest.json"), manifest(config, generations))
+
+    const parentTokenizer = yield* Tokenizer.loadIfPresent(current)
+    yield* Console.log(`${label} calibrate ${current}`)
+    yield* Effect.scoped(Effect.gen(function*() {
+      yield* calibrate(yield* Pretrained.load(current), {
+        modelDir: current,
+        data: config.data.calib,
+        out: generation.stats,
+        seq: config.short.seq,
+        tokenizer: parentTokenizer
+      })
+    }))
+    if (!(yield* exists(path.join(generation.pruned, "prune-report.json")))) {
+      yield* Console.log(`${label} prune to ${JSON.stringify({ layers: size.layers, hidden: size.hidden, ffn: size.ffn })}`)
+      yield* prune({
+        modelDir: current,
+        statsDir: generation.stats,
+        out: generation.pruned,
+        targets: size,
+        selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i }
+      }).pipe(Effect.scoped)
+    }
+    const phase = (name: string, student: string, out: string, options: typeof Phase.Type, yarn?: { factor: number; originalMax: number }) =>
+      Effect.gen(function*() {
+        yield* Console.log(`${label} distill ${name}: ${options.steps} steps at ${options.seq} tokens, teacher ${teacher}`)
+        yield* distill({
+          ...phaseOptions(options, config),
+          studentDir: student,
+          data: train,
+          out,
+          yarn,
+          onStep: (metrics) => events.onStep?.(`${label} ${name}`, metrics, options.steps)
+        }).pipe(Effect.scoped, Effect.provide(TeacherSources.inProcess(teacher, { topK: options.topK })))
+      })
+    yield* phase("short", generation.pruned, generation.short, config.short)
+    if (config.long && generation.long) {
+      yield* phase("long", generation.short, generation.long, config.long, {
+        factor: config.long.factor,
+        originalMax: Math.round(config.long.seq / config.long.factor)
+      })
+    }
+    current = generation.short
+  }
+
+  yield* Console.log("measuring held-out NLL, recall and arithmetic")
+  const rows: Array<Measurement> = [yield* measure("parent", root, config)]
+  for (const [i, g] of generations.entries()) {
+    rows.push(yield* measure(`${i + 1}-${g.name} short`, g.short, config))
+    if (g.long) rows.push(yield* measure(`${i + 1}-${g.name} long`, g.long, config))
+  }
+  yield* writeReport(runDir, rows, generations)
+  return rows
+})
+
+const manifest = (config: CascadeConfig, generations: ReadonlyArray<Generation>) => ({
+  format: "cascade-run/1",
+  config,
+  root: config.parent,
+  generations: generations.map((g, i) => ({ index: i + 1, ...g }))
+})
+
+const percent = (x: number | undefined) => (x === undefined ? "-" : `${(100 * x).toFixed(1)}%`)
+
+/** The retention table as Markdown. */
+export const table = (rows: ReadonlyArray<Measurement>): string => {
+  const parent = rows[0]
+  const lines = [
+    "| model | parameters | layers / hidden / FFN | held-out NLL | recall | arithmetic | recall retained | arithmetic retained |",
+    "|---|---:|---|---:|---:|---:|---:|---:|"
+  ]
+  for (const row of rows) {
+    const retained = (x: number | undefined, of: number | undefined) => (x === undefined || !of ? "-" : percent(x / of))
+    lines.push(
+      `| ${row.model} | ${(row.parameters / 1e6).toFixed(3)}M | ${row.layers} / ${row.hidden} / ${row.ffn} | ${row.nll.toFixed(4)} | ${percent(row.recall)} | ${percent(row.arith)} | ${retained(row.recall, parent.recall)} | ${retained(row.arith, parent.arith)} |`
+    )
+  }
+  return lines.join("\n")
+}
+
+/** report.md, report.json and the plots: loss curves per stage, retention against size. */
+const writeReport = Effect.fn("Cascade.writeReport")(function*(runDir: string, rows: ReadonlyArray<Measurement>, generations: ReadonlyArray<Generation>) {
+  const curves: Array<Plot.Series> = []
+  for (const [i, g] of generations.entries()) {
+    for (const [phase, dir] of [["short", g.short], ["long", g.long]] as const) {
+      if (dir === undefined) continue
+      const text = yield* Effect.promise(() => fs.readFile(path.join(dir, "metrics.jsonl"), "utf8").catch(() => ""))
+      const points = text.split("\n").filter(Boolean).map((line) => JSON.parse(line) as StepMetrics).map((m) => [m.step, m.kl] as const)
+      curves.push({ name: `${i + 1}-${g.name} ${phase}`, points })
+    }
+  }
+  const short = rows.filter((row) => !row.model.endsWith(" long"))
+  const bySize = (pick: (row: Measurement) => number | undefined) =>
+    short.flatMap((row) => (pick(row) === undefined ? [] : [[row.parameters, pick(row)!] as const])).sort((a, b) => a[0] - b[0])
+  const plots = {
+    "loss-curves.svg": Plot.svg({ title: "Distillation KL per step", x: "step", y: "KL(teacher || student), nats/token", series: curves }),
+    "retention-accuracy.svg": Plot.svg({
+      title: "Accuracy against size",
+      x: "parameters",
+      y: "exact-match accuracy",
+      logX: true,
+      series: [{ name: "recall", points: bySize((r) => r.recall) }, { name: "arithmetic", points: bySize((r) => r.arith) }]
+    }),
+    "retention-nll.svg": Plot.svg({ title: "Held-out NLL against size", x: "parameters", y: "nats/token", logX: true, series: [{ name: "held-out NLL", points: bySize((r) => r.nll) }] })
+  }
+  for (const [name, content] of Object.entries(plots)) yield* Files.writeText(path.join(runDir, name), content)
+  const markdown = `# Cascade report\n\n${table(rows)}\n\nPlots: ${Object.keys(plots).join(", ")}\n`
+  yield* Files.writeText(path.join(runDir, "report.md"), markdown)
+  yield* Files.writeJson(path.join(runDir, "report.json"), { rows, generations })
+})

@@ -1,0 +1,70 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
+import * as Cascade from "../stages/Cascade.ts"
+import { onBackend, sharedFixture } from "./support.ts"
+
+const tempDir = Effect.acquireRelease(
+  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-run-"))),
+  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+)
+
+/** Seeded token rows from a small Markov chain. */
+const dataFile = (file: string, rows: number, length: number, seed: number) => {
+  let state = seed
+  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
+  const lines = Array.from({ length: rows }, () => {
+    const ids = [next()]
+    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
+    return JSON.stringify({ input_ids: ids })
+  })
+  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
+}
+
+const mtime = (file: string) => Effect.promise(() => fs.stat(file).then((s) => s.mtimeMs))
+
+describe("Cascade.run", () => {
+  it.effect("runs generations with lineage and a report, and a run stopped midway resumes instead of starting over", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(path.join(dir, "train.jsonl"), 40, 40, 1)
+      const heldout = yield* dataFile(path.join(dir, "heldout.jsonl"), 6, 40, 2)
+      const config = yield* Cascade.decodeConfig({
+        run: path.join(dir, "run"),
+        parent: sharedFixture("tiny-mistral"),
+        data: { train: data, calib: data, heldout },
+        sizes: [{ name: "a", layers: 3, hidden: 56 }, { name: "b", layers: 2, hidden: 48, ffn: 128 }],
+        short: { seq: 32, steps: 6, batch: 4, lr: 3e-3 },
+        long: { seq: 64, steps: 2, batch: 2, lr: 1e-3, factor: 2 }
+      })
+      // Stop during the second generation's short distillation.
+      const stop = new Error("stopped")
+      const first = yield* Effect.exit(Cascade.run(config, {
+        onStep: (label, metrics) => {
+          if (label.includes("2/2") && metrics.step === 3) throw stop
+        }
+      }))
+      assert.strictEqual(first._tag, "Failure")
+      const gen1 = path.join(config.run, "1-a", "short", "model.safetensors")
+      const before = yield* mtime(gen1)
+
+      const labels = new Set<string>()
+      const rows = yield* Cascade.run(config, { onStep: (label) => labels.add(label) })
+      assert.strictEqual(yield* mtime(gen1), before, "the finished generation was not redone")
+      assert.notInclude([...labels].join(), "1/2", "no step of the first generation ran again")
+      assert.deepStrictEqual(rows.map((r) => r.model), ["parent", "1-a short", "1-a long", "2-b short", "2-b long"])
+      assert.deepStrictEqual(rows.map((r) => r.layers), [4, 3, 3, 2, 2])
+      assert.isTrue(rows.every((r) => Number.isFinite(r.nll)))
+
+      const manifest = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "manifest.json"), "utf8")))
+      assert.strictEqual(manifest.generations[1].parent, path.join(config.run, "1-a", "short"), "each generation is pruned from the previous short model")
+      assert.strictEqual(manifest.generations[1].teacher, sharedFixture("tiny-mistral"), "the teacher is the root parent")
+      const report = yield* Effect.promise(() => fs.readFile(path.join(config.run, "report.md"), "utf8"))
+      assert.include(report, "| 2-b short |")
+      for (const plot of ["loss-curves.svg", "retention-accuracy.svg", "retention-nll.svg"]) {
+        assert.include(yield* Effect.promise(() => fs.readFile(path.join(config.run, plot), "utf8")), "<svg")
+      }
+    }).pipe(onBackend("wasm")), { timeout: 180_000 })
+})
