@@ -27,6 +27,8 @@ export interface Served {
   readonly tokenizer: Tokenizer.Tokenizer
   /** The name clients give as `model`, and `/v1/models` lists. */
   readonly name: string
+  /** The largest `logprobs` / `prompt_logprobs` / `top_logprobs` a request may ask for (vLLM's --max-logprobs, 20 by default). */
+  readonly maxLogprobs?: number
 }
 
 /** Serves the API on `host`:`port` (0: a free port; the `HttpServer` service says which). */
@@ -36,7 +38,7 @@ export const layer = (served: Served, listen: { readonly host: string; readonly 
   )
 
 /** vLLM's default cap on `logprobs` and `prompt_logprobs`. */
-const MAX_LOGPROBS = 20
+const DEFAULT_MAX_LOGPROBS = 20
 /** OpenAI's default `max_tokens` for completions. */
 const DEFAULT_MAX_TOKENS = 16
 
@@ -59,7 +61,7 @@ const errorResponse = (error: ApiError) =>
 
 const Optional = <S extends Schema.Top>(schema: S) => Schema.optional(Schema.NullOr(schema))
 const Count = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
-const TopCount = Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: MAX_LOGPROBS }))
+const TopCount = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
 
 /** Fields both endpoints take. */
 const Common = {
@@ -174,7 +176,7 @@ interface Prompt {
 }
 
 /** The endpoints' work over the served model; `semaphore` serialises model work. */
-const makeApi = ({ model, tokenizer, name }: Served, semaphore: Semaphore.Semaphore) => {
+const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, semaphore: Semaphore.Semaphore) => {
   const { vocabSize, maxPositionEmbeddings } = model.config
   const stopTokenIds = [...new Set([tokenizer.eosId, model.config.eosTokenId])].filter((id) => id !== undefined)
   const now = () => Math.floor(Date.now() / 1000)
@@ -192,6 +194,15 @@ const makeApi = ({ model, tokenizer, name }: Served, semaphore: Semaphore.Semaph
     }
     if (request.stream === true) return Effect.fail(invalid("Streaming is not supported by this server.", "stream"))
     if (request.n != null && request.n !== 1) return Effect.fail(invalid("Only n = 1 is supported.", "n"))
+    const maxLogprobs = maxCount ?? DEFAULT_MAX_LOGPROBS
+    const counts: Array<[string, unknown]> = "messages" in request
+      ? [["top_logprobs", request.top_logprobs]]
+      : [["logprobs", request.logprobs], ["prompt_logprobs", request.prompt_logprobs]]
+    for (const [param, count] of counts) {
+      if (typeof count === "number" && count > maxLogprobs) {
+        return Effect.fail(invalid(`${param} must be at most ${maxLogprobs} (the server's --max-logprobs).`, param))
+      }
+    }
     return Effect.void
   }
 

@@ -72,12 +72,16 @@ const losses = (student: Model.Model, annotated: ReadonlyArray<Annotated>) =>
 
 const maxDiff = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) => Math.max(...a.map((x, i) => Math.abs(x - b[i])))
 
-/** `cascade serve` over the fixture (with the tiny BPE tokenizer, whose texts we never use) on a free port. */
+/**
+ * `cascade serve` over the fixture (with the tiny BPE tokenizer, whose texts we never use) on a free
+ * port, allowing the whole vocabulary as prompt_logprobs (`--max-logprobs 512`).
+ */
 const serve = Effect.gen(function*() {
   const served = {
     model: yield* Pretrained.load(fixture),
     tokenizer: yield* Tokenizer.load(sharedFixture("tiny-bpe")),
-    name: "tiny-mistral"
+    name: "tiny-mistral",
+    maxLogprobs: 512
   }
   const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0 }))
   return HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
@@ -180,7 +184,7 @@ describe("Teacher sources", () => {
         const full = yield* lossesOf(Teachers.inProcess(fixture))
         const fullTopK = yield* lossesOf(Teachers.inProcess(fixture, { topK: 512 }))
         const fullCache = yield* cached(512)
-        // cascade serve caps prompt_logprobs at 20, as vLLM does by default (--max-logprobs).
+        const fullRemote = yield* lossesOf(Teachers.remote([url], { topK: 512, concurrency: 4 }))
         const top20 = yield* lossesOf(Teachers.inProcess(fixture, { topK: 20 }))
         const cache20 = yield* cached(20)
         const remote20 = yield* lossesOf(Teachers.remote([url], { topK: 20, concurrency: 4 }))
@@ -190,6 +194,7 @@ describe("Teacher sources", () => {
           full: full.map((x) => x.toFixed(6)).join(" "),
           "top-512 in-process": maxDiff(fullTopK, full),
           "top-512 cache": maxDiff(fullCache, full),
+          "top-512 remote": maxDiff(fullRemote, full),
           "top-20 in-process": top20.map((x) => x.toFixed(6)).join(" "),
           "top-20 cache": maxDiff(cache20, top20),
           "top-20 remote": maxDiff(remote20, top20)
@@ -197,6 +202,7 @@ describe("Teacher sources", () => {
         console.log("distillation KL per batch and max |difference| to the first of its group:", report)
         assert.isBelow(maxDiff(fullTopK, full), 1e-3)
         assert.isBelow(maxDiff(fullCache, full), 1e-3)
+        assert.isBelow(maxDiff(fullRemote, full), 1e-3)
         assert.isBelow(maxDiff(cache20, top20), 1e-3)
         assert.isBelow(maxDiff(remote20, top20), 1e-3)
         assert.isAbove(maxDiff(top20, full), 1e-3, "top-20 is a different target from the full distribution")

@@ -23,12 +23,16 @@ export const serveCommand = Command.make(
   {
     model: Flag.String("model").pipe(Flag.withDescription("Hugging Face checkpoint folder, with its tokenizer")),
     host: Flag.String("host").pipe(Flag.withDescription("Address to listen on (default 127.0.0.1)"), Flag.withDefault("127.0.0.1")),
-    port: Flag.Int("port").pipe(Flag.withDescription("Port to listen on (default 8000; 0: any free port)"), Flag.withDefault(8000))
+    port: Flag.Int("port").pipe(Flag.withDescription("Port to listen on (default 8000; 0: any free port)"), Flag.withDefault(8000)),
+    maxLogprobs: Flag.Int("max-logprobs").pipe(
+      Flag.withDescription("Largest logprobs / prompt_logprobs a request may ask for (vLLM's default 20; the vocabulary size serves full distributions)"),
+      Flag.withDefault(20)
+    )
   },
-  Effect.fn("cli.serve")(function*({ model, host, port }) {
+  Effect.fn("cli.serve")(function*({ model, host, port, maxLogprobs }) {
     const { backend } = yield* cascade
     yield* Effect.gen(function*() {
-      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.load(model), name: model }
+      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.load(model), name: model, maxLogprobs }
       const services = yield* Layer.build(Server.layer(served, { host, port })).pipe(
         Effect.mapError(({ cause }) =>
           new ListenError({ address: `${host}:${port}`, reason: cause instanceof Error ? cause.message : String(cause) })
