@@ -1,27 +1,9 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import * as Cascade from "../stages/Cascade.ts"
-import { onBackend, sharedFixture } from "./support.ts"
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-run-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
-
-/** Seeded token rows from a small Markov chain. */
-const dataFile = (file: string, rows: number, length: number, seed: number) => {
-  let state = seed
-  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
-  const lines = Array.from({ length: rows }, () => {
-    const ids = [next()]
-    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
-    return JSON.stringify({ input_ids: ids })
-  })
-  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
-}
+import { markovData, onBackend, sharedFixture, tempDir } from "./support.ts"
 
 const mtime = (file: string) => Effect.promise(() => fs.stat(file).then((s) => s.mtimeMs))
 
@@ -29,8 +11,8 @@ describe("Cascade.run", () => {
   it.effect("runs generations with lineage and a report, and a run stopped midway resumes instead of starting over", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(path.join(dir, "train.jsonl"), 40, 40, 1)
-      const heldout = yield* dataFile(path.join(dir, "heldout.jsonl"), 6, 40, 2)
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 40, 40, 1)
+      const heldout = yield* markovData(path.join(dir, "heldout.jsonl"), 6, 40, 2)
       const config = yield* Cascade.decodeConfig({
         run: path.join(dir, "run"),
         parent: sharedFixture("tiny-mistral"),

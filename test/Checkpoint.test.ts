@@ -1,19 +1,14 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as nodePath from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Checkpoint from "../src/Checkpoint.ts"
 import type { CheckpointError, ConfigError } from "../src/Errors.ts"
 import * as Safetensors from "../src/Safetensors.ts"
+import { tempDir } from "./support.ts"
 
 const fixtureDir = fileURLToPath(new URL("../../shared/fixtures/tiny-mistral", import.meta.url))
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(nodePath.join(os.tmpdir(), "cascade-checkpoint-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
 
 const listDir = (dir: string) => Effect.promise(() => fs.readdir(dir).then((names) => names.sort()))
 const readJson = (path: string) => Effect.promise(async (): Promise<any> => JSON.parse(await fs.readFile(path, "utf8")))

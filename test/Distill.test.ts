@@ -2,7 +2,6 @@ import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer } from "effect"
 import { execFile, spawn } from "node:child_process"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Teacher from "../layers/Teacher.ts"
@@ -13,27 +12,10 @@ import { calibrate } from "../stages/Calibrate.ts"
 import { distill, type DistillOptions } from "../stages/Distill.ts"
 import { evaluate } from "../stages/Evaluate.ts"
 import { prune } from "../stages/Prune.ts"
-import { sharedFixture } from "./support.ts"
+import { markovData, sharedFixture, tempDir } from "./support.ts"
 
 const parentDir = sharedFixture("tiny-mistral")
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-distill-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
-
-/** Seeded token rows from a small Markov chain, so a teacher's predictions carry information. */
-const dataFile = (file: string, rows: number, length: number, seed: number) => {
-  let state = seed
-  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
-  const lines = Array.from({ length: rows }, () => {
-    const ids = [next()]
-    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
-    return JSON.stringify({ input_ids: ids })
-  })
-  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
-}
 
 /** A child of tiny-mistral pruned on all three axes, in `dir`. */
 const prunedChild = (dir: string, data: string) =>
@@ -78,8 +60,8 @@ describe("distill", () => {
   it.effect("distilling a pruned child from its parent lowers the KL and the held-out NLL", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(path.join(dir, "train.jsonl"), 48, 40, 1)
-      const heldout = yield* dataFile(path.join(dir, "heldout.jsonl"), 8, 40, 99)
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
+      const heldout = yield* markovData(path.join(dir, "heldout.jsonl"), 8, 40, 99)
       const student = yield* prunedChild(dir, data)
       const out = path.join(dir, "distilled")
       const state = yield* distill(options(student, data, out)).pipe(Effect.scoped)
@@ -97,7 +79,7 @@ describe("distill", () => {
   it.effect("the long-context phase switches the student to YaRN and saves it so", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(path.join(dir, "train.jsonl"), 16, 64, 2)
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 16, 64, 2)
       const out = path.join(dir, "long")
       yield* distill({ ...options(parentDir, data, out), seq: 64, steps: 3, yarn: { factor: 4, originalMax: 16 } }).pipe(Effect.scoped)
       const config = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(out, "config.json"), "utf8")))
@@ -111,7 +93,7 @@ describe("distill", () => {
   it.effect("a run in OUT is not continued without --resume", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(path.join(dir, "train.jsonl"), 16, 40, 4)
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 16, 40, 4)
       const out = path.join(dir, "run")
       const stop = new Error("stop")
       yield* Effect.exit(distill({ ...options(parentDir, data, out), onStep: (m) => { if (m.step === 12) throw stop } }).pipe(Effect.scoped))
@@ -148,7 +130,7 @@ describe("cascade distill", () => {
   it.effect("a run killed with SIGKILL and resumed ends with the loss and weights of an uninterrupted run", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(path.join(dir, "train.jsonl"), 32, 40, 5)
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 32, 40, 5)
       const args = (out: string) => [
         "--student", parentDir, "--teacher", parentDir, "--data", data, "--out", out,
         "--seq", "32", "--steps", "30", "--seed", "7", "--save-every", "5", "--top-k", "64", "--batch", "2"

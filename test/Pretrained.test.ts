@@ -1,17 +1,11 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Model from "../src/Model.ts"
 import * as Pretrained from "../src/Pretrained.ts"
-import { maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-pretrained-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
+import { maxAbsDiff, onBackend, sharedFixture, take, tempDir } from "./support.ts"
 
 /** A copy of tiny-mistral whose config.json has been edited. */
 const withConfig = (edit: (config: Record<string, unknown>) => void) =>

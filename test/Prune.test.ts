@@ -1,20 +1,14 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import * as Calibration from "../src/Calibration.ts"
 import * as Pretrained from "../src/Pretrained.ts"
 import { calibrate, readManifest } from "../stages/Calibrate.ts"
 import { prune } from "../stages/Prune.ts"
-import { localFixture, onBackend, sharedFixture } from "./support.ts"
+import { localFixture, onBackend, sharedFixture, tempDir } from "./support.ts"
 
 const parentDir = sharedFixture("tiny-mistral")
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-prune-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
 
 /** A JSONL file of seeded token rows. */
 const dataFile = (dir: string, rows: number, length: number) => {

@@ -1,18 +1,13 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as nodePath from "node:path"
 import { fileURLToPath } from "node:url"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Safetensors from "../src/Safetensors.ts"
+import { tempDir } from "./support.ts"
 
 const fixture = (name: string) => fileURLToPath(new URL(`../../shared/fixtures/tiny-mistral/${name}`, import.meta.url))
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(nodePath.join(os.tmpdir(), "cascade-safetensors-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
 
 const f32 = (bits: number) => new Float32Array(new Uint32Array([bits]).buffer)[0]
 const bitsOf = (values: Float32Array) => Array.from(new Uint32Array(values.buffer, values.byteOffset, values.length))

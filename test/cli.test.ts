@@ -2,12 +2,11 @@ import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Reference from "../src/Reference.ts"
-import { sharedFixture } from "./support.ts"
+import { sharedFixture, tempDir } from "./support.ts"
 
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
@@ -18,11 +17,6 @@ const cascade = (...args: Array<string>) =>
       resume(Effect.succeed({ code: error ? (typeof error.code === "number" ? error.code : 1) : 0, stdout, stderr }))
     })
   })
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-cli-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
 
 /** Mean NLL of the next tokens computed in float64 from transformers' logits. */
 const referenceNll = (ids: Array<Array<number>>, logits: Float32Array, vocab: number) => {

@@ -1,5 +1,8 @@
 /** Shared helpers of the test suite: fixture paths, references, comparisons. */
 import { Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
 
@@ -14,3 +17,24 @@ export { maxAbsDiff, take } from "../src/Reference.ts"
 /** Runs a test on a backend; the test's own resources (models) are released before the backend is. */
 export const onBackend = (backend: BackendName) => <A, E, R>(effect: Effect.Effect<A, E, R>) =>
   effect.pipe(Effect.scoped, Effect.provide(TensorBackend.layer(backend)))
+
+/** A fresh temporary folder, removed with everything in it when the test's scope closes. */
+export const tempDir = Effect.acquireRelease(
+  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-test-"))),
+  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+)
+
+/**
+ * A JSONL file of `{"input_ids"}` rows from a seeded Markov chain over the fixture's 512 ids: mostly
+ * a fixed successor, sometimes a random one, so a model's predictions carry information.
+ */
+export const markovData = (file: string, rows: number, length: number, seed: number) => {
+  let state = seed
+  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
+  const lines = Array.from({ length: rows }, () => {
+    const ids = [next()]
+    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
+    return JSON.stringify({ input_ids: ids })
+  })
+  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
+}
