@@ -1,0 +1,24 @@
+/**
+ * The `PairwisePreference` service (src/Preference.ts) from a folder `cascade pwrm train` wrote: its
+ * backbone and head run in this process, symmetrised and at the temperature fitted when it was trained.
+ */
+import { Effect, Layer } from "effect"
+import { PairwisePreference, PreferenceError } from "../src/Preference.ts"
+import * as Pwrm from "../src/Pwrm.ts"
+import { TensorBackend } from "./TensorBackend.ts"
+
+export const fromPwrm = (dir: string) =>
+  Layer.effect(
+    PairwisePreference,
+    Effect.gen(function*() {
+      yield* TensorBackend // the model's tensors live on it
+      const pwrm = yield* Pwrm.load(dir)
+      return PairwisePreference.of({
+        probability: (prompt, a, b) =>
+          Effect.try({
+            try: () => Pwrm.probabilities(pwrm, [{ prompt, a, b }])[0],
+            catch: (cause) => new PreferenceError({ reason: `${dir}: ${String(cause)}` })
+          })
+      })
+    })
+  )

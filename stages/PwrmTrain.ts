@@ -1,0 +1,372 @@
+/**
+ * Training a pairwise reward model (src/Pwrm.ts) on JSONL lines `{"prompt", "a", "b", "preferred": "a" | "b"}`.
+ *
+ * Each step takes `batch` pairs in a seeded order, epoch after epoch, and trains on both orders of
+ * each, (A, B) labelled "A wins" and (B, A) labelled the opposite, with binary cross-entropy on the
+ * score: the swapped copies teach the model that the order carries no information, and the
+ * symmetrised probability makes that exact at inference. Backbone and head train together (AdamW,
+ * warmup then cosine to a tenth of the peak, clipping). At the end the temperature is fitted on the
+ * held-out pairs, and pwrm.json reports the held-out accuracy, NLL and calibration error before and
+ * after it.
+ *
+ * OUT holds `metrics.jsonl` (a line per step), `checkpoint/` every `saveEvery` steps (weights, head,
+ * optimizer moments and the step, swapped in atomically) and, at the end, the PWRM folder. A killed
+ * run given the same options and `resume` continues from its last checkpoint and ends where an
+ * uninterrupted run ends: the data order depends on the step alone.
+ */
+import * as tf from "@tensorflow/tfjs"
+import { Effect, Schema, Stream } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as Config from "../src/Config.ts"
+import { lines } from "../src/Dataset.ts"
+import { CheckpointError, DataError } from "../src/Errors.ts"
+import * as Files from "../src/Files.ts"
+import type * as Model from "../src/Model.ts"
+import * as Optimizer from "../src/Optimizer.ts"
+import { PreferenceError } from "../src/Preference.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Pwrm from "../src/Pwrm.ts"
+import * as Random from "../src/Random.ts"
+import * as Safetensors from "../src/Safetensors.ts"
+import * as Tokenizer from "../src/Tokenizer.ts"
+import * as Training from "../src/Training.ts"
+
+export interface TrainOptions {
+  /** Backbone checkpoint folder, with its tokenizer. */
+  readonly baseDir: string
+  readonly data: string
+  /** Held-out pairs: the temperature is fitted and the metrics reported on them. */
+  readonly heldout: string
+  readonly out: string
+  readonly steps: number
+  /** Pairs per step, each trained on in both orders. */
+  readonly batch: number
+  /** Most tokens of a rendered pair. */
+  readonly seq: number
+  readonly seed: number
+  readonly learningRate: number
+  readonly warmupSteps: number
+  readonly weightDecay: number
+  readonly maxGradNorm: number | undefined
+  readonly saveEvery: number
+  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
+  readonly resume?: boolean
+  readonly onStep?: (metrics: StepMetrics) => void
+}
+
+export interface StepMetrics {
+  readonly step: number
+  /** Binary cross-entropy per row (a pair in one order), nats. */
+  readonly loss: number
+  /** Share of rows whose score has the label's sign. */
+  readonly accuracy: number
+  readonly lr: number
+  readonly grad_norm: number
+  readonly pairs_per_s: number
+  readonly epoch: number
+}
+
+export interface Labelled extends Pwrm.Pair {
+  readonly preferred: "a" | "b"
+}
+
+/** pwrm.json as this stage writes it: what `Pwrm.load` reads, metrics and provenance. */
+export interface Card extends Schema.Schema.Type<typeof Pwrm.Card> {
+  readonly base: { readonly dir: string; readonly configSha256: string }
+  readonly data: Record<"train" | "heldout", { readonly file: string; readonly sha256: string; readonly pairs: number }>
+  readonly heldoutMetrics: {
+    readonly accuracy: number
+    readonly before: { readonly temperature: 1; readonly nll: number; readonly ece: number }
+    readonly after: { readonly temperature: number; readonly nll: number; readonly ece: number }
+    /** Each half of the held-out pairs at the temperature fitted on the other half: the fit on pairs it did not see. */
+    readonly crossFitted: { readonly nll: number; readonly ece: number }
+  }
+  /** What must be the same to resume or to find the run finished: base, data and options. */
+  readonly identity: string
+}
+
+const Line = Schema.Struct({ prompt: Schema.String, a: Schema.String, b: Schema.String, preferred: Schema.Literals(["a", "b"]) })
+const decodeLine = Schema.decodeUnknownEffect(Line)
+
+/** The pairs of a preference file; a line that is not one fails naming the file and line. */
+export const readPairs = Effect.fn("PwrmTrain.readPairs")(function*(file: string) {
+  const pairs: Array<Labelled> = yield* lines(file).pipe(
+    Stream.mapEffect(({ line, text }) =>
+      Effect.try({
+        try: () => JSON.parse(text) as unknown,
+        catch: () => new DataError({ file, line, reason: "is not valid JSON" })
+      }).pipe(
+        Effect.flatMap(decodeLine),
+        Effect.mapError((error) =>
+          error._tag === "DataError" ? error : new DataError({ file, line, reason: `expected {"prompt", "a", "b": string, "preferred": "a" | "b"}` })
+        )
+      )
+    ),
+    Stream.runCollect
+  )
+  if (pairs.length === 0) return yield* new DataError({ file, reason: "holds no pair" })
+  return pairs
+})
+
+/**
+ * The pair at each position of a seeded order, epoch after epoch: epoch e is a permutation seeded by
+ * (seed, e), so the order at any position follows from the position alone.
+ */
+const seededOrder = <A>(items: ReadonlyArray<A>, seed: number) => {
+  let current = { epoch: -1, order: [] as Array<number> }
+  return (position: number): A => {
+    const epoch = Math.floor(position / items.length)
+    if (epoch !== current.epoch) {
+      const next = Random.uniform(Math.imul(seed + 1, 0x9e3779b1) ^ Math.imul(epoch + 1, 0x85ebca6b))
+      current = { epoch, order: Random.permutation(items.length, next) }
+    }
+    return items[current.order[position % items.length]]
+  }
+}
+
+interface Rows {
+  readonly ids: Array<Array<number>>
+  /** 1 where the row's first response won. */
+  readonly labels: Array<number>
+}
+
+/** Each pair in both orders. */
+const bothOrders = (tokenizer: Tokenizer.Tokenizer, seq: number, pairs: ReadonlyArray<Labelled>): Rows => ({
+  ids: pairs.flatMap(({ prompt, a, b }) => [Pwrm.encode(tokenizer, seq, { prompt, a, b }), Pwrm.encode(tokenizer, seq, { prompt, a: b, b: a })]),
+  labels: pairs.flatMap(({ preferred }) => (preferred === "a" ? [1, 0] : [0, 1]))
+})
+
+/** Binary cross-entropy of the rows' scores, softplus(z) - y z, with the share of rows on the label's side. */
+const lossOf = (padId: number) => (model: Model.Model, rows: Rows): Training.Objective => {
+  let accuracy = 0
+  const loss = tf.tidy(() => {
+    const z = Pwrm.logits(model, rows.ids, padId)
+    const y = tf.tensor1d(rows.labels)
+    const values = z.dataSync()
+    accuracy = rows.labels.reduce((sum, label, i) => sum + (values[i] === 0 ? 0.5 : (values[i] > 0) === (label === 1) ? 1 : 0), 0) / rows.labels.length
+    return tf.mean(tf.sub(tf.softplus(z), tf.mul(z, y))) as tf.Scalar
+  })
+  return { loss, tokens: rows.labels.length, metrics: { accuracy } }
+}
+
+/** Held-out metrics at temperature 1 and at the fitted one, and the fit checked across halves. */
+const heldoutMetrics = (judged: ReadonlyArray<Pwrm.Judged>) => {
+  const temperature = Pwrm.fitTemperature(judged)
+  const before = Pwrm.calibration(judged, 1)
+  const after = Pwrm.calibration(judged, temperature)
+  // Scores divided by tau give at temperature 1 the probabilities of the scores at temperature tau.
+  const atTemperature = (pairs: ReadonlyArray<Pwrm.Judged>, tau: number) => pairs.map((p) => ({ ...p, ab: p.ab / tau, ba: p.ba / tau }))
+  const halves = [judged.filter((_, i) => i % 2 === 0), judged.filter((_, i) => i % 2 === 1)]
+  const crossFitted = Pwrm.calibration([
+    ...atTemperature(halves[1], Pwrm.fitTemperature(halves[0])),
+    ...atTemperature(halves[0], Pwrm.fitTemperature(halves[1]))
+  ], 1)
+  return {
+    temperature,
+    metrics: {
+      accuracy: after.accuracy,
+      before: { temperature: 1 as const, nll: before.nll, ece: before.ece },
+      after: { temperature, nll: after.nll, ece: after.ece },
+      crossFitted: { nll: crossFitted.nll, ece: crossFitted.ece }
+    }
+  }
+}
+
+/** Runs (or resumes, or finds finished) the training of a PWRM; returns its pwrm.json. */
+export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOptions) {
+  const { out, seq } = options
+  const metricsFile = path.join(out, "metrics.jsonl")
+  yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
+
+  const base = yield* Pretrained.load(options.baseDir)
+  const tokenizer = yield* Tokenizer.load(options.baseDir)
+  if (seq < Pwrm.overhead(tokenizer) + 3 || seq > base.config.maxPositionEmbeddings) {
+    const reason = `a pair of at most ${seq} tokens: needs room for a prompt and two responses, and at most the ${base.config.maxPositionEmbeddings} positions of ${options.baseDir}`
+    return yield* new PreferenceError({ reason })
+  }
+  const [pairs, heldout] = [yield* readPairs(options.data), yield* readPairs(options.heldout)]
+  const data = {
+    train: { file: options.data, sha256: yield* Files.sha256(options.data), pairs: pairs.length },
+    heldout: { file: options.heldout, sha256: yield* Files.sha256(options.heldout), pairs: heldout.length }
+  }
+  const { steps, batch, seed, learningRate, warmupSteps, weightDecay, maxGradNorm } = options
+  const identity = JSON.stringify({
+    base: Config.hash(base.config),
+    train: data.train.sha256,
+    heldout: data.heldout.sha256,
+    seq,
+    steps,
+    batch,
+    seed,
+    learningRate,
+    warmupSteps,
+    weightDecay,
+    maxGradNorm
+  })
+
+  const finished = (yield* Files.readJsonIfPresent(path.join(out, Pwrm.cardFile))) as Card | undefined
+  if (finished !== undefined) {
+    if (finished.identity === identity) return finished
+    return yield* new CheckpointError({ file: out, reason: "holds a PWRM trained with other options, data or base; use another --out" })
+  }
+  const resume = yield* loadCheckpoint(out)
+  if (resume !== undefined && !options.resume) {
+    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
+  }
+  if (resume !== undefined && resume.state.identity !== identity) {
+    return yield* new CheckpointError({
+      file: path.join(resume.dir, "state.json"),
+      reason: "belongs to a run with other options, data or base; use another --out"
+    })
+  }
+
+  const start = resume === undefined
+    ? Pwrm.scorer(base, yield* zeros([1, base.config.hiddenSize]))
+    : Pwrm.scorer(yield* Pretrained.load(resume.dir), yield* Pwrm.loadHead(resume.dir, base.config.hiddenSize))
+  const trainable = yield* Training.trainable(start)
+  const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay }, resume?.moments)
+  let step = resume?.state.step ?? 0
+  yield* truncateMetrics(metricsFile, step)
+
+  const pairAt = seededOrder(pairs, seed)
+  const schedule: Optimizer.Schedule = { peak: learningRate, min: learningRate / 10, warmupSteps, totalSteps: steps }
+  const save = (dir: string) =>
+    Effect.gen(function*() {
+      yield* Pretrained.save(dir, Pwrm.backbone(trainable.model, base), { dtype: "F32" })
+      yield* Pwrm.saveHead(dir, trainable.model)
+    })
+  while (step < steps) {
+    const started = performance.now()
+    const group = Array.from({ length: batch }, (_, i) => pairAt(step * batch + i))
+    const result = yield* Training.step(trainable, adam, [bothOrders(tokenizer, seq, group)], lossOf(Pwrm.padId(tokenizer)), {
+      learningRate: Optimizer.learningRate(schedule, step),
+      maxGradNorm
+    })
+    step++
+    const metrics: StepMetrics = {
+      step,
+      loss: result.loss,
+      accuracy: result.metrics.accuracy,
+      lr: result.learningRate,
+      grad_norm: result.gradNorm,
+      pairs_per_s: batch / ((performance.now() - started) / 1000),
+      epoch: Math.floor(((step - 1) * batch) / pairs.length)
+    }
+    yield* Effect.tryPromise({ try: () => fs.appendFile(metricsFile, JSON.stringify(metrics) + "\n"), catch: io(metricsFile, "cannot append") })
+    options.onStep?.(metrics)
+    if (step % options.saveEvery === 0 && step < steps) {
+      yield* saveCheckpoint(out, adam, { format: "cascade-pwrm-train/1", step, identity }, save)
+    }
+  }
+
+  const scores = Pwrm.scores(trainable.model, tokenizer, seq, heldout)
+  const { temperature, metrics } = heldoutMetrics(scores.map((s, i) => ({ ...s, aWins: heldout[i].preferred === "a" })))
+  // Float32 whatever the base's dtype: the temperature was fitted on these exact weights.
+  yield* save(out)
+  yield* copyCompanions(options.baseDir, out)
+  const card: Card = {
+    format: "cascade-pwrm/1",
+    seq,
+    temperature,
+    base: { dir: options.baseDir, configSha256: Config.hash(base.config) },
+    data,
+    heldoutMetrics: metrics,
+    identity
+  }
+  yield* Files.writeJson(path.join(out, Pwrm.cardFile), card)
+  yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
+  return card
+})
+
+/** A zero tensor released with the scope: the untrained head, so that every pair starts at P = 1/2. */
+const zeros = (shape: [number, number]) =>
+  Effect.acquireRelease(Effect.sync(() => tf.zeros(shape) as tf.Tensor2D), (tensor) => Effect.sync(() => tensor.dispose()))
+
+// ---------------------------------------------------------------------------------------------
+// The run folder. The same steps as stages/Distill.ts's checkpointing, in a form any training stage
+// can use: to be moved to a shared module and used by both.
+
+const State = Schema.Struct({ format: Schema.String, step: Schema.Int, identity: Schema.String })
+type State = typeof State.Type
+
+const checkpointDir = (out: string) => path.join(out, "checkpoint")
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+
+/** Files of a model folder that a model trained from it needs as they are. */
+const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+
+const copyCompanions = (from: string, to: string) =>
+  Effect.forEach(companionFiles, (file) =>
+    Effect.tryPromise({
+      try: () => fs.copyFile(path.join(from, file), path.join(to, file)).catch((error) => {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
+      }),
+      catch: io(path.join(from, file), "cannot copy")
+    }), { discard: true })
+
+/**
+ * Writes a checkpoint (the weights `writeWeights` puts in a folder, the optimizer moments, `state`)
+ * aside, then swaps it in: a crash leaves the old one or the new one.
+ */
+const saveCheckpoint = Effect.fn("PwrmTrain.saveCheckpoint")(function*<E>(
+  out: string,
+  adam: Optimizer.AdamW,
+  state: State,
+  writeWeights: (dir: string) => Effect.Effect<void, E>
+) {
+  const target = checkpointDir(out)
+  const staging = `${target}.partial`
+  const old = `${target}.old`
+  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
+  yield* writeWeights(staging)
+  const moments = Optimizer.exportState(adam)
+  yield* Safetensors.write(path.join(staging, "optimizer.safetensors"), [...moments.expAvg.keys()].flatMap((name) => [
+    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
+    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
+  ]), { format: "cascade-adamw", step: String(moments.step) })
+  yield* Files.writeJson(path.join(staging, "state.json"), state)
+  yield* Effect.tryPromise({
+    try: async () => {
+      await fs.rm(old, { recursive: true, force: true })
+      await fs.rename(target, old).catch(() => undefined)
+      await fs.rename(staging, target)
+      await fs.rm(old, { recursive: true, force: true })
+    },
+    catch: io(target, "cannot move the checkpoint into place")
+  })
+})
+
+/** The last checkpoint, if any: its state, folder and optimizer moments. */
+const loadCheckpoint = Effect.fn("PwrmTrain.loadCheckpoint")(function*(out: string) {
+  // A crash between the two renames leaves only checkpoint.old.
+  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
+    const json = yield* Files.readJsonIfPresent(path.join(dir, "state.json"))
+    if (json === undefined) continue
+    const state = yield* Schema.decodeUnknownEffect(State)(json).pipe(
+      Effect.mapError((error) => new CheckpointError({ file: path.join(dir, "state.json"), reason: error.message }))
+    )
+    const file = yield* Safetensors.open(path.join(dir, "optimizer.safetensors"))
+    const expAvg = new Map<string, Float32Array>()
+    const expAvgSq = new Map<string, Float32Array>()
+    for (const name of file.names) {
+      const values = yield* file.readFloat32(name)
+      if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
+      else expAvg.set(name.slice("exp_avg.".length), values)
+    }
+    const moments: Optimizer.State = { step: Number(file.metadata.step), expAvg, expAvgSq }
+    return { state, dir, moments }
+  }
+  return undefined
+})
+
+/** Keeps the first `steps` lines of metrics.jsonl: lines after the checkpoint are redone on resume. */
+const truncateMetrics = (file: string, steps: number) =>
+  Effect.tryPromise({
+    try: async () => {
+      const text = await fs.readFile(file, "utf8").catch(() => "")
+      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
+      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
+    },
+    catch: io(file, "cannot rewrite")
+  })
