@@ -8,6 +8,8 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
 import * as Checkpoint from "./Checkpoint.ts"
 import * as Config from "./Config.ts"
 import { CheckpointError } from "./Errors.ts"
@@ -59,11 +61,17 @@ export const configJson = (config: Config.ModelConfig, dtype: FloatDtype): Recor
   dtype: { F32: "float32", BF16: "bfloat16", F16: "float16" }[dtype]
 })
 
-/** Saves `model` as a checkpoint folder, reading one tensor at a time off the backend. */
+/** The files of a model folder besides its weights and config that a derived model needs as they are. */
+const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+
+/**
+ * Saves `model` as a checkpoint folder, reading one tensor at a time off the backend; with
+ * `companionsFrom`, that folder's tokenizer, chat template and generation defaults are copied along.
+ */
 export const save = Effect.fn("Pretrained.save")(function*(
   dir: string,
   model: Model.Model,
-  options: { readonly dtype: FloatDtype; readonly maxShardBytes?: number }
+  options: { readonly dtype: FloatDtype; readonly maxShardBytes?: number; readonly companionsFrom?: string }
 ) {
   const tensors = Model.tensorsOfWeights(model.config, model.weights)
   yield* Checkpoint.save(dir, {
@@ -76,4 +84,14 @@ export const save = Effect.fn("Pretrained.save")(function*(
       data: Effect.promise(() => tensors.get(name)!.data() as Promise<Float32Array>)
     }))
   })
+  const from = options.companionsFrom
+  if (from === undefined) return
+  for (const file of companionFiles) {
+    yield* Effect.tryPromise({
+      try: () => fs.copyFile(path.join(from, file), path.join(dir, file)).catch((error) => {
+        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
+      }),
+      catch: (cause) => new CheckpointError({ file: path.join(from, file), reason: `cannot copy (${String(cause)})` })
+    })
+  }
 })

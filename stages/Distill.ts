@@ -80,9 +80,6 @@ type State = typeof State.Type
 const checkpointDir = (out: string) => path.join(out, "checkpoint")
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
-/** Files of the student folder the distilled model needs as they are. */
-const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
-
 /**
  * Packed rows in a seeded order, epoch after epoch: the rows of each window of `window` rows are
  * permuted by a generator seeded with (seed, epoch, window index). `index` is the row's position in
@@ -267,16 +264,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     )
   )
 
-  yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(loaded.config) })
-  for (const file of companionFiles) {
-    const from = path.join(options.studentDir, file)
-    yield* Effect.tryPromise({
-      try: () => fs.copyFile(from, path.join(out, file)).catch((error) => {
-        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
-      }),
-      catch: io(from, "cannot copy")
-    })
-  }
+  yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(loaded.config), companionsFrom: options.studentDir })
   const done = state(true)
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })

@@ -103,9 +103,6 @@ export const report = (parent: Model.Model, plan: Pruning.Plan, stats: Calibrati
 
 export type Report = ReturnType<typeof report>
 
-/** Files of the parent folder the child needs as they are: tokenizer, chat template, generation defaults. */
-const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
-
 export interface PruneOptions {
   readonly modelDir: string
   readonly statsDir: string
@@ -140,16 +137,7 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   // Written aside and renamed into place, so OUT is never half a checkpoint.
   const staging = `${path.resolve(options.out)}.partial-${process.pid}`
   yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config) })
-  for (const file of companionFiles) {
-    const from = path.join(options.modelDir, file)
-    yield* Effect.tryPromise({
-      try: () => fs.copyFile(from, path.join(staging, file)).catch((error) => {
-        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
-      }),
-      catch: io(from, "cannot copy")
-    })
-  }
+  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config), companionsFrom: options.modelDir })
   yield* Files.writeJson(path.join(staging, "prune-report.json"), result)
   yield* Effect.tryPromise({
     try: async () => {
