@@ -196,8 +196,9 @@ const ropeConfig = (raw: RawConfig, maxPositionEmbeddings: number, defaultTheta:
 
 /**
  * The config of a long-context phase: RoPE switched to YaRN stretching `originalMax` positions by
- * `factor` (other YaRN fields at transformers' defaults), written into the raw config as well so the
- * saved config.json says so.
+ * `factor`, written into the raw config as well so the saved config.json says so. As in Ministral 3,
+ * mscale = mscale_all_dim = 1, so YaRN's attention factor is 1 and short-context attention keeps
+ * its temperature (Ministral 3 scales queries by position instead, where it has llama_4_scaling_beta).
  */
 export const withYarn = (config: ModelConfig, yarn: { readonly factor: number; readonly originalMax: number }): ModelConfig => {
   const rope: RopeConfig = {
@@ -207,8 +208,8 @@ export const withYarn = (config: ModelConfig, yarn: { readonly factor: number; r
     originalMaxPositionEmbeddings: yarn.originalMax,
     betaFast: 32,
     betaSlow: 1,
-    mscale: undefined,
-    mscaleAllDim: undefined,
+    mscale: 1,
+    mscaleAllDim: 1,
     attentionFactor: undefined,
     truncate: true
   }
@@ -228,6 +229,8 @@ export const withYarn = (config: ModelConfig, yarn: { readonly factor: number; r
         original_max_position_embeddings: yarn.originalMax,
         beta_fast: 32,
         beta_slow: 1,
+        mscale: 1,
+        mscale_all_dim: 1,
         ...(rope.llama4ScalingBeta === undefined ? {} : { llama_4_scaling_beta: rope.llama4ScalingBeta })
       }
     }
