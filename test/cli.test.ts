@@ -6,7 +6,7 @@ import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Reference from "../src/Reference.ts"
-import { sharedFixture, tempDir } from "./support.ts"
+import { localFixture, sharedFixture, tempDir } from "./support.ts"
 
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
@@ -52,6 +52,20 @@ describe("cascade eval", () => {
         assert.strictEqual(result.tokens, expected.tokens)
         assert.isAtMost(Math.abs(result.nll - expected.nll), 1e-5)
         assert.isAtMost(Math.abs(result.ppl - Math.exp(expected.nll)), 1e-5 * Math.exp(expected.nll))
+      }
+    }))
+
+  it.effect("--json gives transformers' NLL for every variant fixture (bf16, tied, head_dim, one KV head and shards, YaRN)", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      for (const name of ["mistral-bf16", "mistral-tied", "mistral-headdim", "mistral-mqa", "ministral3-yarn", "ministral3-yarn-legacy"]) {
+        const ref = yield* Reference.open(localFixture(`${name}/reference.safetensors`))
+        const data = path.join(dir, `${name}.jsonl`)
+        yield* Effect.promise(() => fs.writeFile(data, ref.ids.map((ids) => JSON.stringify({ input_ids: ids })).join("\n")))
+        const run = yield* cascade("eval", "--model", localFixture(name), "--data", data, "--json")
+        assert.strictEqual(run.code, 0, run.stderr)
+        const expected = (yield* ref.tensor("nll"))[0]
+        assert.isAtMost(Math.abs(JSON.parse(run.stdout).nll - expected), 1e-5, name)
       }
     }))
 
