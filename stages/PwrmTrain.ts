@@ -231,9 +231,13 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
 
   const pairAt = seededOrder(pairs, seed)
   const schedule: Optimizer.Schedule = { peak: learningRate, min: learningRate / 10, warmupSteps, totalSteps: steps }
+  /**
+   * The backbone (with the base's tokenizer files) and the head, for a checkpoint and the final folder
+   * alike. Float32 whatever the base's dtype: the temperature is fitted on these exact weights.
+   */
   const save = (dir: string) =>
     Effect.gen(function*() {
-      yield* Pretrained.save(dir, Pwrm.backbone(trainable.model, base), { dtype: "F32" })
+      yield* Pretrained.save(dir, Pwrm.backbone(trainable.model, base), { dtype: "F32", companionsFrom: options.baseDir })
       yield* Pwrm.saveHead(dir, trainable.model)
     })
   while (step < steps) {
@@ -262,9 +266,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
 
   const scores = Pwrm.scores(trainable.model, tokenizer, seq, heldout)
   const { temperature, metrics } = heldoutMetrics(scores.map((s, i) => ({ ...s, aWins: heldout[i].preferred === "a" })))
-  // Float32 whatever the base's dtype: the temperature was fitted on these exact weights.
   yield* save(out)
-  yield* copyCompanions(options.baseDir, out)
   const card: Card = {
     format: "cascade-pwrm/1",
     seq,
@@ -292,18 +294,6 @@ type State = typeof State.Type
 
 const checkpointDir = (out: string) => path.join(out, "checkpoint")
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
-
-/** Files of a model folder that a model trained from it needs as they are. */
-const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
-
-const copyCompanions = (from: string, to: string) =>
-  Effect.forEach(companionFiles, (file) =>
-    Effect.tryPromise({
-      try: () => fs.copyFile(path.join(from, file), path.join(to, file)).catch((error) => {
-        if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error
-      }),
-      catch: io(path.join(from, file), "cannot copy")
-    }), { discard: true })
 
 /**
  * Writes a checkpoint (the weights `writeWeights` puts in a folder, the optimizer moments, `state`)
