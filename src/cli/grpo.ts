@@ -1,0 +1,70 @@
+/** `cascade grpo`: GRPO from verifiable rewards and rubric judges on the policy's own samples. */
+import { Console, Effect, Layer, Option } from "effect"
+import { Command, Flag } from "effect/cli"
+import * as Rewards from "../../layers/Rewards.ts"
+import { TensorBackend } from "../../layers/TensorBackend.ts"
+import { defaultLoop, grpo } from "../../stages/Grpo.ts"
+import * as Progress from "./Progress.ts"
+import { cascade } from "./root.ts"
+
+export const grpoCommand = Command.make(
+  "grpo",
+  {
+    model: Flag.String("model").pipe(Flag.withDescription("The policy to train (checkpoint folder with its tokenizer), also the reference")),
+    prompts: Flag.String("prompts").pipe(Flag.withDescription(`JSONL of {"prompt", "task"} lines, the prompt as the model reads it`)),
+    out: Flag.String("out").pipe(Flag.withDescription("Folder for metrics.jsonl, checkpoints and the trained policy")),
+    steps: Flag.Int("steps").pipe(Flag.withDescription("Rollout steps")),
+    batch: Flag.Int("batch").pipe(Flag.withDescription("Prompts per step"), Flag.withDefault(8)),
+    group: Flag.Int("group").pipe(Flag.withDescription("Samples per prompt (G)"), Flag.withDefault(8)),
+    maxNewTokens: Flag.Int("max-new-tokens").pipe(Flag.withDescription("Longest response"), Flag.withDefault(128)),
+    temperature: Flag.Finite("temperature").pipe(Flag.withDefault(1)),
+    epsLow: Flag.Finite("eps-low").pipe(Flag.withDescription("Clip of the ratio below 1"), Flag.withDefault(0.2)),
+    epsHigh: Flag.Finite("eps-high").pipe(Flag.withDescription("Clip of the ratio above 1 (clip-higher)"), Flag.withDefault(0.28)),
+    klCoef: Flag.Finite("kl-coef").pipe(Flag.withDescription("Weight of the k3 KL to the reference in the loss (0: reported only)"), Flag.withDefault(0)),
+    std: Flag.Literals("std", ["group", "batch", "none"] as const).pipe(Flag.withDescription("Divide advantages by the group's std, the batch's, or nothing"), Flag.withDefault("batch")),
+    updates: Flag.Int("updates").pipe(Flag.withDescription("Policy updates per rollout batch (K)"), Flag.withDefault(2)),
+    microBatch: Flag.Int("micro-batch").pipe(Flag.withDescription("Groups per forward pass"), Flag.withDefault(4)),
+    lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (constant)"), Flag.withDefault(1e-5)),
+    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0)),
+    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
+    judge: Flag.String("judge").pipe(Flag.withDescription("OpenAI-compatible server(s) judging rubric tasks, comma-separated"), Flag.optional),
+    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the prompt order and the sampling"), Flag.withDefault(0)),
+    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(20)),
+    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+  },
+  Effect.fn("cli.grpo")(function*(flags) {
+    const { backend } = yield* cascade
+    const progress = Progress.bar("grpo", flags.steps)
+    const judge = Option.getOrUndefined(flags.judge)
+    const state = yield* grpo({
+      modelDir: flags.model,
+      prompts: flags.prompts,
+      out: flags.out,
+      steps: flags.steps,
+      seed: flags.seed,
+      batch: flags.batch,
+      group: flags.group,
+      maxNewTokens: flags.maxNewTokens,
+      temperature: flags.temperature,
+      loop: defaultLoop,
+      loss: { epsLow: flags.epsLow, epsHigh: flags.epsHigh, klCoef: flags.klCoef },
+      std: flags.std,
+      updates: flags.updates,
+      microBatch: flags.microBatch,
+      learningRate: flags.lr,
+      weightDecay: flags.weightDecay,
+      maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
+      saveEvery: flags.saveEvery,
+      resume: flags.resume,
+      onStep: (m) => progress.update(m.step, `reward ${m.reward_mean?.toFixed(3) ?? "-"} kept ${m.groups}/${m.groups + m.dropped_groups}`)
+    }).pipe(
+      Effect.ensuring(Effect.sync(progress.finish)),
+      Effect.scoped,
+      Effect.provide(Layer.merge(
+        Rewards.layer({ judge: judge === undefined ? undefined : { urls: judge.split(",") } }),
+        TensorBackend.layer(Option.getOrUndefined(backend))
+      ))
+    )
+    yield* Console.log(`grpo: ${state.step} steps -> ${flags.out}`)
+  })
+).pipe(Command.withDescription("GRPO on the policy's own samples, rewarded by verifiers and rubric judges (metrics.jsonl, checkpoints, --resume)"))
