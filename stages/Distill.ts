@@ -21,7 +21,7 @@ import * as Model from "../src/Model.ts"
 import * as Optimizer from "../src/Optimizer.ts"
 import * as Pretrained from "../src/Pretrained.ts"
 import * as Random from "../src/Random.ts"
-import * as Safetensors from "../src/Safetensors.ts"
+import * as RunFolder from "../src/RunFolder.ts"
 import { type Batch, type Output, Teacher, toLossTeacher } from "../src/Teacher.ts"
 import type { Tokenizer } from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
@@ -77,7 +77,6 @@ const State = Schema.Struct({
 })
 type State = typeof State.Type
 
-const checkpointDir = (out: string) => path.join(out, "checkpoint")
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
 /**
@@ -103,74 +102,10 @@ export const seededRows = (
   return Stream.flatMap(Stream.iterate(0, (n) => n + 1), epoch)
 }
 
-/** Writes the checkpoint folder aside, then swaps it in: a crash leaves the old one or the new one. */
-const saveCheckpoint = Effect.fn("Distill.saveCheckpoint")(function*(
-  out: string,
-  model: Model.Model,
-  adam: Optimizer.AdamW,
-  state: State
-) {
-  const target = checkpointDir(out)
-  const staging = `${target}.partial`
-  const old = `${target}.old`
-  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* Pretrained.save(staging, model, { dtype: "F32" })
-  const moments = Optimizer.exportState(adam)
-  yield* Safetensors.write(path.join(staging, "optimizer.safetensors"), [...moments.expAvg.keys()].flatMap((name) => [
-    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
-    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
-  ]), { format: "cascade-adamw", step: String(moments.step) })
-  yield* Files.writeJson(path.join(staging, "state.json"), state)
-  yield* Effect.tryPromise({
-    try: async () => {
-      await fs.rm(old, { recursive: true, force: true })
-      await fs.rename(target, old).catch(() => undefined)
-      await fs.rename(staging, target)
-      await fs.rm(old, { recursive: true, force: true })
-    },
-    catch: io(target, "cannot move the checkpoint into place")
-  })
-})
-
-/** The last checkpoint, if any: its state, weights folder and optimizer moments. */
-const loadCheckpoint = Effect.fn("Distill.loadCheckpoint")(function*(out: string) {
-  // A crash between the two renames leaves only checkpoint.old.
-  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
-    const json = yield* Files.readJsonIfPresent(path.join(dir, "state.json"))
-    if (json === undefined) continue
-    const state = yield* Schema.decodeUnknownEffect(State)(json).pipe(
-      Effect.mapError((error) => new CheckpointError({ file: path.join(dir, "state.json"), reason: error.message }))
-    )
-    const file = yield* Safetensors.open(path.join(dir, "optimizer.safetensors"))
-    const expAvg = new Map<string, Float32Array>()
-    const expAvgSq = new Map<string, Float32Array>()
-    for (const name of file.names) {
-      const values = yield* file.readFloat32(name)
-      if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
-      else expAvg.set(name.slice("exp_avg.".length), values)
-    }
-    const moments: Optimizer.State = { step: Number(file.metadata.step), expAvg, expAvgSq }
-    return { state, dir, moments }
-  }
-  return undefined
-})
-
-/** Keeps the first `steps` lines of metrics.jsonl: lines after the checkpoint are redone on resume. */
-const truncateMetrics = (file: string, steps: number) =>
-  Effect.tryPromise({
-    try: async () => {
-      const text = await fs.readFile(file, "utf8").catch(() => "")
-      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
-      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
-    },
-    catch: io(file, "cannot rewrite")
-  })
-
 /** Runs (or resumes, or finds finished) a distillation; returns the final state. */
 export const distill = Effect.fn("Distill.distill")(function*(options: DistillOptions) {
   const teacher = yield* Teacher
   const { out, seq } = options
-  const metricsFile = path.join(out, "metrics.jsonl")
   yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
 
   const loaded = yield* Pretrained.load(options.studentDir)
@@ -187,11 +122,9 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     steps: options.steps
   })
 
-  const finished = yield* Files.readJsonIfPresent(path.join(out, "state.json"))
-  if (finished !== undefined && (finished as State).complete && (finished as State).identity === identity) {
-    return finished as State
-  }
-  const resume = yield* loadCheckpoint(out)
+  const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
+  if (finished !== undefined && finished.complete && finished.identity === identity) return finished
+  const resume = yield* RunFolder.loadCheckpoint(out, State)
   if (resume !== undefined && !options.resume) {
     return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
   }
@@ -206,7 +139,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
   let step = resume?.state.step ?? 0
   let rows = resume?.state.rows ?? 0
-  yield* truncateMetrics(metricsFile, step)
+  yield* RunFolder.truncateMetrics(out, step)
 
   const schedule: Optimizer.Schedule = {
     peak: options.learningRate,
@@ -257,9 +190,9 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
           tokens_per_s: result.tokens / ((performance.now() - started) / 1000),
           epoch: Math.floor((rows - 1) / firstEpoch)
         }
-        yield* Effect.tryPromise({ try: () => fs.appendFile(metricsFile, JSON.stringify(metrics) + "\n"), catch: io(metricsFile, "cannot append") })
+        yield* RunFolder.appendMetrics(out, metrics)
         options.onStep?.(metrics)
-        if (step % options.saveEvery === 0 && step < options.steps) yield* saveCheckpoint(out, trainable.model, adam, state(false))
+        if (step % options.saveEvery === 0 && step < options.steps) yield* RunFolder.saveCheckpoint(out, adam, state(false), (dir) => Pretrained.save(dir, trainable.model, { dtype: "F32" }))
       }).pipe(Effect.scoped)
     )
   )
@@ -267,7 +200,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(loaded.config), companionsFrom: options.studentDir })
   const done = state(true)
   yield* Files.writeJson(path.join(out, "state.json"), done)
-  yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
+  yield* RunFolder.removeCheckpoint(out)
   return done
 })
 

@@ -35,9 +35,9 @@ import * as Optimizer from "../src/Optimizer.ts"
 import * as PolicyLoss from "../src/PolicyLoss.ts"
 import * as Pretrained from "../src/Pretrained.ts"
 import * as Random from "../src/Random.ts"
+import * as RunFolder from "../src/RunFolder.ts"
 import { read } from "../src/Reference.ts"
 import { Rewards, type Task } from "../src/Reward.ts"
-import * as Safetensors from "../src/Safetensors.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 
@@ -295,7 +295,6 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
   onStep: ((metrics: M) => void) | undefined
 ) {
   const { out } = options
-  const metricsFile = path.join(out, "metrics.jsonl")
   yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
   const reference = yield* Pretrained.load(options.modelDir)
   const tokenizer = yield* Tokenizer.load(options.modelDir)
@@ -312,12 +311,12 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
   })
 
   // state.json beside the model is written last: a finished run.
-  const finished = yield* readState(path.join(out, "state.json"))
+  const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
   if (finished !== undefined) {
     if (finished.identity === identity && finished.format === setup.format) return finished
     return yield* new CheckpointError({ file: out, reason: "holds a finished run with other options, prompts or model; use another --out" })
   }
-  const resume = yield* loadCheckpoint(out)
+  const resume = yield* RunFolder.loadCheckpoint(out, State)
   if (resume !== undefined && !options.resume) {
     return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
   }
@@ -332,94 +331,28 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
   const adam = yield* Optimizer.make(policy.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
   const run: Run = { policy, adam, reference, tokenizer }
   const first = resume?.state.step ?? 0
-  yield* truncateMetrics(metricsFile, first)
+  yield* RunFolder.truncateMetrics(out, first)
 
   for (let s = first; s < options.steps; s++) {
     const prompts = promptsOfStep(setup.prompts, options.seed, options.batch, s)
     const metrics = yield* step(run, prompts, s, mixSeeds(options.seed, s)).pipe(Effect.scoped)
-    yield* Effect.tryPromise({ try: () => fs.appendFile(metricsFile, JSON.stringify(metrics) + "\n"), catch: io(metricsFile, "cannot append") })
+    yield* RunFolder.appendMetrics(out, metrics)
     onStep?.(metrics)
     const state: State = { format: setup.format, step: s + 1, identity }
-    if ((s + 1) % options.saveEvery === 0 && s + 1 < options.steps) yield* saveCheckpoint(out, policy.model, adam, state)
+    if ((s + 1) % options.saveEvery === 0 && s + 1 < options.steps) yield* RunFolder.saveCheckpoint(out, adam, state, (dir) => Pretrained.save(dir, policy.model, { dtype: "F32" }))
   }
 
   yield* Pretrained.save(out, policy.model, { dtype: Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir })
   const done: State = { format: setup.format, step: options.steps, identity }
   yield* Files.writeJson(path.join(out, "state.json"), done)
-  yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
+  yield* RunFolder.removeCheckpoint(out)
   return done
 })
 
 // ---------------------------------------------------------------------------------------------
-// The run folder: stages/Distill.ts's checkpointing (also copied in stages/Sft.ts and
-// stages/PwrmTrain.ts), to be moved to one shared module.
+// The run's state (src/RunFolder.ts keeps the folder).
 
 const State = Schema.Struct({ format: Schema.String, step: Schema.Int, identity: Schema.String })
 type State = typeof State.Type
 
-const checkpointDir = (out: string) => path.join(out, "checkpoint")
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
-
-/** Writes the weights, optimizer moments and state aside, then swaps them in: a crash leaves the old checkpoint or the new. */
-const saveCheckpoint = Effect.fn("Grpo.saveCheckpoint")(function*(out: string, model: Model.Model, adam: Optimizer.AdamW, state: State) {
-  const target = checkpointDir(out)
-  const staging = `${target}.partial`
-  const old = `${target}.old`
-  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* Pretrained.save(staging, model, { dtype: "F32" })
-  const moments = Optimizer.exportState(adam)
-  yield* Safetensors.write(path.join(staging, "optimizer.safetensors"), [...moments.expAvg.keys()].flatMap((name) => [
-    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
-    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
-  ]), { format: "cascade-adamw", step: String(moments.step) })
-  yield* Files.writeJson(path.join(staging, "state.json"), state)
-  yield* Effect.tryPromise({
-    try: async () => {
-      await fs.rm(old, { recursive: true, force: true })
-      await fs.rename(target, old).catch(() => undefined)
-      await fs.rename(staging, target)
-      await fs.rm(old, { recursive: true, force: true })
-    },
-    catch: io(target, "cannot move the checkpoint into place")
-  })
-})
-
-const readState = (file: string) =>
-  Files.readJsonIfPresent(file).pipe(
-    Effect.flatMap((json) =>
-      json === undefined
-        ? Effect.succeed(undefined)
-        : Schema.decodeUnknownEffect(State)(json).pipe(Effect.mapError((error) => new CheckpointError({ file, reason: error.message })))
-    )
-  )
-
-/** The last checkpoint, if any: its state, folder and optimizer moments. */
-const loadCheckpoint = Effect.fn("Grpo.loadCheckpoint")(function*(out: string) {
-  // A crash between the two renames leaves only checkpoint.old.
-  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
-    const state = yield* readState(path.join(dir, "state.json"))
-    if (state === undefined) continue
-    const file = yield* Safetensors.open(path.join(dir, "optimizer.safetensors"))
-    const expAvg = new Map<string, Float32Array>()
-    const expAvgSq = new Map<string, Float32Array>()
-    for (const name of file.names) {
-      const values = yield* file.readFloat32(name)
-      if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
-      else expAvg.set(name.slice("exp_avg.".length), values)
-    }
-    const moments: Optimizer.State = { step: Number(file.metadata.step), expAvg, expAvgSq }
-    return { state, dir, moments }
-  }
-  return undefined
-})
-
-/** Keeps the first `steps` lines of metrics.jsonl: lines after the checkpoint are redone on resume. */
-const truncateMetrics = (file: string, steps: number) =>
-  Effect.tryPromise({
-    try: async () => {
-      const text = await fs.readFile(file, "utf8").catch(() => "")
-      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
-      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
-    },
-    catch: io(file, "cannot rewrite")
-  })

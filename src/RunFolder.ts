@@ -1,0 +1,108 @@
+/**
+ * The folder of a resumable training run: `metrics.jsonl` (a line per step), and `checkpoint/`
+ * holding the weights, the optimizer's moments and the run's state, written aside and swapped in so
+ * that a crash leaves the old checkpoint or the new one, never half of one.
+ *
+ * Every training stage (distillation, SFT, PWRM, GRPO, ODPO) keeps its run this way; each decides
+ * what its state holds and how its weights are written.
+ */
+import { Effect, Schema } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import { CheckpointError } from "./Errors.ts"
+import * as Files from "./Files.ts"
+import * as Optimizer from "./Optimizer.ts"
+import * as Safetensors from "./Safetensors.ts"
+
+export const checkpointDir = (out: string) => path.join(out, "checkpoint")
+export const metricsFile = (out: string) => path.join(out, "metrics.jsonl")
+
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+
+/** The optimizer's moments as F32 tensors `exp_avg.NAME` / `exp_avg_sq.NAME`, its step in the metadata. */
+const writeMoments = (file: string, adam: Optimizer.AdamW) => {
+  const moments = Optimizer.exportState(adam)
+  return Safetensors.write(file, [...moments.expAvg.keys()].flatMap((name) => [
+    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
+    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
+  ]), { format: "cascade-adamw", step: String(moments.step) })
+}
+
+const readMoments = Effect.fn("RunFolder.readMoments")(function*(file: string) {
+  const moments = yield* Safetensors.open(file)
+  const expAvg = new Map<string, Float32Array>()
+  const expAvgSq = new Map<string, Float32Array>()
+  for (const name of moments.names) {
+    const values = yield* moments.readFloat32(name)
+    if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
+    else expAvg.set(name.slice("exp_avg.".length), values)
+  }
+  return { step: Number(moments.metadata.step), expAvg, expAvgSq } satisfies Optimizer.State
+})
+
+/** Writes a checkpoint: `writeWeights` fills a folder, then moments and state join it and it is swapped in. */
+export const saveCheckpoint = Effect.fn("RunFolder.saveCheckpoint")(function*<E, R>(
+  out: string,
+  adam: Optimizer.AdamW,
+  state: unknown,
+  writeWeights: (dir: string) => Effect.Effect<void, E, R>
+) {
+  const target = checkpointDir(out)
+  const staging = `${target}.partial`
+  const old = `${target}.old`
+  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
+  yield* writeWeights(staging)
+  yield* writeMoments(path.join(staging, "optimizer.safetensors"), adam)
+  yield* Files.writeJson(path.join(staging, "state.json"), state)
+  yield* Effect.tryPromise({
+    try: async () => {
+      await fs.rm(old, { recursive: true, force: true })
+      await fs.rename(target, old).catch(() => undefined)
+      await fs.rename(staging, target)
+      await fs.rm(old, { recursive: true, force: true })
+    },
+    catch: io(target, "cannot move the checkpoint into place")
+  })
+})
+
+/** A state file decoded by `schema`, or undefined when there is none. */
+export const readState = <S>(file: string, schema: Schema.Decoder<S>) =>
+  Files.readJsonIfPresent(file).pipe(
+    Effect.flatMap((json) =>
+      json === undefined
+        ? Effect.succeed(undefined)
+        : Schema.decodeUnknownEffect(schema)(json).pipe(Effect.mapError((error) => new CheckpointError({ file, reason: error.message })))
+    )
+  )
+
+/** The last checkpoint, if any: its state, its folder (the weights) and the optimizer's moments. */
+export const loadCheckpoint = Effect.fn("RunFolder.loadCheckpoint")(function*<S>(out: string, schema: Schema.Decoder<S>) {
+  // A crash between the two renames of saveCheckpoint leaves only checkpoint.old.
+  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
+    const state = yield* readState(path.join(dir, "state.json"), schema)
+    if (state === undefined) continue
+    return { state, dir, moments: yield* readMoments(path.join(dir, "optimizer.safetensors")) }
+  }
+  return undefined
+})
+
+/** Keeps the first `steps` lines of metrics.jsonl: the steps after the checkpoint are redone on resume. */
+export const truncateMetrics = (out: string, steps: number) => {
+  const file = metricsFile(out)
+  return Effect.tryPromise({
+    try: async () => {
+      const text = await fs.readFile(file, "utf8").catch(() => "")
+      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
+      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
+    },
+    catch: io(file, "cannot rewrite")
+  })
+}
+
+/** Appends one step's metrics to metrics.jsonl. */
+export const appendMetrics = (out: string, metrics: unknown) =>
+  Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), JSON.stringify(metrics) + "\n"), catch: io(metricsFile(out), "cannot append") })
+
+/** Removes the checkpoint once the run's final model is written. */
+export const removeCheckpoint = (out: string) =>
+  Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
