@@ -28,7 +28,7 @@ import { PreferenceError } from "../src/Preference.ts"
 import * as Pretrained from "../src/Pretrained.ts"
 import * as Pwrm from "../src/Pwrm.ts"
 import * as Random from "../src/Random.ts"
-import * as Safetensors from "../src/Safetensors.ts"
+import * as RunFolder from "../src/RunFolder.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 
@@ -85,6 +85,9 @@ export interface Card extends Schema.Schema.Type<typeof Pwrm.Card> {
   /** What must be the same to resume or to find the run finished: base, data and options. */
   readonly identity: string
 }
+
+/** A checkpoint's state.json: the steps done, and what must be the same to resume them. */
+const State = Schema.Struct({ step: Schema.Int, identity: Schema.String })
 
 const Line = Schema.Struct({ prompt: Schema.String, a: Schema.String, b: Schema.String, preferred: Schema.Literals(["a", "b"]) })
 const decodeLine = Schema.decodeUnknownEffect(Line)
@@ -176,8 +179,10 @@ const heldoutMetrics = (judged: ReadonlyArray<Pwrm.Judged>) => {
 /** Runs (or resumes, or finds finished) the training of a PWRM; returns its pwrm.json. */
 export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOptions) {
   const { out, seq } = options
-  const metricsFile = path.join(out, "metrics.jsonl")
-  yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
+  yield* Effect.tryPromise({
+    try: () => fs.mkdir(out, { recursive: true }),
+    catch: (cause) => new CheckpointError({ file: out, reason: `cannot create folder (${String(cause)})` })
+  })
 
   const base = yield* Pretrained.load(options.baseDir)
   const tokenizer = yield* Tokenizer.load(options.baseDir)
@@ -210,7 +215,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
     if (finished.identity === identity) return finished
     return yield* new CheckpointError({ file: out, reason: "holds a PWRM trained with other options, data or base; use another --out" })
   }
-  const resume = yield* loadCheckpoint(out)
+  const resume = yield* RunFolder.loadCheckpoint(out, State)
   if (resume !== undefined && !options.resume) {
     return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
   }
@@ -227,7 +232,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
   const trainable = yield* Training.trainable(start)
   const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay }, resume?.moments)
   let step = resume?.state.step ?? 0
-  yield* truncateMetrics(metricsFile, step)
+  yield* RunFolder.truncateMetrics(out, step)
 
   const pairAt = seededOrder(pairs, seed)
   const schedule: Optimizer.Schedule = { peak: learningRate, min: learningRate / 10, warmupSteps, totalSteps: steps }
@@ -257,10 +262,10 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
       pairs_per_s: batch / ((performance.now() - started) / 1000),
       epoch: Math.floor(((step - 1) * batch) / pairs.length)
     }
-    yield* Effect.tryPromise({ try: () => fs.appendFile(metricsFile, JSON.stringify(metrics) + "\n"), catch: io(metricsFile, "cannot append") })
+    yield* RunFolder.appendMetrics(out, metrics)
     options.onStep?.(metrics)
     if (step % options.saveEvery === 0 && step < steps) {
-      yield* saveCheckpoint(out, adam, { format: "cascade-pwrm-train/1", step, identity }, save)
+      yield* RunFolder.saveCheckpoint(out, adam, { step, identity }, save)
     }
   }
 
@@ -277,86 +282,10 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
     identity
   }
   yield* Files.writeJson(path.join(out, Pwrm.cardFile), card)
-  yield* Effect.tryPromise({ try: () => fs.rm(checkpointDir(out), { recursive: true, force: true }), catch: io(out, "cannot clean") })
+  yield* RunFolder.removeCheckpoint(out)
   return card
 })
 
 /** A zero tensor released with the scope: the untrained head, so that every pair starts at P = 1/2. */
 const zeros = (shape: [number, number]) =>
   Effect.acquireRelease(Effect.sync(() => tf.zeros(shape) as tf.Tensor2D), (tensor) => Effect.sync(() => tensor.dispose()))
-
-// ---------------------------------------------------------------------------------------------
-// The run folder. The same steps as stages/Distill.ts's checkpointing, in a form any training stage
-// can use: to be moved to a shared module and used by both.
-
-const State = Schema.Struct({ format: Schema.String, step: Schema.Int, identity: Schema.String })
-type State = typeof State.Type
-
-const checkpointDir = (out: string) => path.join(out, "checkpoint")
-const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
-
-/**
- * Writes a checkpoint (the weights `writeWeights` puts in a folder, the optimizer moments, `state`)
- * aside, then swaps it in: a crash leaves the old one or the new one.
- */
-const saveCheckpoint = Effect.fn("PwrmTrain.saveCheckpoint")(function*<E>(
-  out: string,
-  adam: Optimizer.AdamW,
-  state: State,
-  writeWeights: (dir: string) => Effect.Effect<void, E>
-) {
-  const target = checkpointDir(out)
-  const staging = `${target}.partial`
-  const old = `${target}.old`
-  yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* writeWeights(staging)
-  const moments = Optimizer.exportState(adam)
-  yield* Safetensors.write(path.join(staging, "optimizer.safetensors"), [...moments.expAvg.keys()].flatMap((name) => [
-    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
-    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
-  ]), { format: "cascade-adamw", step: String(moments.step) })
-  yield* Files.writeJson(path.join(staging, "state.json"), state)
-  yield* Effect.tryPromise({
-    try: async () => {
-      await fs.rm(old, { recursive: true, force: true })
-      await fs.rename(target, old).catch(() => undefined)
-      await fs.rename(staging, target)
-      await fs.rm(old, { recursive: true, force: true })
-    },
-    catch: io(target, "cannot move the checkpoint into place")
-  })
-})
-
-/** The last checkpoint, if any: its state, folder and optimizer moments. */
-const loadCheckpoint = Effect.fn("PwrmTrain.loadCheckpoint")(function*(out: string) {
-  // A crash between the two renames leaves only checkpoint.old.
-  for (const dir of [checkpointDir(out), `${checkpointDir(out)}.old`]) {
-    const json = yield* Files.readJsonIfPresent(path.join(dir, "state.json"))
-    if (json === undefined) continue
-    const state = yield* Schema.decodeUnknownEffect(State)(json).pipe(
-      Effect.mapError((error) => new CheckpointError({ file: path.join(dir, "state.json"), reason: error.message }))
-    )
-    const file = yield* Safetensors.open(path.join(dir, "optimizer.safetensors"))
-    const expAvg = new Map<string, Float32Array>()
-    const expAvgSq = new Map<string, Float32Array>()
-    for (const name of file.names) {
-      const values = yield* file.readFloat32(name)
-      if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
-      else expAvg.set(name.slice("exp_avg.".length), values)
-    }
-    const moments: Optimizer.State = { step: Number(file.metadata.step), expAvg, expAvgSq }
-    return { state, dir, moments }
-  }
-  return undefined
-})
-
-/** Keeps the first `steps` lines of metrics.jsonl: lines after the checkpoint are redone on resume. */
-const truncateMetrics = (file: string, steps: number) =>
-  Effect.tryPromise({
-    try: async () => {
-      const text = await fs.readFile(file, "utf8").catch(() => "")
-      const kept = text.split("\n").filter((line) => line.trim() !== "").slice(0, steps)
-      await fs.writeFile(file, kept.map((line) => line + "\n").join(""))
-    },
-    catch: io(file, "cannot rewrite")
-  })

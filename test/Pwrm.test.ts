@@ -3,7 +3,6 @@ import * as tf from "@tensorflow/tfjs"
 import { Context, Effect, Layer, Schema } from "effect"
 import { execFile } from "node:child_process"
 import * as fs from "node:fs/promises"
-import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Preference from "../layers/Preference.ts"
@@ -15,14 +14,10 @@ import * as Pwrm from "../src/Pwrm.ts"
 import * as Random from "../src/Random.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import { type Card, type Labelled, readPairs, train, type TrainOptions } from "../stages/PwrmTrain.ts"
+import { tempDir } from "./support.ts"
 
 const parentDir = fileURLToPath(new URL("../assets/parent", import.meta.url))
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
-
-const tempDir = Effect.acquireRelease(
-  Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-pwrm-"))),
-  (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
-)
 
 /**
  * Seeded arithmetic pairs in the chat format of the embedded parent: the right sum against a
