@@ -186,9 +186,10 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
 
   const base = yield* Pretrained.load(options.baseDir)
   const tokenizer = yield* Tokenizer.load(options.baseDir)
-  if (seq < Pwrm.overhead(tokenizer) + 3 || seq > base.config.maxPositionEmbeddings) {
-    const reason = `a pair of at most ${seq} tokens: needs room for a prompt and two responses, and at most the ${base.config.maxPositionEmbeddings} positions of ${options.baseDir}`
-    return yield* new PreferenceError({ reason })
+  // At least a token each for the prompt and the responses besides the separators; at most the base's positions.
+  const [shortest, longest] = [Pwrm.overhead(tokenizer) + 3, base.config.maxPositionEmbeddings]
+  if (seq < shortest || seq > longest) {
+    return yield* new PreferenceError({ reason: `seq ${seq} is not between ${shortest} and ${longest} for ${options.baseDir}` })
   }
   const [pairs, heldout] = [yield* readPairs(options.data), yield* readPairs(options.heldout)]
   const data = {
