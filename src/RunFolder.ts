@@ -86,6 +86,30 @@ export const loadCheckpoint = Effect.fn("RunFolder.loadCheckpoint")(function*<S>
   return undefined
 })
 
+/**
+ * The checkpoint a run continues from: none for a fresh run, or the last checkpoint when `resume`
+ * is set and it belongs to this very run (`matches`). A checkpoint without `resume`, or of another
+ * run (`differs` says what may differ), is refused rather than silently continued or overwritten.
+ */
+export const resumePoint = Effect.fn("RunFolder.resumePoint")(function*<S>(
+  out: string,
+  schema: Schema.Decoder<S>,
+  options: { readonly resume: boolean | undefined; readonly matches: (state: S) => boolean; readonly differs: string }
+) {
+  const checkpoint = yield* loadCheckpoint(out, schema)
+  if (checkpoint === undefined) return undefined
+  if (!options.resume) {
+    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
+  }
+  if (!options.matches(checkpoint.state)) {
+    return yield* new CheckpointError({
+      file: path.join(checkpoint.dir, "state.json"),
+      reason: `belongs to a run with other ${options.differs}; use another --out`
+    })
+  }
+  return checkpoint
+})
+
 /** Keeps the first `steps` lines of metrics.jsonl: the steps after the checkpoint are redone on resume. */
 export const truncateMetrics = (out: string, steps: number) => {
   const file = metricsFile(out)

@@ -124,16 +124,11 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
 
   const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
   if (finished !== undefined && finished.complete && finished.identity === identity) return finished
-  const resume = yield* RunFolder.loadCheckpoint(out, State)
-  if (resume !== undefined && !options.resume) {
-    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
-  }
-  if (resume !== undefined && resume.state.identity !== identity) {
-    return yield* new CheckpointError({
-      file: path.join(resume.dir, "state.json"),
-      reason: "belongs to a run with other options, data, student or teacher; use another --out"
-    })
-  }
+  const resume = yield* RunFolder.resumePoint(out, State, {
+    resume: options.resume,
+    matches: (state) => state.identity === identity,
+    differs: "options, data, student or teacher"
+  })
   const start = resume === undefined ? student : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
   const trainable = yield* Training.trainable(start)
   const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)

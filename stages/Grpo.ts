@@ -316,16 +316,11 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     if (finished.identity === identity && finished.format === setup.format) return finished
     return yield* new CheckpointError({ file: out, reason: "holds a finished run with other options, prompts or model; use another --out" })
   }
-  const resume = yield* RunFolder.loadCheckpoint(out, State)
-  if (resume !== undefined && !options.resume) {
-    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
-  }
-  if (resume !== undefined && (resume.state.identity !== identity || resume.state.format !== setup.format)) {
-    return yield* new CheckpointError({
-      file: path.join(resume.dir, "state.json"),
-      reason: "belongs to a run with other options, prompts or model; use another --out"
-    })
-  }
+  const resume = yield* RunFolder.resumePoint(out, State, {
+    resume: options.resume,
+    matches: (state) => state.identity === identity && state.format === setup.format,
+    differs: "options, prompts or model"
+  })
   const start = resume === undefined ? reference : Model.make(reference.config, (yield* Pretrained.load(resume.dir)).weights)
   const policy = yield* Training.trainable(start)
   const adam = yield* Optimizer.make(policy.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)

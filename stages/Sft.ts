@@ -123,16 +123,11 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   })
   const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
   if (finished !== undefined && finished.complete && finished.identity === identity) return finished
-  const resume = yield* RunFolder.loadCheckpoint(out, State)
-  if (resume !== undefined && !options.resume) {
-    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
-  }
-  if (resume !== undefined && resume.state.identity !== identity) {
-    return yield* new CheckpointError({
-      file: path.join(resume.dir, "state.json"),
-      reason: "belongs to a run with other options, data, model or teacher; use another --out"
-    })
-  }
+  const resume = yield* RunFolder.resumePoint(out, State, {
+    resume: options.resume,
+    matches: (state) => state.identity === identity,
+    differs: "options, data, model or teacher"
+  })
 
   const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize)
   const start = resume === undefined ? model : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
