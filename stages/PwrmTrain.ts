@@ -216,16 +216,11 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
     if (finished.identity === identity) return finished
     return yield* new CheckpointError({ file: out, reason: "holds a PWRM trained with other options, data or base; use another --out" })
   }
-  const resume = yield* RunFolder.loadCheckpoint(out, State)
-  if (resume !== undefined && !options.resume) {
-    return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
-  }
-  if (resume !== undefined && resume.state.identity !== identity) {
-    return yield* new CheckpointError({
-      file: path.join(resume.dir, "state.json"),
-      reason: "belongs to a run with other options, data or base; use another --out"
-    })
-  }
+  const resume = yield* RunFolder.resumePoint(out, State, {
+    resume: options.resume,
+    matches: (state) => state.identity === identity,
+    differs: "options, data or base"
+  })
 
   const start = resume === undefined
     ? Pwrm.scorer(base, yield* zeros([1, base.config.hiddenSize]))
