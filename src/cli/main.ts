@@ -11,6 +11,7 @@ import { distillCommand } from "./distill.ts"
 import { evalCommand } from "./eval.ts"
 import { grpoCommand } from "./grpo.ts"
 import { odpoCommand } from "./odpo.ts"
+import { postTrainCommand } from "./post-train.ts"
 import { pruneCommand } from "./prune.ts"
 import { pwrmCommand } from "./pwrm.ts"
 import { cascade } from "./root.ts"
@@ -22,7 +23,7 @@ import { teacherCacheCommand } from "./teacher-cache.ts"
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand]),
+  Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand, postTrainCommand]),
   Command.run({ version }),
   Effect.catch((error) =>
     // Parse errors were already rendered by the CLI module; our own errors are rendered here.

@@ -1,0 +1,469 @@
+/**
+ * Post-training (RECIPE.md sections 3-4): two pipelines composed from the stages, both from one
+ * starting model (the cascade's long-context base):
+ *
+ * - instruct: SFT with logit distillation from a teacher (stages/Sft.ts), then online DPO
+ *   (stages/Odpo.ts) with the pairwise reward model's probabilities as labels;
+ * - reasoning: SFT on chain-of-thought traces, GRPO on verifiable rewards (stages/Grpo.ts), GRPO on
+ *   rubrics checked by an LLM judge, then online DPO.
+ *
+ * The judge is a checkpoint served in this process over the OpenAI chat API (src/Server.ts) on a
+ * free loopback port, as a remote judge would be; the PWRM is trained first (stages/PwrmTrain.ts).
+ *
+ * The run folder holds `pwrm/`, a folder per step (`<branch>/<i>-<step>`), `judge/` (the judge's
+ * verdicts), `evals/` (each model's measurement) and the report. Each step is skipped when its
+ * output is complete and resumed when it was cut short (the stages see to both), so rerunning a
+ * killed run continues it; a measurement is cached unless the evaluation options changed.
+ *
+ * Each model is measured for the report on held-out chat tasks, greedily, the answer read after its
+ * thinking: arithmetic and recall accuracy. Each step's model also gets its PWRM win rate against
+ * the model before it: on held-out prompts (those of the evaluation prompt files that no online-DPO
+ * prompt file holds), the mean symmetrised P(after beats before) over pairs of responses sampled
+ * with the same seeds, a response caught in a loop losing outright as in online DPO.
+ */
+import { Console, Context, Effect, Layer, Logger, Schema } from "effect"
+import { HttpServer } from "effect/http"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as Preference from "../layers/Preference.ts"
+import * as Rewards from "../layers/Rewards.ts"
+import * as TeacherSources from "../layers/Teacher.ts"
+import { CheckpointError } from "../src/Errors.ts"
+import * as Files from "../src/Files.ts"
+import * as Generate from "../src/Generate.ts"
+import * as Pretrained from "../src/Pretrained.ts"
+import * as Server from "../src/Server.ts"
+import * as Tasks from "../src/Tasks.ts"
+import * as Tokenizer from "../src/Tokenizer.ts"
+import { defaultLoop, grpo, readPrompts, type Sampled } from "./Grpo.ts"
+import { label, odpo } from "./Odpo.ts"
+import { train as trainPwrm } from "./PwrmTrain.ts"
+import { sft } from "./Sft.ts"
+
+const SftStep = Schema.Struct({
+  /** Chat JSONL. */
+  data: Schema.String,
+  steps: Schema.Int,
+  batch: Schema.Int,
+  seq: Schema.Int,
+  lr: Schema.Number,
+  /** w in `(1 - w) CE + w KL` from the teacher; 0 learns from the data alone. */
+  distillWeight: Schema.Number,
+  /** Teacher candidates per position; the full vocabulary when left out. */
+  topK: Schema.optional(Schema.Int)
+})
+
+/** What GRPO and online DPO steps share: they learn from the policy's own samples. */
+const Online = {
+  /** Prompt JSONL. */
+  prompts: Schema.String,
+  steps: Schema.Int,
+  /** Prompts per step. */
+  batch: Schema.Int,
+  maxNewTokens: Schema.Int,
+  temperature: Schema.optional(Schema.Number),
+  lr: Schema.Number,
+  /** Rows per forward pass (groups for GRPO, pairs for online DPO). */
+  microBatch: Schema.optional(Schema.Int)
+}
+
+const GrpoStep = Schema.Struct({
+  ...Online,
+  /** Samples per prompt. */
+  group: Schema.Int,
+  /** Policy updates per rollout batch. */
+  updates: Schema.optional(Schema.Int),
+  epsLow: Schema.optional(Schema.Number),
+  epsHigh: Schema.optional(Schema.Number),
+  klCoef: Schema.optional(Schema.Number),
+  std: Schema.optional(Schema.Literals(["group", "batch", "none"]))
+})
+
+const OdpoStep = Schema.Struct({ ...Online, beta: Schema.Number })
+
+export const PostTrainConfig = Schema.Struct({
+  /** The run folder. */
+  run: Schema.String,
+  /** The model both branches start from. */
+  start: Schema.String,
+  /** The checkpoint SFT distils from. */
+  teacher: Schema.String,
+  /** The rubric judge: a checkpoint served in process. */
+  judge: Schema.Struct({
+    model: Schema.String,
+    /** Further tries of an item the judge answered neither yes nor no (layers/Rewards.ts; default 3). */
+    retries: Schema.optional(Schema.Int),
+    maxTokens: Schema.optional(Schema.Int)
+  }),
+  pwrm: Schema.Struct({
+    backbone: Schema.String,
+    data: Schema.String,
+    heldout: Schema.String,
+    steps: Schema.Int,
+    batch: Schema.Int,
+    seq: Schema.Int,
+    lr: Schema.Number
+  }),
+  instruct: Schema.Struct({ sft: SftStep, odpo: OdpoStep }),
+  reasoning: Schema.Struct({ sft: SftStep, grpoVerifiers: GrpoStep, grpoRubrics: GrpoStep, odpo: OdpoStep }),
+  evaluation: Schema.Struct({
+    /** Held-out `{"prompt", "answer"}` chat tasks. */
+    arith: Schema.String,
+    recall: Schema.String,
+    arithLimit: Schema.optional(Schema.Int),
+    recallLimit: Schema.optional(Schema.Int),
+    /** Room for the thinking and the answer. */
+    maxNewTokens: Schema.Int,
+    win: Schema.Struct({
+      /** `{"prompt"}` files; their first `limit` prompts each that are held out count. */
+      prompts: Schema.Array(Schema.String),
+      limit: Schema.Int,
+      /** Responses per prompt and model (1 with temperature 0: the greedy one). */
+      samples: Schema.Int,
+      temperature: Schema.Number,
+      maxNewTokens: Schema.Int
+    })
+  }),
+  seed: Schema.optional(Schema.Int)
+})
+export type PostTrainConfig = typeof PostTrainConfig.Type
+
+export const decodeConfig = Schema.decodeUnknownEffect(PostTrainConfig)
+
+// ---------------------------------------------------------------------------------------------
+// The pipelines
+
+export const branches = ["instruct", "reasoning"] as const
+export type Branch = (typeof branches)[number]
+
+export type Step =
+  | { readonly stage: "sft"; readonly name: string; readonly options: typeof SftStep.Type }
+  /** `judge`: the rewards include rubrics, which the served judge checks. */
+  | { readonly stage: "grpo"; readonly name: string; readonly options: typeof GrpoStep.Type; readonly judge: boolean }
+  | { readonly stage: "odpo"; readonly name: string; readonly options: typeof OdpoStep.Type }
+
+/** A branch's steps in order; each trains the model the one before it wrote. */
+export const pipeline = (config: PostTrainConfig, branch: Branch): ReadonlyArray<Step> =>
+  branch === "instruct"
+    ? [
+      { stage: "sft", name: "sft-distill", options: config.instruct.sft },
+      { stage: "odpo", name: "odpo", options: config.instruct.odpo }
+    ]
+    : [
+      { stage: "sft", name: "sft-cot", options: config.reasoning.sft },
+      { stage: "grpo", name: "grpo-verifiers", options: config.reasoning.grpoVerifiers, judge: false },
+      { stage: "grpo", name: "grpo-rubrics", options: config.reasoning.grpoRubrics, judge: true },
+      { stage: "odpo", name: "odpo", options: config.reasoning.odpo }
+    ]
+
+/** A step's output folder. */
+export const stepDir = (config: PostTrainConfig, branch: Branch, index: number, step: Step) =>
+  path.join(config.run, branch, `${index + 1}-${step.name}`)
+
+export interface PostTrainEvents {
+  /** After each training step of a stage: its label, the step, the stage's steps and a one-line summary. */
+  readonly onStep?: (label: string, step: number, total: number, summary: string) => void
+}
+
+const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
+const fixed = (x: number | null | undefined, digits = 3) => (x === null || x === undefined ? "-" : x.toFixed(digits))
+
+/**
+ * Rewards for a GRPO step: verifiers, and for rubrics the judge model served on a free loopback
+ * port for as long as the layer lives (its request log silenced: it would bury the pipeline's
+ * own), its verdicts kept in the run folder.
+ */
+const rewardsLayer = (config: PostTrainConfig, judge: boolean) =>
+  !judge ? Rewards.layer() : Layer.unwrap(Effect.gen(function*() {
+    const served = { model: yield* Pretrained.load(config.judge.model), tokenizer: yield* Tokenizer.load(config.judge.model), name: "judge" }
+    const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0 }).pipe(Layer.provide(Logger.layer([]))))
+    const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
+    return Rewards.layer({
+      judge: { urls: [url], model: served.name, cacheDir: path.join(config.run, "judge"), retries: config.judge.retries, maxTokens: config.judge.maxTokens }
+    })
+  }))
+
+/** Runs (or finds finished) one step from `modelDir` into `out`. */
+const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: string, pwrmDir: string, label: string, events: PostTrainEvents) => {
+  const seed = config.seed ?? 0
+  const report = (done: number, total: number, summary: string) => events.onStep?.(label, done, total, summary)
+  const online = (o: typeof GrpoStep.Type | typeof OdpoStep.Type) => ({
+    modelDir,
+    prompts: o.prompts,
+    out,
+    steps: o.steps,
+    seed,
+    batch: o.batch,
+    maxNewTokens: o.maxNewTokens,
+    loop: defaultLoop,
+    learningRate: o.lr,
+    weightDecay: 0,
+    maxGradNorm: 1,
+    saveEvery: Math.max(1, Math.floor(o.steps / 4)),
+    resume: true
+  })
+  switch (step.stage) {
+    case "sft": {
+      const o = step.options
+      return sft({
+        modelDir,
+        data: o.data,
+        out,
+        seq: o.seq,
+        steps: o.steps,
+        seed,
+        batch: o.batch,
+        accumulate: 1,
+        learningRate: o.lr,
+        minLearningRate: o.lr / 10,
+        warmupSteps: Math.floor(o.steps / 10),
+        weightDecay: 0.01,
+        maxGradNorm: 1,
+        distillWeight: o.distillWeight,
+        saveEvery: Math.max(1, Math.floor(o.steps / 4)),
+        resume: true,
+        onStep: (m) => report(m.step, o.steps, `loss ${fixed(m.loss, 4)} ce ${fixed(m.ce, 4)} kl ${fixed(m.kl, 4)}`)
+      }).pipe(
+        Effect.scoped,
+        Effect.provide(o.distillWeight > 0 ? TeacherSources.inProcess(config.teacher, { topK: o.topK }) : Layer.empty)
+      )
+    }
+    case "grpo": {
+      const o = step.options
+      return grpo({
+        ...online(o),
+        temperature: o.temperature ?? 1,
+        group: o.group,
+        loss: { epsLow: o.epsLow ?? 0.2, epsHigh: o.epsHigh ?? 0.28, klCoef: o.klCoef ?? 0 },
+        std: o.std ?? "batch",
+        updates: o.updates ?? 2,
+        microBatch: o.microBatch ?? 4,
+        onStep: (m) => report(m.step, o.steps, `reward ${fixed(m.reward_mean)} kept ${m.groups}/${m.groups + m.dropped_groups} unscored ${m.unscored}`)
+      }).pipe(Effect.scoped, Effect.provide(rewardsLayer(config, step.judge)))
+    }
+    case "odpo": {
+      const o = step.options
+      return odpo({
+        ...online(o),
+        temperature: o.temperature ?? 0.7,
+        beta: o.beta,
+        microBatch: o.microBatch ?? 8,
+        onStep: (m) => report(m.step, o.steps, `loss ${fixed(m.loss, 4)} margin ${fixed(m.margin)} p ${fixed(m.p_mean)}`)
+      }).pipe(Effect.scoped, Effect.provide(Preference.fromPwrm(pwrmDir)))
+    }
+  }
+}
+
+/** Trains the PWRM, runs (or resumes) the chosen branches (both by default), measures, and writes the report; returns its rows. */
+export const run = Effect.fn("PostTrain.run")(function*(
+  config: PostTrainConfig,
+  options: { readonly branches?: ReadonlyArray<Branch>; readonly events?: PostTrainEvents } = {}
+) {
+  const { branches: chosen = branches, events = {} } = options
+  yield* Effect.tryPromise({ try: () => fs.mkdir(config.run, { recursive: true }), catch: io(config.run, "cannot create") })
+  const pwrmDir = path.join(config.run, "pwrm")
+  yield* Console.log(`PWRM on ${config.pwrm.backbone}: ${config.pwrm.steps} steps`)
+  const card = yield* trainPwrm({
+    baseDir: config.pwrm.backbone,
+    data: config.pwrm.data,
+    heldout: config.pwrm.heldout,
+    out: pwrmDir,
+    steps: config.pwrm.steps,
+    batch: config.pwrm.batch,
+    seq: config.pwrm.seq,
+    seed: config.seed ?? 0,
+    learningRate: config.pwrm.lr,
+    warmupSteps: Math.floor(config.pwrm.steps / 10),
+    weightDecay: 0.01,
+    maxGradNorm: 1,
+    saveEvery: Math.max(1, Math.floor(config.pwrm.steps / 4)),
+    resume: true,
+    onStep: (m) => events.onStep?.("[pwrm]", m.step, config.pwrm.steps, `loss ${fixed(m.loss, 4)} acc ${fixed(m.accuracy)}`)
+  }).pipe(Effect.scoped)
+
+  const lineage: Array<Lineage> = []
+  for (const branch of chosen) {
+    const steps = pipeline(config, branch)
+    let current = config.start
+    for (const [i, step] of steps.entries()) {
+      const out = stepDir(config, branch, i, step)
+      const label = `[${branch} ${i + 1}/${steps.length} ${step.name}]`
+      yield* Console.log(`${label} from ${current}`)
+      yield* runStep(config, step, current, out, pwrmDir, label, events)
+      lineage.push({ model: `${branch}/${i + 1}-${step.name}`, branch, stage: step.name, dir: out, previous: current })
+      current = out
+    }
+  }
+
+  yield* Console.log("measuring chat arithmetic, recall and PWRM win rates")
+  const rows = yield* measureAll(config, lineage).pipe(Effect.scoped, Effect.provide(Preference.fromPwrm(pwrmDir)))
+  const markdown = [
+    "# Post-training report",
+    "",
+    `Start: ${config.start}. PWRM (${pwrmDir}): held-out pair accuracy ${fixed(card.heldoutMetrics.accuracy)}, temperature ${fixed(card.temperature)}.`,
+    "",
+    table(rows),
+    ""
+  ].join("\n")
+  yield* Files.writeText(path.join(config.run, "post-train-report.md"), markdown)
+  yield* Files.writeJson(path.join(config.run, "post-train-report.json"), { start: config.start, pwrm: { dir: pwrmDir, heldout: card.heldoutMetrics }, rows })
+  return rows
+})
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+interface Lineage {
+  readonly model: string
+  readonly branch: Branch
+  readonly stage: string
+  readonly dir: string
+  /** The folder of the model the step started from. */
+  readonly previous: string
+}
+
+/** A row of the report. */
+export interface Row {
+  readonly model: string
+  readonly branch: Branch | "-"
+  readonly stage: string
+  readonly dir: string
+  /** Held-out chat accuracies. */
+  readonly arith: number
+  readonly recall: number
+  /** Mean P(this model's response beats the previous model's), and its standard error; undefined for the start. */
+  readonly winVsPrevious: number | undefined
+  readonly winStdError: number | undefined
+}
+
+/** What is cached of a model: its accuracies and its responses to the win-rate prompts. */
+interface Measurement {
+  /** The evaluation options and the model's files: a cache made with others is measured again. */
+  readonly identity: string
+  readonly arith: number
+  readonly recall: number
+  readonly responses: ReadonlyArray<Sampled>
+}
+
+const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage: ReadonlyArray<Lineage>) {
+  const prompts = yield* heldOutPrompts(config)
+  const names = new Map([[config.start, "start"], ...lineage.map(({ dir, model }) => [dir, model] as const)])
+  const measured = new Map<string, Measurement>()
+  const measurementOf = (dir: string) =>
+    Effect.gen(function*() {
+      if (!measured.has(dir)) measured.set(dir, yield* measure(config, names.get(dir)!, dir, prompts))
+      return measured.get(dir)!
+    })
+  const start = yield* measurementOf(config.start)
+  const rows: Array<Row> = [
+    { model: "start", branch: "-", stage: "-", dir: config.start, arith: start.arith, recall: start.recall, winVsPrevious: undefined, winStdError: undefined }
+  ]
+  for (const { model, branch, stage, dir, previous } of lineage) {
+    const after = yield* measurementOf(dir)
+    const before = yield* measurementOf(previous)
+    // Pairs share their sampling seeds, so the models' randomness cancels in the comparison.
+    const wins = yield* Effect.forEach(after.responses, (response, i) => label(prompts[Math.floor(i / config.evaluation.win.samples)], response, before.responses[i]))
+    const winVsPrevious = wins.reduce((a, b) => a + b, 0) / wins.length
+    const variance = wins.reduce((sum, p) => sum + (p - winVsPrevious) ** 2, 0) / Math.max(1, wins.length - 1)
+    rows.push({ model, branch, stage, dir, arith: after.arith, recall: after.recall, winVsPrevious, winStdError: Math.sqrt(variance / wins.length) })
+  }
+  return rows
+})
+
+/**
+ * The win-rate prompts: the first `limit` of each file, less those an online-DPO step trains on.
+ * They read what the model reads (chat markup included).
+ */
+const heldOutPrompts = Effect.fnUntraced(function*(config: PostTrainConfig) {
+  const Prompt = Schema.Struct({ prompt: Schema.String })
+  const trained = new Set<string>()
+  for (const file of [config.instruct.odpo.prompts, config.reasoning.odpo.prompts]) {
+    for (const { prompt } of yield* readPrompts(file, Prompt)) trained.add(prompt)
+  }
+  const prompts = new Set<string>()
+  for (const file of config.evaluation.win.prompts) {
+    let taken = 0
+    for (const { prompt } of yield* readPrompts(file, Prompt)) {
+      if (taken === config.evaluation.win.limit) break
+      if (trained.has(prompt) || prompts.has(prompt)) continue
+      prompts.add(prompt)
+      taken++
+    }
+  }
+  return [...prompts]
+})
+
+/** A model's accuracies and win-rate responses, cached in the run folder's `evals/`. */
+const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: string, dir: string, prompts: ReadonlyArray<string>) {
+  const cache = path.join(config.run, "evals", `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.json`)
+  const { evaluation } = config
+  const identity = JSON.stringify({
+    evaluation,
+    prompts,
+    seed: config.seed ?? 0,
+    config: yield* Files.sha256(path.join(dir, "config.json")),
+    weights: yield* Files.sha256(path.join(dir, "model.safetensors"))
+  })
+  const cached = (yield* Files.readJsonIfPresent(cache)) as Measurement | undefined
+  if (cached?.identity === identity) return cached
+  const model = yield* Pretrained.load(dir)
+  const tokenizer = yield* Tokenizer.load(dir)
+
+  const stopTokenIds = tokenizer.eosId === undefined ? [] : [tokenizer.eosId]
+  const decode = (ids: ReadonlyArray<number>) => tokenizer.decode(ids)
+  /** Greedy answers, each read after the response's thinking. */
+  const answers = (texts: Array<string>) =>
+    Effect.map(
+      Generate.generate(model, texts.map((text) => tokenizer.encode(text)), {
+        maxNewTokens: evaluation.maxNewTokens,
+        temperature: 0,
+        stopTokenIds,
+        decode,
+        loop: defaultLoop,
+        batchSize: 50
+      }),
+      (generations) => generations.map((g) => Generate.splitThinking(g.text ?? "").answer)
+    )
+  const accuracy = (file: string, limit: number | undefined) =>
+    Effect.flatMap(Tasks.read(file, { limit }), (tasks) => Effect.map(Tasks.score(tasks, answers, { batchSize: 50 }), (score) => score.accuracy))
+
+  const { win } = evaluation
+  const encoded = prompts.map((prompt) => tokenizer.encode(prompt))
+  const generations = yield* Generate.generate(model, encoded.flatMap((ids) => new Array<Array<number>>(win.samples).fill(ids)), {
+    maxNewTokens: win.maxNewTokens,
+    temperature: win.temperature,
+    seed: config.seed ?? 0,
+    stopTokenIds,
+    decode,
+    loop: defaultLoop,
+    batchSize: 50
+  })
+  const measurement: Measurement = {
+    identity,
+    arith: yield* accuracy(evaluation.arith, evaluation.arithLimit),
+    recall: yield* accuracy(evaluation.recall, evaluation.recallLimit),
+    responses: generations.map((g, i) => ({
+      completion: { prompt: encoded[Math.floor(i / win.samples)], response: g.tokens },
+      text: g.text ?? "",
+      loops: g.loopPeriod !== undefined,
+      finishReason: g.finishReason
+    }))
+  }
+  yield* Effect.tryPromise({ try: () => fs.mkdir(path.dirname(cache), { recursive: true }), catch: io(cache, "cannot create folder") })
+  yield* Files.writeJson(cache, measurement)
+  return measurement
+}, Effect.scoped)
+
+const percent = (x: number) => `${(100 * x).toFixed(1)}%`
+
+/** The report's table as Markdown. */
+export const table = (rows: ReadonlyArray<Row>): string =>
+  [
+    "| model | branch | stage | chat arithmetic | recall | PWRM win rate vs previous |",
+    "|---|---|---|---:|---:|---:|",
+    ...rows.map((r) =>
+      `| ${r.model} | ${r.branch} | ${r.stage} | ${percent(r.arith)} | ${percent(r.recall)} | ${
+        r.winVsPrevious === undefined ? "-" : `${r.winVsPrevious.toFixed(3)} ± ${fixed(r.winStdError)}`
+      } |`
+    )
+  ].join("\n")
