@@ -72,6 +72,28 @@ export interface Objective {
   readonly metrics: Readonly<Record<string, number>>
 }
 
+/** What every supervised training run (distillation, SFT) is given: lengths, data order, optimisation, checkpoints. */
+export interface SupervisedOptions {
+  readonly out: string
+  /** Row length of the packing. */
+  readonly seq: number
+  readonly steps: number
+  /** Seeds the data order. */
+  readonly seed: number
+  /** Rows per micro-batch. */
+  readonly batch: number
+  /** Micro-batches per optimizer step. */
+  readonly accumulate: number
+  readonly learningRate: number
+  readonly minLearningRate: number
+  readonly warmupSteps: number
+  readonly weightDecay: number
+  readonly maxGradNorm: number | undefined
+  readonly saveEvery: number
+  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
+  readonly resume?: boolean
+}
+
 export interface StepOptions {
   readonly learningRate: number
   /** Clip the global gradient norm to this; no clipping when undefined. */

@@ -26,29 +26,13 @@ import { type Batch, type Output, Teacher, toLossTeacher } from "../src/Teacher.
 import type { Tokenizer } from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 
-export interface DistillOptions {
+export interface DistillOptions extends Training.SupervisedOptions {
   readonly studentDir: string
   readonly data: string
-  readonly out: string
-  readonly seq: number
-  readonly steps: number
-  readonly seed: number
-  /** Rows per micro-batch. */
-  readonly batch: number
-  /** Micro-batches per optimizer step. */
-  readonly accumulate: number
-  readonly learningRate: number
-  readonly minLearningRate: number
-  readonly warmupSteps: number
-  readonly weightDecay: number
-  readonly maxGradNorm: number | undefined
   readonly loss: Loss.Options
-  readonly saveEvery: number
   /** Long-context phase: switch the student's RoPE to YaRN stretching `originalMax` positions by `factor`. */
   readonly yarn?: { readonly factor: number; readonly originalMax: number } | undefined
   readonly tokenizer?: Tokenizer | undefined
-  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
-  readonly resume?: boolean
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
   readonly onStep?: (metrics: StepMetrics) => void

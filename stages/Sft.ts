@@ -34,30 +34,13 @@ import { type Batch, type Output, Teacher, type TeacherError, toLossTeacher } fr
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 
-export interface SftOptions {
+export interface SftOptions extends Training.SupervisedOptions {
   /** The model to fine-tune; its folder must hold a tokenizer with a chat template. */
   readonly modelDir: string
   /** Chat JSONL: `{"messages": [...]}` a line. */
   readonly data: string
-  readonly out: string
-  /** Row length of the packing. */
-  readonly seq: number
-  readonly steps: number
-  readonly seed: number
-  /** Rows per micro-batch. */
-  readonly batch: number
-  /** Micro-batches per optimizer step. */
-  readonly accumulate: number
-  readonly learningRate: number
-  readonly minLearningRate: number
-  readonly warmupSteps: number
-  readonly weightDecay: number
-  readonly maxGradNorm: number | undefined
   /** w in `loss = (1 - w) CE + w KL`, in [0, 1]: 0 learns from the data alone, 1 from the teacher alone. */
   readonly distillWeight: number
-  readonly saveEvery: number
-  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
-  readonly resume?: boolean
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
