@@ -9,6 +9,7 @@ import { distill } from "../../stages/Distill.ts"
 import * as TeacherCache from "../../stages/TeacherCache.ts"
 import * as Tokenizer from "../Tokenizer.ts"
 import * as Progress from "./Progress.ts"
+import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 /**
@@ -40,22 +41,13 @@ export const distillCommand = Command.make(
     out: Flag.String("out").pipe(Flag.withDescription("Folder for metrics.jsonl, checkpoints and the distilled model")),
     seq: Flag.Int("seq").pipe(Flag.withDescription("Packed sequence length"), Flag.withDefault(256)),
     steps: Flag.Int("steps").pipe(Flag.withDescription("Optimizer steps")),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the data order"), Flag.withDefault(0)),
     topK: Flag.Int("top-k").pipe(Flag.withDescription("Teacher candidates per position (default: the full vocabulary in process, 20 remote)"), Flag.optional),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("Peak learning rate"), Flag.withDefault(1e-3)),
-    minLr: Flag.Finite("min-lr").pipe(Flag.withDescription("Learning rate at the end of the cosine (default lr/10)"), Flag.optional),
-    warmup: Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps (default steps/10)"), Flag.optional),
-    batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(4)),
-    accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
-    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0.01)),
-    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
     temperature: Flag.Finite("temperature").pipe(Flag.withDefault(1)),
     ceWeight: Flag.Finite("ce-weight").pipe(Flag.withDescription("Weight of the next-token cross-entropy added to the KL (ablation)"), Flag.withDefault(0)),
     restBucket: Flag.Boolean("rest-bucket").pipe(Flag.withDescription("Top-k: match the teacher's remaining mass as one more category"), Flag.withDefault(false)),
-    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(50)),
     yarnFactor: Flag.Finite("yarn-factor").pipe(Flag.withDescription("Long-context phase: switch the student's RoPE to YaRN with this factor"), Flag.optional),
     originalMax: Flag.Int("original-max").pipe(Flag.withDescription("Long-context phase: the context YaRN stretches (default: --seq / factor)"), Flag.optional),
-    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+    ...supervisedFlags({ lr: 1e-3, batch: 4 })
   },
   Effect.fn("cli.distill")(function*(flags) {
     const { backend } = yield* cascade
@@ -65,25 +57,13 @@ export const distillCommand = Command.make(
     const teacher = yield* teacherLayer(flags.teacher, { topK, data: flags.data, seq: flags.seq, studentDir: flags.student })
     const state = yield* Effect.gen(function*() {
       return yield* distill({
+        ...supervisedOptions(flags),
         studentDir: flags.student,
         data: flags.data,
-        out: flags.out,
-        seq: flags.seq,
-        steps: flags.steps,
-        seed: flags.seed,
-        batch: flags.batch,
-        accumulate: flags.accumulate,
-        learningRate: flags.lr,
-        minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
-        warmupSteps: Option.getOrElse(flags.warmup, () => Math.floor(flags.steps / 10)),
-        weightDecay: flags.weightDecay,
-        maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
         loss: { temperature: flags.temperature, crossEntropyWeight: flags.ceWeight, restBucket: flags.restBucket, maxOutsideMass: 1e-3 },
-        saveEvery: flags.saveEvery,
         yarn: yarnFactor === undefined
           ? undefined
           : { factor: yarnFactor, originalMax: Option.getOrElse(flags.originalMax, () => Math.round(flags.seq / yarnFactor)) },
-        resume: flags.resume,
         tokenizer: yield* Tokenizer.loadIfPresent(flags.student),
         onStep: (m) => progress.update(m.step, `loss ${m.loss.toFixed(4)} lr ${m.lr.toExponential(2)} ${m.tokens_per_s.toFixed(0)} tok/s`)
       })

@@ -5,6 +5,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { sft } from "../../stages/Sft.ts"
 import { teacherLayer } from "./distill.ts"
 import * as Progress from "./Progress.ts"
+import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 export const sftCommand = Command.make(
@@ -21,16 +22,7 @@ export const sftCommand = Command.make(
       Flag.optional
     ),
     topK: Flag.Int("top-k").pipe(Flag.withDescription("Teacher candidates per position (default: the full vocabulary in process, 20 remote)"), Flag.optional),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the data order"), Flag.withDefault(0)),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("Peak learning rate"), Flag.withDefault(3e-4)),
-    minLr: Flag.Finite("min-lr").pipe(Flag.withDescription("Learning rate at the end of the cosine (default lr/10)"), Flag.optional),
-    warmup: Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps (default steps/10)"), Flag.optional),
-    batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(8)),
-    accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
-    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0.01)),
-    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
-    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(50)),
-    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+    ...supervisedFlags({ lr: 3e-4, batch: 8 })
   },
   Effect.fn("cli.sft")(function*(flags) {
     const { backend } = yield* cascade
@@ -40,22 +32,10 @@ export const sftCommand = Command.make(
       : yield* teacherLayer(source, { topK: Option.getOrUndefined(flags.topK), data: flags.data, seq: flags.seq, studentDir: flags.model })
     const progress = Progress.bar("sft", flags.steps)
     const state = yield* sft({
+      ...supervisedOptions(flags),
       modelDir: flags.model,
       data: flags.data,
-      out: flags.out,
-      seq: flags.seq,
-      steps: flags.steps,
-      seed: flags.seed,
-      batch: flags.batch,
-      accumulate: flags.accumulate,
-      learningRate: flags.lr,
-      minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
-      warmupSteps: Option.getOrElse(flags.warmup, () => Math.floor(flags.steps / 10)),
-      weightDecay: flags.weightDecay,
-      maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
       distillWeight: Option.getOrElse(flags.distillWeight, () => (source === undefined ? 0 : 0.5)),
-      saveEvery: flags.saveEvery,
-      resume: flags.resume,
       onStep: (m) =>
         progress.update(m.step, `loss ${m.loss.toFixed(4)} ce ${m.ce.toFixed(4)}${m.kl === undefined ? "" : ` kl ${m.kl.toFixed(4)}`} ${m.tokens_per_s.toFixed(0)} tok/s`)
     }).pipe(
