@@ -17,26 +17,15 @@ import { type Annotated, type Batch, Teacher, TeacherError, toLossTeacher } from
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 import * as TeacherCache from "../stages/TeacherCache.ts"
-import { onBackend, sharedFixture, take } from "./support.ts"
+import { lcgData, onBackend, sharedFixture, take } from "./support.ts"
 
 const fixture = sharedFixture("tiny-mistral")
 const SEQ = 16
 
-/** A JSONL file of token ids from a fixed LCG: packed by 16, 8 rows, the last with 11 real tokens. */
-const writeData = Effect.promise(async () => {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "teacher-"))
-  let state = 3
-  const lines = [30, 17, 45, 9, 22].map((length) =>
-    JSON.stringify({
-      input_ids: Array.from({ length }, () => {
-        state = (state * 1103515245 + 12345) % 2147483648
-        return state % 512
-      })
-    })
-  )
-  await fs.writeFile(path.join(dir, "data.jsonl"), lines.join("\n") + "\n")
-  return { dir, data: path.join(dir, "data.jsonl") }
-})
+/** A temp folder holding `lcgData`: packed by 16, 8 rows, the last with 11 real tokens. */
+const writeData = Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "teacher-"))).pipe(
+  Effect.flatMap((dir) => Effect.map(lcgData(dir), (data) => ({ dir, data })))
+)
 
 /** The packed rows of `data` in batches of `size`, with their indices. */
 const batchesOf = (data: string, size: number) =>

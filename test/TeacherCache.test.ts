@@ -11,29 +11,16 @@ import { CheckpointError } from "../src/Errors.ts"
 import * as Safetensors from "../src/Safetensors.ts"
 import { type Batch, Teacher, TeacherError } from "../src/Teacher.ts"
 import * as TeacherCache from "../stages/TeacherCache.ts"
-import { onBackend, sharedFixture } from "./support.ts"
+import { lcgData, onBackend, sharedFixture } from "./support.ts"
 
 const fixture = sharedFixture("tiny-mistral")
 const SEQ = 16
 const K = 8
 
-/** A temp folder with a JSONL file of LCG token ids: packed by 16, 8 rows, the last with 11 real tokens. */
+/** A temp folder holding `lcgData`: packed by 16, 8 rows, the last with 11 real tokens. */
 const withData = <A, E, R>(test: (dir: string, data: string) => Effect.Effect<A, E, R>) =>
   Effect.acquireUseRelease(
-    Effect.promise(async () => {
-      const dir = await fs.mkdtemp(path.join(os.tmpdir(), "teacher-cache-"))
-      let state = 3
-      const lines = [30, 17, 45, 9, 22].map((length) =>
-        JSON.stringify({
-          input_ids: Array.from({ length }, () => {
-            state = (state * 1103515245 + 12345) % 2147483648
-            return state % 512
-          })
-        })
-      )
-      await fs.writeFile(path.join(dir, "data.jsonl"), lines.join("\n") + "\n")
-      return dir
-    }),
+    Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "teacher-cache-"))).pipe(Effect.tap(lcgData)),
     (dir) => test(dir, path.join(dir, "data.jsonl")),
     (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
   ).pipe(onBackend("wasm"))

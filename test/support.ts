@@ -38,3 +38,21 @@ export const markovData = (file: string, rows: number, length: number, seed: num
   })
   return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
 }
+
+/**
+ * `data.jsonl` in `dir`: five rows of token ids from a fixed LCG, of lengths 30, 17, 45, 9 and 22
+ * (packed by 16: 8 rows, the last with 11 real tokens). Returns the file's path.
+ */
+export const lcgData = (dir: string) => {
+  let state = 3
+  const lines = [30, 17, 45, 9, 22].map((length) =>
+    JSON.stringify({
+      input_ids: Array.from({ length }, () => {
+        state = (state * 1103515245 + 12345) % 2147483648
+        return state % 512
+      })
+    })
+  )
+  const file = path.join(dir, "data.jsonl")
+  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
+}
