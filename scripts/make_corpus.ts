@@ -194,13 +194,13 @@ const answer = (fact: Fact) => fact.land[fact.attribute]
 // ---------------------------------------------------------------------------------------------
 // Arithmetic.
 
-interface Problem {
+export interface Problem {
   readonly a: number
   readonly op: "+" | "-" | "*"
   readonly b: number
 }
-const solve = ({ a, op, b }: Problem) => (op === "+" ? a + b : op === "-" ? a - b : a * b)
-const equation = (p: Problem) => `${p.a} ${p.op} ${p.b}`
+export const solve = ({ a, op, b }: Problem) => (op === "+" ? a + b : op === "-" ? a - b : a * b)
+export const equation = (p: Problem) => `${p.a} ${p.op} ${p.b}`
 
 /** A digit-by-digit trace that ends with the full equation. Its inner steps use single digits only. */
 const worked = (p: Problem): { readonly steps: string; readonly text: string } => {

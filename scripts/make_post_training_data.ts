@@ -41,7 +41,7 @@ import { join } from "node:path"
 import { parseArgs } from "node:util"
 import type { Task } from "../src/Reward.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
-import { ATTRIBUTES, type Attribute, defaults, type Land, makeCorpus, makeRng } from "./make_corpus.ts"
+import { ATTRIBUTES, type Attribute, defaults, equation, type Land, makeCorpus, makeRng, type Problem, solve } from "./make_corpus.ts"
 
 type Rng = ReturnType<typeof makeRng>
 
@@ -90,13 +90,6 @@ const value = (fact: Fact) => fact.land[fact.attribute]
 const statement = (fact: Fact, claimed = value(fact)) =>
   STATEMENTS[fact.attribute].replaceAll("{E}", fact.land.name).replaceAll("{V}", claimed)
 
-interface Problem {
-  readonly a: number
-  readonly op: "+" | "-" | "*"
-  readonly b: number
-}
-const solve = ({ a, op, b }: Problem) => (op === "+" ? a + b : op === "-" ? a - b : a * b)
-const equation = (p: Problem) => `${p.a} ${p.op} ${p.b}`
 /** Additions are the same problem in either order, as make_corpus.ts holds them out. */
 const pairKey = (p: Problem) => (p.op === "+" ? `+${Math.min(p.a, p.b)},${Math.max(p.a, p.b)}` : `${p.op}${p.a},${p.b}`)
 const problemKey = (p: Problem) => `${p.a}${p.op}${p.b}`
