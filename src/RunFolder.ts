@@ -110,6 +110,26 @@ export const resumePoint = Effect.fn("RunFolder.resumePoint")(function*<S>(
   return checkpoint
 })
 
+/**
+ * Where the run `identity` names stands in OUT, for stages whose final state.json says `complete`:
+ * `finished`, that state, when it is this very run's; else `resume`, the checkpoint `resumePoint`
+ * gives. A finished run of another identity is no obstacle: the new run replaces it.
+ */
+export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S extends { readonly identity: string; readonly complete: boolean }>(
+  out: string,
+  schema: Schema.Decoder<S>,
+  options: { readonly identity: string; readonly resume: boolean | undefined; readonly differs: string }
+) {
+  const finished = yield* readState(path.join(out, "state.json"), schema)
+  if (finished !== undefined && finished.complete && finished.identity === options.identity) return { finished, resume: undefined }
+  const resume = yield* resumePoint(out, schema, {
+    resume: options.resume,
+    matches: (state) => state.identity === options.identity,
+    differs: options.differs
+  })
+  return { finished: undefined, resume }
+})
+
 /** Keeps the first `steps` lines of metrics.jsonl: the steps after the checkpoint are redone on resume. */
 export const truncateMetrics = (out: string, steps: number) => {
   const file = metricsFile(out)

@@ -106,13 +106,8 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     steps: options.steps
   })
 
-  const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
-  if (finished !== undefined && finished.complete && finished.identity === identity) return finished
-  const resume = yield* RunFolder.resumePoint(out, State, {
-    resume: options.resume,
-    matches: (state) => state.identity === identity,
-    differs: "options, data, student or teacher"
-  })
+  const { finished, resume } = yield* RunFolder.startingPoint(out, State, { identity, resume: options.resume, differs: "options, data, student or teacher" })
+  if (finished !== undefined) return finished
   const start = resume === undefined ? student : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
   const trainable = yield* Training.trainable(start)
   const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)

@@ -104,13 +104,8 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     accumulate: options.accumulate,
     steps: options.steps
   })
-  const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
-  if (finished !== undefined && finished.complete && finished.identity === identity) return finished
-  const resume = yield* RunFolder.resumePoint(out, State, {
-    resume: options.resume,
-    matches: (state) => state.identity === identity,
-    differs: "options, data, model or teacher"
-  })
+  const { finished, resume } = yield* RunFolder.startingPoint(out, State, { identity, resume: options.resume, differs: "options, data, model or teacher" })
+  if (finished !== undefined) return finished
 
   const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize)
   const start = resume === undefined ? model : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)

@@ -1,49 +1,80 @@
-/** The flags every supervised training command (distill, sft) shares, and the options they become. */
+/** The flags the training commands (distill, sft, pwrm train, grpo, odpo) share, and the options they become. */
 import { Option } from "effect"
 import { Flag } from "effect/cli"
 import type { SupervisedOptions } from "../Training.ts"
 
-/** Optimisation, data order and checkpoint flags, with the command's own learning-rate and batch defaults. */
-export const supervisedFlags = (defaults: { readonly lr: number; readonly batch: number }) => ({
-  seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the data order"), Flag.withDefault(0)),
-  lr: Flag.Finite("lr").pipe(Flag.withDescription("Peak learning rate"), Flag.withDefault(defaults.lr)),
-  minLr: Flag.Finite("min-lr").pipe(Flag.withDescription("Learning rate at the end of the cosine (default lr/10)"), Flag.optional),
-  warmup: Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps (default steps/10)"), Flag.optional),
-  batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(defaults.batch)),
-  accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
-  weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0.01)),
+/** Weight decay, clipping, seed and checkpoint flags, with the defaults and the seed's meaning of the command's kind. */
+const runFlags = (kind: { readonly weightDecay: number; readonly seed: string; readonly saveEvery: number }) => ({
+  weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(kind.weightDecay)),
   maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
-  saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(50)),
+  seed: Flag.Int("seed").pipe(Flag.withDescription(kind.seed), Flag.withDefault(0)),
+  saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(kind.saveEvery)),
   resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
 })
 
-/** The parsed flags as the stage's options. */
-export const supervisedOptions = (flags: {
-  readonly out: string
-  readonly seq: number
-  readonly steps: number
-  readonly seed: number
+/** The commands that train on their own samples (grpo, odpo): a constant learning rate; the seed also seeds the sampling. */
+export const onPolicyFlags = {
+  lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (constant)"), Flag.withDefault(1e-5)),
+  ...runFlags({ weightDecay: 0, seed: "Seed of the prompt order and the sampling", saveEvery: 20 })
+}
+
+/** The learning rate of the commands that warm up then follow a cosine (pwrm train, distill, sft). */
+export const peakLearningRate = (lr: number) => Flag.Finite("lr").pipe(Flag.withDescription("Peak learning rate"), Flag.withDefault(lr))
+
+export const warmup = Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps (default steps/10)"), Flag.optional)
+
+/** The run flags of the commands that train on a data set (pwrm train, distill, sft). */
+export const dataSetRunFlags = runFlags({ weightDecay: 0.01, seed: "Seed of the data order", saveEvery: 50 })
+
+/** Distill and sft: the schedule's flags, gradient accumulation and the run flags, with the command's own learning-rate and batch defaults. */
+export const supervisedFlags = (defaults: { readonly lr: number; readonly batch: number }) => ({
+  lr: peakLearningRate(defaults.lr),
+  minLr: Flag.Finite("min-lr").pipe(Flag.withDescription("Learning rate at the end of the cosine (default lr/10)"), Flag.optional),
+  warmup,
+  batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(defaults.batch)),
+  accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
+  ...dataSetRunFlags
+})
+
+/** The parsed flags every training command has. */
+interface TrainingFlagValues {
   readonly lr: number
-  readonly minLr: Option.Option<number>
-  readonly warmup: Option.Option<number>
-  readonly batch: number
-  readonly accumulate: number
   readonly weightDecay: number
   readonly maxGradNorm: number
+  readonly seed: number
   readonly saveEvery: number
   readonly resume: boolean
-}): SupervisedOptions => ({
-  out: flags.out,
-  seq: flags.seq,
-  steps: flags.steps,
+}
+
+/** The options every training stage takes from the flags every training command has. */
+export const trainingOptions = (flags: TrainingFlagValues) => ({
   seed: flags.seed,
-  batch: flags.batch,
-  accumulate: flags.accumulate,
   learningRate: flags.lr,
-  minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
-  warmupSteps: Option.getOrElse(flags.warmup, () => Math.floor(flags.steps / 10)),
   weightDecay: flags.weightDecay,
   maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
   saveEvery: flags.saveEvery,
   resume: flags.resume
+})
+
+export const warmupSteps = (flags: { readonly warmup: Option.Option<number>; readonly steps: number }) =>
+  Option.getOrElse(flags.warmup, () => Math.floor(flags.steps / 10))
+
+/** The parsed flags of distill and sft as the stage's options. */
+export const supervisedOptions = (flags: TrainingFlagValues & {
+  readonly out: string
+  readonly seq: number
+  readonly steps: number
+  readonly minLr: Option.Option<number>
+  readonly warmup: Option.Option<number>
+  readonly batch: number
+  readonly accumulate: number
+}): SupervisedOptions => ({
+  ...trainingOptions(flags),
+  out: flags.out,
+  seq: flags.seq,
+  steps: flags.steps,
+  batch: flags.batch,
+  accumulate: flags.accumulate,
+  minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
+  warmupSteps: warmupSteps(flags)
 })

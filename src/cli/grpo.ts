@@ -5,6 +5,7 @@ import * as Rewards from "../../layers/Rewards.ts"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { defaultLoop, grpo } from "../../stages/Grpo.ts"
 import * as Progress from "./Progress.ts"
+import { onPolicyFlags, trainingOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 export const grpoCommand = Command.make(
@@ -24,24 +25,19 @@ export const grpoCommand = Command.make(
     std: Flag.Literals("std", ["group", "batch", "none"] as const).pipe(Flag.withDescription("Divide advantages by the group's std, the batch's, or nothing"), Flag.withDefault("batch")),
     updates: Flag.Int("updates").pipe(Flag.withDescription("Policy updates per rollout batch (K)"), Flag.withDefault(2)),
     microBatch: Flag.Int("micro-batch").pipe(Flag.withDescription("Groups per forward pass"), Flag.withDefault(4)),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (constant)"), Flag.withDefault(1e-5)),
-    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0)),
-    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
     judge: Flag.String("judge").pipe(Flag.withDescription("OpenAI-compatible server(s) judging rubric tasks, comma-separated"), Flag.optional),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the prompt order and the sampling"), Flag.withDefault(0)),
-    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(20)),
-    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+    ...onPolicyFlags
   },
   Effect.fn("cli.grpo")(function*(flags) {
     const { backend } = yield* cascade
     const progress = Progress.bar("grpo", flags.steps)
     const judge = Option.getOrUndefined(flags.judge)
     const state = yield* grpo({
+      ...trainingOptions(flags),
       modelDir: flags.model,
       prompts: flags.prompts,
       out: flags.out,
       steps: flags.steps,
-      seed: flags.seed,
       batch: flags.batch,
       group: flags.group,
       maxNewTokens: flags.maxNewTokens,
@@ -51,11 +47,6 @@ export const grpoCommand = Command.make(
       std: flags.std,
       updates: flags.updates,
       microBatch: flags.microBatch,
-      learningRate: flags.lr,
-      weightDecay: flags.weightDecay,
-      maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
-      saveEvery: flags.saveEvery,
-      resume: flags.resume,
       onStep: (m) => progress.update(m.step, `reward ${m.reward_mean?.toFixed(3) ?? "-"} kept ${m.groups}/${m.groups + m.dropped_groups}`)
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),

@@ -6,6 +6,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { defaultLoop } from "../../stages/Grpo.ts"
 import { odpo } from "../../stages/Odpo.ts"
 import * as Progress from "./Progress.ts"
+import { onPolicyFlags, trainingOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 export const odpoCommand = Command.make(
@@ -21,33 +22,23 @@ export const odpoCommand = Command.make(
     maxNewTokens: Flag.Int("max-new-tokens").pipe(Flag.withDescription("Longest response"), Flag.withDefault(128)),
     temperature: Flag.Finite("temperature").pipe(Flag.withDefault(0.7)),
     microBatch: Flag.Int("micro-batch").pipe(Flag.withDescription("Pairs per forward pass"), Flag.withDefault(8)),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (constant)"), Flag.withDefault(1e-5)),
-    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0)),
-    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the prompt order and the sampling"), Flag.withDefault(0)),
-    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(20)),
-    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+    ...onPolicyFlags
   },
   Effect.fn("cli.odpo")(function*(flags) {
     const { backend } = yield* cascade
     const progress = Progress.bar("odpo", flags.steps)
     const state = yield* odpo({
+      ...trainingOptions(flags),
       modelDir: flags.model,
       prompts: flags.prompts,
       out: flags.out,
       steps: flags.steps,
-      seed: flags.seed,
       batch: flags.batch,
       maxNewTokens: flags.maxNewTokens,
       temperature: flags.temperature,
       loop: defaultLoop,
       beta: flags.beta,
       microBatch: flags.microBatch,
-      learningRate: flags.lr,
-      weightDecay: flags.weightDecay,
-      maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
-      saveEvery: flags.saveEvery,
-      resume: flags.resume,
       onStep: (m) => progress.update(m.step, `loss ${m.loss.toFixed(4)} margin ${m.margin.toFixed(3)} agreement ${m.agreement.toFixed(2)}`)
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),

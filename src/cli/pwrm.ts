@@ -4,6 +4,7 @@ import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { train } from "../../stages/PwrmTrain.ts"
 import * as Progress from "./Progress.ts"
+import { dataSetRunFlags, peakLearningRate, trainingOptions, warmup, warmupSteps } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 const pairsFile = `JSONL file of {"prompt", "a", "b", "preferred": "a" | "b"} lines`
@@ -16,20 +17,17 @@ const trainCommand = Command.make(
     heldout: Flag.String("heldout").pipe(Flag.withDescription(`Held-out pairs, for the temperature and the metrics: ${pairsFile}`)),
     out: Flag.String("out").pipe(Flag.withDescription("Folder for metrics.jsonl, checkpoints and the PWRM")),
     steps: Flag.Int("steps").pipe(Flag.withDescription("Optimizer steps")),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("Peak learning rate"), Flag.withDefault(5e-4)),
+    lr: peakLearningRate(5e-4),
     batch: Flag.Int("batch").pipe(Flag.withDescription("Pairs per step, each trained on in both orders"), Flag.withDefault(8)),
     seq: Flag.Int("seq").pipe(Flag.withDescription("Most tokens of a rendered pair (longer pairs are truncated)"), Flag.withDefault(256)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("Seed of the data order"), Flag.withDefault(0)),
-    warmup: Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps (default steps/10)"), Flag.optional),
-    weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(0.01)),
-    maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
-    saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(50)),
-    resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+    warmup,
+    ...dataSetRunFlags
   },
   Effect.fn("cli.pwrm.train")(function*(flags) {
     const { backend } = yield* cascade
     const progress = Progress.bar("training PWRM", flags.steps)
     const card = yield* train({
+      ...trainingOptions(flags),
       baseDir: flags.model,
       data: flags.data,
       heldout: flags.heldout,
@@ -37,13 +35,7 @@ const trainCommand = Command.make(
       steps: flags.steps,
       batch: flags.batch,
       seq: flags.seq,
-      seed: flags.seed,
-      learningRate: flags.lr,
-      warmupSteps: Option.getOrElse(flags.warmup, () => Math.floor(flags.steps / 10)),
-      weightDecay: flags.weightDecay,
-      maxGradNorm: flags.maxGradNorm > 0 ? flags.maxGradNorm : undefined,
-      saveEvery: flags.saveEvery,
-      resume: flags.resume,
+      warmupSteps: warmupSteps(flags),
       onStep: (m) => progress.update(m.step, `loss ${m.loss.toFixed(4)} acc ${m.accuracy.toFixed(3)} ${m.pairs_per_s.toFixed(1)} pairs/s`)
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),

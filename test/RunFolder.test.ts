@@ -1,0 +1,52 @@
+import { assert, describe, it } from "@effect/vitest"
+import * as tf from "@tensorflow/tfjs"
+import { Effect, Schema } from "effect"
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import * as Files from "../src/Files.ts"
+import * as Optimizer from "../src/Optimizer.ts"
+import * as RunFolder from "../src/RunFolder.ts"
+import { onBackend, tempDir } from "./support.ts"
+
+const State = Schema.Struct({ step: Schema.Int, identity: Schema.String, complete: Schema.Boolean })
+
+const startingPoint = (out: string, identity: string, resume: boolean) =>
+  RunFolder.startingPoint(out, State, { identity, resume, differs: "options" })
+
+/** A checkpoint of run `identity` at step 3, with the moments of one small variable. */
+const checkpoint = (out: string, identity: string) =>
+  Effect.gen(function*() {
+    const weight = yield* Effect.acquireRelease(Effect.sync(() => tf.variable(tf.zeros([2]))), (v) => Effect.sync(() => v.dispose()))
+    const adam = yield* Optimizer.make(new Map([["w", weight]]), Optimizer.defaultConfig)
+    // The weights are the stage's to write; here they are an empty folder.
+    yield* RunFolder.saveCheckpoint(out, adam, { step: 3, identity, complete: false }, (dir) => Effect.promise(() => fs.mkdir(dir)))
+  })
+
+describe("RunFolder.startingPoint", () => {
+  it.effect("an empty folder starts a fresh run", () =>
+    Effect.gen(function*() {
+      const out = yield* tempDir
+      assert.deepStrictEqual(yield* startingPoint(out, "a", false), { finished: undefined, resume: undefined })
+    }).pipe(Effect.scoped))
+
+  it.effect("a complete state of the same run is finished; of another run, it is replaced by a fresh run", () =>
+    Effect.gen(function*() {
+      const out = yield* tempDir
+      const done = { step: 5, identity: "a", complete: true }
+      yield* Files.writeJson(path.join(out, "state.json"), done)
+      assert.deepStrictEqual((yield* startingPoint(out, "a", false)).finished, done)
+      assert.deepStrictEqual(yield* startingPoint(out, "b", false), { finished: undefined, resume: undefined })
+    }).pipe(Effect.scoped))
+
+  it.effect("a checkpoint resumes only with --resume and only its own run", () =>
+    Effect.gen(function*() {
+      const out = yield* tempDir
+      yield* checkpoint(out, "a")
+      assert.include((yield* Effect.flip(startingPoint(out, "a", false))).message, "pass --resume")
+      assert.include((yield* Effect.flip(startingPoint(out, "b", true))).message, "belongs to a run with other options")
+      const { finished, resume } = yield* startingPoint(out, "a", true)
+      assert.isUndefined(finished)
+      assert.deepStrictEqual(resume?.state, { step: 3, identity: "a", complete: false })
+      assert.strictEqual(resume?.moments.expAvg.get("w")?.length, 2)
+    }).pipe(onBackend("cpu")))
+})
