@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import traceback
 
 import torch
@@ -34,8 +35,11 @@ import transformers
 from transformers import (
     Ministral3Config,
     Ministral3ForCausalLM,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
+    PixtralVisionConfig,
 )
 
 torch.set_grad_enabled(False)
@@ -298,6 +302,18 @@ def ministral_cfg(**kw):
     return Ministral3Config(**base)
 
 
+def save_padded_reference(model, ids, path):
+    """reference-padded.safetensors: row 1 loses its last 5 tokens to right padding."""
+    T = ids.shape[1]
+    idsp = ids.clone()
+    maskp = torch.ones_like(ids)
+    maskp[1, T - 5 :] = 0
+    idsp[1, T - 5 :] = PAD_ID
+    refp, _ = run_hf(model, idsp, maskp)
+    save_file(refp, os.path.join(path, "reference-padded.safetensors"), metadata={"format": "pt"})
+    return refp
+
+
 def references(name, path, cls, T, seed, extra=None):
     model = load_hf(path, cls)
     cfg = json.load(open(os.path.join(path, "config.json")))
@@ -308,13 +324,7 @@ def references(name, path, cls, T, seed, extra=None):
     save_file(ref, os.path.join(path, "reference.safetensors"), metadata={"format": "pt"})
     info = {"n_hidden_states": nh, "num_hidden_layers": cfg["num_hidden_layers"], "config": cfg}
     info["check_unpadded"] = compare(ref, path, cfg)
-    # right padding: row 1 loses its last 5 tokens
-    idsp = ids.clone()
-    maskp = torch.ones_like(ids)
-    maskp[1, T - 5 :] = 0
-    idsp[1, T - 5 :] = PAD_ID
-    refp, _ = run_hf(model, idsp, maskp)
-    save_file(refp, os.path.join(path, "reference-padded.safetensors"), metadata={"format": "pt"})
+    refp = save_padded_reference(model, ids, path)
     info["check_padded"] = compare(refp, path, cfg)
     info["padded_row0_equals_unpadded_row0_maxabs"] = float((refp["logits"][0] - ref["logits"][0]).abs().max())
     info["padded_row1_real_vs_unpadded_maxabs"] = float(
@@ -443,19 +453,93 @@ def tiny_mistral_padded(outdir, src):
     cfg = json.load(open(os.path.join(src, "config.json")))
     shared = load_file(os.path.join(src, "reference.safetensors"))
     ids = shared["input_ids"].long()
-    B, T = ids.shape
     ref, _ = run_hf(model, ids, torch.ones_like(ids))
     info = {"reproduces_shared_reference_maxabs": float((ref["logits"] - shared["logits"]).abs().max())}
-    idsp = ids.clone()
-    maskp = torch.ones_like(ids)
-    maskp[1, T - 5 :] = 0
-    idsp[1, T - 5 :] = PAD_ID
-    refp, _ = run_hf(model, idsp, maskp)
-    save_file(refp, os.path.join(dst, "reference-padded.safetensors"), metadata={"format": "pt"})
+    refp = save_padded_reference(model, ids, dst)
     info["check_padded"] = compare(refp, src, cfg)
     info["nll_unpadded_shared_inputs"] = float(ref["nll"][0])
     REPORT["variants"][name] = info
     log(name, info)
+
+
+def tiny_pixtral():
+    return PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               head_dim=16, image_size=32, patch_size=8)
+
+
+def mistral3_cfg(tie, text_tie):
+    """Mistral3Config around a 2-layer ministral3 text model; tie=None leaves the top-level field out."""
+    text = ministral_cfg(num_hidden_layers=2, intermediate_size=96, tie_word_embeddings=text_tie)
+    kw = {} if tie is None else {"tie_word_embeddings": tie}
+    return Mistral3Config(vision_config=tiny_pixtral(), text_config=text, **kw)
+
+
+def mistral3_variant(outdir, name, T, seed):
+    """Mistral3ForConditionalGeneration (tiny Pixtral tower, untied ministral3 text model) on text tokens only.
+
+    save_pretrained may write other tensor names than the model's modules have (transformers 5 writes
+    those of 4.x before 4.52); both layouts are checked to give the same logits, and the text model
+    alone, saved as a bare Ministral3ForCausalLM, is checked against transformers and the float64 spec.
+    """
+    path = os.path.join(outdir, name)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(mistral3_cfg(False, False))
+    init_weights(model, seed)
+    model.save_pretrained(path)
+    model = load_hf(path, Mistral3ForConditionalGeneration)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    text_cfg = cfg["text_config"]
+    ids = make_inputs(seed + 1000, 2, T, text_cfg["vocab_size"])
+    mask = torch.ones_like(ids)
+    ref, nh = run_hf(model, ids, mask)
+    save_file(ref, os.path.join(path, "reference.safetensors"), metadata={"format": "pt"})
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    info = {
+        "n_hidden_states": nh,
+        "config": cfg,
+        "saved_tensors": {k: list(v.shape) for k, v in sorted(load_weights(path).items())},
+        "module_tensors": sorted(state),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        modules = os.path.join(scratch, "module-names")
+        os.makedirs(modules)
+        save_file(state, os.path.join(modules, "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(os.path.join(path, "config.json"), modules)
+        again, loading = Mistral3ForConditionalGeneration.from_pretrained(
+            modules, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        info["module_names_loading_info"] = {k: sorted(map(str, v)) for k, v in loading.items()}
+        info["module_names_logits_maxabs"] = float((run_hf(again.eval(), ids, mask)[0]["logits"] - ref["logits"]).abs().max())
+        bare = os.path.join(scratch, "bare")
+        os.makedirs(bare)
+        prefix = "model.language_model."
+        text = {"model." + k[len(prefix) :] if k.startswith(prefix) else k: v
+                for k, v in state.items() if k.startswith(prefix) or k == "lm_head.weight"}
+        save_file(text, os.path.join(bare, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(bare, "config.json"), "w") as fh:
+            json.dump(text_cfg, fh)
+        info["check_text_model_spec"] = compare(ref, bare, text_cfg)
+        bare_ref, _ = run_hf(load_hf(bare, Ministral3ForCausalLM), ids, mask)
+        info["logits_vs_bare_text_model_maxabs"] = float((bare_ref["logits"] - ref["logits"]).abs().max())
+    info["tying"] = mistral3_tying_probe()
+    info["files"] = {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+    REPORT["variants"][name] = info
+    log(name, json.dumps({k: v for k, v in info.items() if k not in ("config", "saved_tensors", "module_tensors")})[:3000])
+
+
+def mistral3_tying_probe():
+    """Which tie_word_embeddings (top level, absent, or text_config's) ties lm_head to the embeddings."""
+    out = {}
+    for tie in (None, False, True):
+        for text_tie in (False, True):
+            c = mistral3_cfg(tie, text_tie)
+            m = Mistral3ForConditionalGeneration(c)
+            out[f"top={tie},text={text_tie}"] = {
+                "tied": m.lm_head.weight.data_ptr() == m.model.language_model.embed_tokens.weight.data_ptr(),
+                "top_level_in_to_dict": c.to_dict().get("tie_word_embeddings", "absent"),
+            }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +624,9 @@ def dump_sources(path):
         "transformers.models.ministral3.modeling_ministral3",
         "transformers.models.mistral.configuration_mistral",
         "transformers.models.mistral.modeling_mistral",
+        "transformers.models.mistral3.configuration_mistral3",
+        "transformers.models.mistral3.modeling_mistral3",
+        "transformers.conversion_mapping",
         "transformers.masking_utils",
         "transformers.integrations.sdpa_attention",
     ]
@@ -612,6 +699,7 @@ def main():
                                                    505, 48, extra=ministral_extra)),
         ("ministral3-yarn-legacy", lambda: legacy_variant(fx, "ministral3-yarn", "ministral3-yarn-legacy", 48,
                                                           505 + 1000)),
+        ("mistral3-wrapped", lambda: mistral3_variant(fx, "mistral3-wrapped", 24, 606)),
     ]
     if args.tiny_mistral:
         steps.append(("tiny-mistral-padded", lambda: tiny_mistral_padded(fx, args.tiny_mistral)))

@@ -1,6 +1,8 @@
 /**
  * The model configuration: `config.json` of a `MistralForCausalLM` (`model_type: "mistral"`) or a
- * `Ministral3ForCausalLM` (`model_type: "ministral3"`), decoded and normalised into one shape.
+ * `Ministral3ForCausalLM` (`model_type: "ministral3"`), decoded and normalised into one shape. A
+ * `Mistral3ForConditionalGeneration` (`model_type: "mistral3"`, as Ministral 3 is released) decodes
+ * to the config of its text model, which it keeps under `text_config`.
  *
  * Both the current `rope_parameters` layout and the legacy top-level `rope_theta` / `rope_scaling`
  * fields are read. The raw JSON is kept so that a checkpoint we write carries every field the
@@ -93,6 +95,43 @@ const decodeRaw = Schema.decodeUnknownEffect(RawConfig)
 
 /** Decodes a parsed config.json; `file` names it in errors. */
 export const decode = Effect.fn("Config.decode")(function*(json: unknown, file: string) {
+  if (!isMistral3(json)) return yield* decodeTextModel(json, file)
+  const text = yield* textModelJson(json, file)
+  return yield* decodeTextModel(text, file).pipe(
+    Effect.mapError((error) => new ConfigError({ file, reason: `text_config: ${error.reason}` }))
+  )
+})
+
+/** Whether config.json is a `Mistral3ForConditionalGeneration`'s: a vision tower around a text model. */
+export const isMistral3 = (json: unknown): json is Record<string, unknown> =>
+  typeof json === "object" && json !== null && (json as { model_type?: unknown }).model_type === "mistral3"
+
+const causalLmClass: Record<string, string> = { mistral: "MistralForCausalLM", ministral3: "Ministral3ForCausalLM" }
+
+/**
+ * A Mistral3ForConditionalGeneration's text model as a config.json of its own, the form a model
+ * derived from it is saved in (with its causal LM class, which vLLM needs). The wrapper's storage
+ * dtype carries over, and so does its tie_word_embeddings: transformers 5 ties lm_head by that
+ * top-level field (class default true) and ignores text_config's. A text_config without model_type
+ * is a Mistral, as in transformers.
+ */
+const textModelJson = (wrapper: Record<string, unknown>, file: string) => {
+  const text = wrapper.text_config
+  if (typeof text !== "object" || text === null || Array.isArray(text)) {
+    return Effect.fail(new ConfigError({ file, reason: `model_type "mistral3" needs a text_config object (the text model's config)` }))
+  }
+  const dtype = Object.fromEntries(["dtype", "torch_dtype"].filter((key) => key in wrapper).map((key) => [key, wrapper[key]]))
+  const modelType = (text as { model_type?: unknown }).model_type ?? "mistral"
+  return Effect.succeed({
+    ...dtype,
+    ...text,
+    model_type: modelType,
+    architectures: [causalLmClass[String(modelType)]],
+    tie_word_embeddings: wrapper.tie_word_embeddings ?? true
+  })
+}
+
+const decodeTextModel = Effect.fnUntraced(function*(json: unknown, file: string) {
   const raw = yield* decodeRaw(json).pipe(
     Effect.mapError((error) => new ConfigError({ file, reason: oneLine(error.message) }))
   )

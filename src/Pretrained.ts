@@ -4,7 +4,8 @@
  *
  * Loading checks every tensor against the shape config.json implies, so a config that lies fails
  * with the tensor and file named instead of producing garbage. Each tensor is read from disk, copied
- * to the backend and dropped from JS memory before the next, so a checkpoint is never held twice.
+ * to the backend and dropped from JS memory before the next, so a checkpoint is never held twice. A
+ * Mistral3ForConditionalGeneration (Ministral 3 as released) loads as its text model, and saves as one.
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
@@ -19,24 +20,44 @@ import type { FloatDtype } from "./Safetensors.ts"
 const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) =>
   a.length === b.length && a.every((size, i) => size === b[i])
 
+/**
+ * Where a Mistral3ForConditionalGeneration keeps its text model's tensors: under its module names, or
+ * under the names transformers 5's save_pretrained writes (those of 4.x before 4.52). Its vision tower
+ * and projector are never read.
+ */
+const mistral3Layouts = [
+  { model: "model.language_model.", lmHead: "lm_head.weight" },
+  { model: "language_model.model.", lmHead: "language_model.lm_head.weight" }
+]
+
+/** The checkpoint's name for a tensor of a bare `MistralForCausalLM` (the names `Model` uses). */
+const storedNames = (checkpoint: Checkpoint.Checkpoint): (name: string) => string => {
+  if (!Config.isMistral3(checkpoint.rawConfig)) return (name) => name
+  // With neither layout's embeddings present, the module names are the ones a missing-tensor error names.
+  const layout = mistral3Layouts.find(({ model }) => checkpoint.names.includes(`${model}embed_tokens.weight`)) ?? mistral3Layouts[0]
+  return (name) => (name === "lm_head.weight" ? layout.lmHead : name.replace(/^model\./, layout.model))
+}
+
 /** Loads a checkpoint folder. The model's tensors are released when the scope closes. */
 export const load = Effect.fn("Pretrained.load")(function*(dir: string) {
   const checkpoint = yield* Checkpoint.open(dir)
   const config = yield* Config.decode(checkpoint.rawConfig, checkpoint.configPath)
+  const storedName = storedNames(checkpoint)
   const tensors = yield* Effect.acquireRelease(
     Effect.sync(() => new Map<string, tf.Tensor>()),
     (tensors) => Effect.sync(() => tf.dispose([...tensors.values()]))
   )
   for (const { name, shape } of Model.tensorShapes(config)) {
-    const info = yield* checkpoint.info(name)
+    const stored = storedName(name)
+    const info = yield* checkpoint.info(stored)
     if (!sameShape(info.shape, shape)) {
       return yield* new CheckpointError({
-        file: yield* checkpoint.fileOf(name),
-        tensor: name,
+        file: yield* checkpoint.fileOf(stored),
+        tensor: stored,
         reason: `has shape [${info.shape}] but ${checkpoint.configPath} implies [${shape}]`
       })
     }
-    tensors.set(name, tf.tensor(yield* checkpoint.readFloat32(name), shape, "float32"))
+    tensors.set(name, tf.tensor(yield* checkpoint.readFloat32(stored), shape, "float32"))
   }
   return Model.make(config, Model.weightsFromTensors(config, tensors))
 })
