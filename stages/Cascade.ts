@@ -16,6 +16,7 @@ import * as Config from "../src/Config.ts"
 import * as Dataset from "../src/Dataset.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
+import * as Report from "../src/Report.ts"
 import * as Generate from "../src/Generate.ts"
 import * as Plot from "../src/Plot.ts"
 import * as Pretrained from "../src/Pretrained.ts"
@@ -313,6 +314,6 @@ const writeReport = Effect.fn("Cascade.writeReport")(function*(runDir: string, r
   }
   for (const [name, content] of Object.entries(plots)) yield* Files.writeText(path.join(runDir, name), content)
   const markdown = `# Cascade report\n\n${table(rows)}\n\nPlots: ${Object.keys(plots).join(", ")}\n`
-  yield* Files.writeText(path.join(runDir, "report.md"), markdown)
+  yield* Report.writeSection(path.join(runDir, "report.md"), "cascade", markdown)
   yield* Files.writeJson(path.join(runDir, "report.json"), { rows, generations })
 })
