@@ -31,10 +31,13 @@ export interface Served {
   readonly maxLogprobs?: number
 }
 
-/** Serves the API on `host`:`port` (0: a free port; the `HttpServer` service says which). */
-export const layer = (served: Served, listen: { readonly host: string; readonly port: number }) =>
-  HttpRouter.serve(routes(served), { disableLogger: true, disableListenLog: true, middleware: logRequest }).pipe(
-    Layer.provideMerge(NodeHttpServer.layer(createServer, listen))
+/**
+ * Serves the API on `host`:`port` (0: a free port; the `HttpServer` service says which), logging a
+ * line per request unless `logRequests` is false (a server inside a pipeline would bury its output).
+ */
+export const layer = (served: Served, options: { readonly host: string; readonly port: number; readonly logRequests?: boolean }) =>
+  HttpRouter.serve(routes(served), { disableLogger: true, disableListenLog: true, middleware: options.logRequests === false ? undefined : logRequest }).pipe(
+    Layer.provideMerge(NodeHttpServer.layer(createServer, { host: options.host, port: options.port }))
   )
 
 /** vLLM's default cap on `logprobs` and `prompt_logprobs`. */

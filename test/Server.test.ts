@@ -312,6 +312,26 @@ describe("Server", () => {
       })
     ))
 
+  it.live("logs a line per request, and none with logRequests false", () =>
+    Effect.gen(function*() {
+      const dir = yield* modelFolder
+      const served = { model: yield* Pretrained.load(dir), tokenizer: yield* Tokenizer.load(dir), name: "tiny" }
+      const lines: Array<string> = []
+      const capture = Logger.layer([Logger.make(({ message }) => lines.push(([] as Array<unknown>).concat(message).join(" ")))])
+      const linesOf = (logRequests: boolean | undefined) =>
+        Effect.gen(function*() {
+          lines.length = 0
+          const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0, logRequests }))
+          const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
+          assert.strictEqual((yield* request(`${url}/v1/models`)).status, 200)
+          return [...lines]
+        }).pipe(Effect.scoped, Effect.provide(capture))
+      const logged = yield* linesOf(undefined)
+      assert.strictEqual(logged.length, 1)
+      assert.match(logged[0], /^GET \/v1\/models 200 \d+ms$/)
+      assert.deepStrictEqual(yield* linesOf(false), [])
+    }).pipe(onBackend("wasm")))
+
   it.live("cascade serve prints its URL, answers, and stops on SIGINT", () =>
     Effect.gen(function*() {
       const dir = yield* modelFolder
