@@ -3,6 +3,9 @@
  * backbone and head run in this process, symmetrised and at the temperature fitted when it was trained.
  */
 import { Effect, Layer } from "effect"
+import * as path from "node:path"
+import * as Checkpoint from "../src/Checkpoint.ts"
+import * as Files from "../src/Files.ts"
 import { PairwisePreference, PreferenceError } from "../src/Preference.ts"
 import * as Pwrm from "../src/Pwrm.ts"
 import { TensorBackend } from "./TensorBackend.ts"
@@ -13,7 +16,9 @@ export const fromPwrm = (dir: string) =>
     Effect.gen(function*() {
       yield* TensorBackend // the model's tensors live on it
       const pwrm = yield* Pwrm.load(dir)
+      const files = yield* Effect.forEach([Pwrm.headFile, Pwrm.cardFile], (file) => Files.sha256(path.join(dir, file)))
       return PairwisePreference.of({
+        describe: `pwrm ${[yield* Checkpoint.fingerprint(dir), ...files].join(":")}`,
         probability: (prompt, a, b) =>
           Effect.try({
             try: () => Pwrm.probabilities(pwrm, [{ prompt, a, b }])[0],

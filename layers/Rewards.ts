@@ -95,8 +95,11 @@ const decodeCompletion = Schema.decodeUnknownEffect(ChatCompletion)
  */
 const RESAMPLING_TEMPERATURE = 0.7
 
-/** The question about one item, the response's thinking stripped. */
-const question = (prompt: string, response: string, item: string) =>
+/**
+ * The question the judge gets about one item, the response's thinking stripped; exported so that
+ * data for training a judge asks it the same way.
+ */
+export const judgeQuestion = (prompt: string, response: string, item: string) =>
   [
     "Here is a prompt and a response to it.",
     "",
@@ -213,7 +216,7 @@ const makeJudge = Effect.fnUntraced(function*(options: JudgeOptions) {
   }
 
   const check = (prompt: string, response: string, item: string): Effect.Effect<Score["checks"][number], RewardError> => {
-    const content = question(prompt, response, item)
+    const content = judgeQuestion(prompt, response, item)
     const key = createHash("sha256").update(JSON.stringify({ judge: judgeIdentity, content })).digest("hex")
     const cached = cache?.get(key)
     if (cached !== undefined) return Effect.succeed({ name: item, passed: cached })
@@ -235,14 +238,15 @@ const makeJudge = Effect.fnUntraced(function*(options: JudgeOptions) {
     )
   }
 
-  return (({ prompt, response, task }) => {
+  const score: Scorer = ({ prompt, response, task }) => {
     if (task.kind !== "rubric") return Effect.fail(new RewardError({ source, reason: `the judge checks rubrics, not ${task.kind} tasks` }))
     if (task.items.length === 0) return Effect.fail(new RewardError({ source, reason: "the rubric has no items" }))
     const { answer } = splitThinking(response)
     return Effect.forEach(task.items, (item) => check(prompt, answer.trim(), item), { concurrency: "unbounded" }).pipe(
       Effect.map(Verifiers.shareOf)
     )
-  }) satisfies Scorer
+  }
+  return { score, describe: `judge ${judgeIdentity}` }
 })
 
 // ---------------------------------------------------------------------------------------------
@@ -250,7 +254,9 @@ const makeJudge = Effect.fnUntraced(function*(options: JudgeOptions) {
 
 /** Rubrics only, by the judge. */
 export const judge = (options: JudgeOptions) =>
-  Layer.effect(Rewards, Effect.map(makeJudge(options), (score) => Rewards.of({ score }))).pipe(Layer.provide(FetchHttpClient.layer))
+  Layer.effect(Rewards, Effect.map(makeJudge(options), ({ score, describe }) => Rewards.of({ score, describe }))).pipe(
+    Layer.provide(FetchHttpClient.layer)
+  )
 
 /** Every kind of task: rubrics by the judge (none: a rubric task fails), the others checked here. */
 export const layer = (options: { readonly judge?: JudgeOptions | undefined; readonly code?: CodeOptions | undefined } = {}) =>
@@ -259,6 +265,9 @@ export const layer = (options: { readonly judge?: JudgeOptions | undefined; read
     Effect.gen(function*() {
       const verify = yield* makeVerifiers(options.code ?? {})
       const rubric = options.judge === undefined ? undefined : yield* makeJudge(options.judge)
-      return Rewards.of({ score: (sample) => (sample.task.kind === "rubric" && rubric !== undefined ? rubric(sample) : verify(sample)) })
+      return Rewards.of({
+        score: (sample) => (sample.task.kind === "rubric" && rubric !== undefined ? rubric.score(sample) : verify(sample)),
+        describe: rubric === undefined ? "verifiers" : `verifiers, ${rubric.describe}`
+      })
     })
   ).pipe(Layer.provide(FetchHttpClient.layer))

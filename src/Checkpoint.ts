@@ -3,11 +3,12 @@
  * shards listed by `model.safetensors.index.json`. Files are named and laid out as transformers'
  * `save_pretrained` does, so `from_pretrained` loads what `save` writes.
  */
+import { createHash } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { Effect, type Scope } from "effect"
 import { CheckpointError, ConfigError } from "./Errors.ts"
-import { writeJson } from "./Files.ts"
+import { sha256, writeJson } from "./Files.ts"
 import * as Safetensors from "./Safetensors.ts"
 
 const configName = "config.json"
@@ -225,3 +226,15 @@ export const save = Effect.fn("Checkpoint.save")(function*<E = never, R = never>
     })
   }
 })
+
+/**
+ * What a checkpoint folder holds, as one hash: config.json and every weight file (the shards the
+ * index lists, in order). Runs name the models they start from by it, so that a model retrained in
+ * place is another start, where a hash of its config alone would not tell.
+ */
+export const fingerprint = Effect.fn("Checkpoint.fingerprint")(function*(dir: string) {
+  const checkpoint = yield* open(dir)
+  const files = [...new Set(yield* Effect.forEach(checkpoint.names, checkpoint.fileOf))].sort()
+  const hashes = yield* Effect.forEach([checkpoint.configPath, ...files], sha256)
+  return createHash("sha256").update(hashes.join("\n")).digest("hex")
+}, Effect.scoped)

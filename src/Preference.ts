@@ -16,4 +16,6 @@ export class PreferenceError extends Schema.TaggedError<PreferenceError>()("Pref
 export class PairwisePreference extends Context.Service<PairwisePreference, {
   /** P(A beats B) in [0, 1], with P(A, B) = 1 - P(B, A). */
   readonly probability: (prompt: string, a: string, b: string) => Effect.Effect<number, PreferenceError>
+  /** Which model gives the probabilities: a run labelled by another is another run. */
+  readonly describe: string
 }>()("cascade/PairwisePreference") {}

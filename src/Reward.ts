@@ -44,4 +44,6 @@ export class RewardError extends Schema.TaggedError<RewardError>()("RewardError"
 
 export class Rewards extends Context.Service<Rewards, {
   readonly score: (sample: Sample) => Effect.Effect<Score, RewardError>
+  /** What scores the samples (the verifiers, which judge): a run scored by another is another run. */
+  readonly describe: string
 }>()("cascade/Rewards") {}

@@ -25,7 +25,7 @@
 import { Effect, Schema, type Scope, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Config from "../src/Config.ts"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Dataset from "../src/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
@@ -87,7 +87,8 @@ const TaskSchema = Schema.Union([
   Schema.Struct({ kind: Schema.Literal("code"), entry: Schema.String, tests: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("rubric"), items: Schema.Array(Schema.String) })
 ])
-const GrpoPrompt = Schema.Struct({ prompt: Schema.String, task: TaskSchema })
+/** A line of a GRPO prompt file: the prompt as the model reads it, and what checks a response. */
+export const GrpoPrompt = Schema.Struct({ prompt: Schema.String, task: TaskSchema })
 
 /** A micro-batch of the updates: whole groups, with what the loss needs of each response. */
 interface GrpoMicroBatch {
@@ -98,7 +99,8 @@ interface GrpoMicroBatch {
 /** Runs (or resumes, or finds finished) GRPO; returns the final state. */
 export const grpo = Effect.fn("Grpo.grpo")(function*(options: GrpoOptions) {
   const prompts = yield* readPrompts(options.prompts, GrpoPrompt)
-  const identity = { group: options.group, loss: options.loss, std: options.std, updates: options.updates, microBatch: options.microBatch }
+  const rewards = yield* Rewards
+  const identity = { group: options.group, loss: options.loss, std: options.std, updates: options.updates, microBatch: options.microBatch, rewards: rewards.describe }
   return yield* runOnline(options, { format: "cascade-grpo/1", identity, prompts }, grpoStep(options), options.onStep)
 })
 
@@ -299,7 +301,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
   const reference = yield* Pretrained.load(options.modelDir)
   const tokenizer = yield* Tokenizer.load(options.modelDir)
   const identity = JSON.stringify({
-    model: Config.hash(reference.config),
+    model: yield* Checkpoint.fingerprint(options.modelDir),
     prompts: yield* Files.sha256(options.prompts),
     steps: options.steps,
     seed: options.seed,
@@ -307,6 +309,9 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     maxNewTokens: options.maxNewTokens,
     temperature: options.temperature,
     loop: options.loop,
+    learningRate: options.learningRate,
+    weightDecay: options.weightDecay,
+    maxGradNorm: options.maxGradNorm,
     ...setup.identity
   })
 

@@ -60,7 +60,8 @@ interface OdpoMicroBatch {
 /** Runs (or resumes, or finds finished) online DPO; returns the final state. */
 export const odpo = Effect.fn("Odpo.odpo")(function*(options: OdpoOptions) {
   const prompts = yield* readPrompts(options.prompts, OdpoPrompt)
-  const identity = { beta: options.beta, microBatch: options.microBatch }
+  const preference = yield* PairwisePreference
+  const identity = { beta: options.beta, microBatch: options.microBatch, preference: preference.describe }
   return yield* runOnline(options, { format: "cascade-odpo/1", identity, prompts }, odpoStep(options), options.onStep)
 })
 

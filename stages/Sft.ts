@@ -20,7 +20,7 @@ import { Effect, Option, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as ChatData from "../src/ChatData.ts"
-import * as Config from "../src/Config.ts"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Dataset from "../src/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
@@ -94,7 +94,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   const model = yield* Pretrained.load(options.modelDir)
   const config = model.config
   const identity = JSON.stringify({
-    model: Config.hash(config),
+    model: yield* Checkpoint.fingerprint(options.modelDir),
     data: yield* Files.sha256(options.data),
     teacher: teacher?.describe ?? null,
     distillWeight,
@@ -102,7 +102,12 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     seed: options.seed,
     batch: options.batch,
     accumulate: options.accumulate,
-    steps: options.steps
+    steps: options.steps,
+    learningRate: options.learningRate,
+    minLearningRate: options.minLearningRate,
+    warmupSteps: options.warmupSteps,
+    weightDecay: options.weightDecay,
+    maxGradNorm: options.maxGradNorm
   })
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, { identity, resume: options.resume, differs: "options, data, model or teacher" })
   if (finished !== undefined) return finished

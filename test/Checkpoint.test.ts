@@ -142,6 +142,23 @@ describe("Checkpoint", () => {
       ])
     }))
 
+  it.effect("fingerprint follows the weights of every shard and the config, not the folder", () =>
+    Effect.gen(function*() {
+      const tensorsOf = (values: ReadonlyArray<number>) =>
+        ["a", "b", "c"].map((name, i) => ({ name, shape: [2], data: Effect.succeed(new Float32Array([values[i], 1])) }))
+      const [one, two] = [yield* tempDir, yield* tempDir]
+      const sharded = { dtype: "F32", maxShardBytes: 8 } as const
+      yield* Checkpoint.save(one, { config: { x: 1 }, tensors: tensorsOf([1, 2, 3]), ...sharded })
+      yield* Checkpoint.save(two, { config: { x: 1 }, tensors: tensorsOf([1, 2, 3]), ...sharded })
+      const first = yield* Checkpoint.fingerprint(one)
+      assert.strictEqual(yield* Checkpoint.fingerprint(two), first, "the same checkpoint in another folder")
+      // One value in the last shard: the index is unchanged, the fingerprint is not.
+      yield* Checkpoint.save(two, { config: { x: 1 }, tensors: tensorsOf([1, 2, 4]), ...sharded })
+      assert.notStrictEqual(yield* Checkpoint.fingerprint(two), first)
+      yield* Checkpoint.save(two, { config: { x: 2 }, tensors: tensorsOf([1, 2, 3]), ...sharded })
+      assert.notStrictEqual(yield* Checkpoint.fingerprint(two), first)
+    }))
+
   describe("rejects a bad folder, naming the file and tensor", () => {
     const saveTwoShards = (dir: string) =>
       Checkpoint.save(dir, {

@@ -35,6 +35,7 @@ const score = (reward: number | undefined): Score => ({ reward, checks: [{ name:
 
 /** A numeric verifier: the answer is the response's first line, equal as a number; other tasks get no verdict. */
 const exactAnswers = Layer.succeed(Rewards, {
+  describe: "exact numeric answers",
   score: ({ response, task }) =>
     Effect.succeed(score(task.kind === "numeric" ? (Number(Tasks.extractAnswer(response)) === Number(task.answer) ? 1 : 0) : undefined))
 })
@@ -108,12 +109,17 @@ describe("grpo", () => {
       ])
       const out = path.join(dir, "grpo")
       const everythingRight = Layer.succeed(Rewards, {
+        describe: "every numeric answer right",
         score: ({ task }) => Effect.succeed(score(task.kind === "numeric" ? 1 : undefined))
       })
       yield* grpo({ ...options(prompts, out), steps: 1, batch: 2 }).pipe(Effect.scoped, Effect.provide(everythingRight))
       const [m] = yield* metrics(out)
       assert.deepInclude(m, { reward_mean: 1, accuracy: 1, unscored: 8, groups: 0, dropped_groups: 2, loss: null, clip_fraction: null })
       assert.strictEqual(yield* correctProbability(out), yield* correctProbability(parent))
+      // Finished: the same run again is found done; one scored by other rewards is another run.
+      yield* grpo({ ...options(prompts, out), steps: 1, batch: 2 }).pipe(Effect.scoped, Effect.provide(everythingRight))
+      const other = yield* Effect.flip(grpo({ ...options(prompts, out), steps: 1, batch: 2 }).pipe(Effect.scoped, Effect.provide(exactAnswers)))
+      assert.include(String(other), "finished run with other options")
     }).pipe(onBackend("wasm")))
 
   it.effect("a killed run resumed with --resume ends where an uninterrupted run ends", () =>

@@ -23,6 +23,7 @@ const tempDir = Effect.acquireRelease(
 const preferShorter = (a: string, b: string) => (a.length < b.length ? 1 : a.length > b.length ? 0 : 0.5)
 
 const shorter = Layer.succeed(PairwisePreference, {
+  describe: "prefers the shorter response",
   probability: (_prompt, a, b) => Effect.succeed(preferShorter(a, b))
 })
 
@@ -72,6 +73,7 @@ describe("odpo", () => {
       const seen: Array<[string, string]> = []
       // A PWRM that prefers the longer response, so that only the loop rule can make it lose.
       const longer = Layer.succeed(PairwisePreference, {
+        describe: "prefers the longer response",
         probability: (_prompt, a, b) => Effect.sync(() => (seen.push([a, b]), 1 - preferShorter(a, b)))
       })
       const run = <A, E>(effect: Effect.Effect<A, E, PairwisePreference>) => Effect.provide(effect, longer)
