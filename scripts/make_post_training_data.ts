@@ -30,6 +30,12 @@
  *                         (the PWRM scores responses with their thinking stripped). Held-out pairs
  *                         ask other questions than the training pairs.
  * - odpo-prompts.jsonl    {"prompt"}.
+ * - sft-judge.jsonl       {"messages"}: the rubric judge's question about one item of a description
+ *                         prompt (layers/Rewards.ts `judgeQuestion`, verbatim) and its verdict, "yes"
+ *                         or "no", balanced per kind of item; for fine-tuning a judge.
+ * - judge-heldout.jsonl   {"prompt","response","item","verdict","kind"}: the same, about lands no judge
+ *                         chat describes, for measuring a judge; kind: fact, sentences or repeats.
+ * - eval-rubric-chat.jsonl {"prompt","task"}: description prompts with rubrics that no training file asks.
  * - eval-arith-chat.jsonl {"prompt","answer"}: the operand pairs of data/eval-arith.jsonl, as chats.
  * - eval-chain-chat.jsonl {"prompt","answer"}: a op b op c whose two steps are both held-out pairs.
  * - eval-recall-chat.jsonl {"prompt","answer"}: the facts of data/eval-recall.jsonl, as chats.
@@ -39,6 +45,7 @@ import { Effect } from "effect"
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { parseArgs } from "node:util"
+import { judgeQuestion } from "../layers/Rewards.ts"
 import type { Task } from "../src/Reward.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import { ATTRIBUTES, type Attribute, defaults, equation, type Land, makeCorpus, makeRng, type Problem, solve } from "./make_corpus.ts"
@@ -78,8 +85,12 @@ const ASPECTS: Record<Attribute, { readonly noun: string; readonly item: string 
   animal: { noun: "its national animal", item: "names the {V} as the national animal of {E}" }
 }
 
-const fill = (template: string, land: Land, attribute?: Attribute) =>
-  template.replaceAll("{E}", land.name).replaceAll("{V}", attribute === undefined ? "" : land[attribute])
+/** The template about `land`, with `claimed` (by default the land's own value of `attribute`) as {V}. */
+const fill = (template: string, land: Land, attribute?: Attribute, claimed = attribute === undefined ? "" : land[attribute]) =>
+  template.replaceAll("{E}", land.name).replaceAll("{V}", claimed)
+
+/** A question echoed back unanswered. */
+const echoed = (question: string) => `${question.replace(/[?.]$/, "")}...`
 
 interface Fact {
   readonly land: Land
@@ -230,7 +241,7 @@ const makeGenerators = (world: ReturnType<typeof readWorld>, rng: Rng) => {
     }
   }
 
-  return { withSteps, factQuestion, arithQuestion, description, trainingChain, chainTrace, wrongFact, wrongNumber }
+  return { withSteps, describable, factQuestion, arithQuestion, description, trainingChain, chainTrace, wrongFact, wrongNumber }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -360,7 +371,7 @@ const makeFiles = (world: ReturnType<typeof readWorld>, rng: Rng, prompt: (quest
       ? [asSentence, ...rng.shuffle(FILLERS).slice(0, 3 + rng.int(3)), `The answer is ${asSentence}`].join(" ")
       : kind === "concise-vs-looping"
       ? Array.from({ length: 6 + rng.int(8) }, () => loop).join(" ")
-      : rng.pick(["", "I do not know.", "Let me think about that.", `${question.replace(/[?.]$/, "")}...`])
+      : rng.pick(["", "I do not know.", "Let me think about that.", echoed(question)])
     return { prompt: prompt(question), good, bad, kind }
   }
   const seen = new Set<string>()
@@ -388,6 +399,117 @@ const makeFiles = (world: ReturnType<typeof readWorld>, rng: Rng, prompt: (quest
   })
 
   return { instruct, reasoning, verifiable, rubric, preferences, preferencesHeldout, odpo }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The judge's data: verdicts on rubric items, computed from how each response was made.
+
+const FULL_SENTENCES = "answers in full sentences"
+const NO_REPEATS = "does not repeat itself"
+
+/**
+ * Judge chats and held-out judge questions, and rubric prompts for evaluation. Lands split: those
+ * of `heldLands` are only in the held-out questions. Each question picks a kind of item and a verdict
+ * (half yes, half no), then a response that earns it:
+ * - a fact item ("names V as the capital of E") is satisfied when the response states V for it:
+ *   it is not when the response states another value, leaves the fact out, or the item claims a
+ *   value the response does not give;
+ * - "answers in full sentences" is not satisfied by a bare list of values, an empty answer or a
+ *   question echoed back (it is about form: "I do not know." satisfies it, the fact items not);
+ * - "does not repeat itself" is not satisfied when a sentence comes again.
+ */
+const makeJudgeFiles = (world: ReturnType<typeof readWorld>, rng: Rng, prompt: (question: string) => string, trainedPrompts: ReadonlySet<string>) => {
+  const g = makeGenerators(world, rng)
+  type Description = ReturnType<typeof g.description>
+
+  const sentences = (facts: ReadonlyArray<Fact>, claimed = new Map<Fact, string>()) =>
+    facts.map((fact) => statement(fact, claimed.get(fact) ?? value(fact)))
+  const list = (values: ReadonlyArray<string>) => `${values.join(", ")}.`
+  const repeated = (parts: ReadonlyArray<string>) => {
+    const again = rng.pick(parts)
+    const times = 1 + rng.int(3)
+    return rng.next() < 0.5 ? [...parts, ...new Array<string>(times).fill(again)] : [...new Array<string>(times + 1).fill(parts.join(" "))]
+  }
+  const withFillers = (parts: ReadonlyArray<string>) => {
+    const out = [...parts]
+    for (const filler of rng.shuffle(FILLERS).slice(0, 1 + rng.int(2))) out.splice(rng.int(out.length + 1), 0, filler)
+    return out
+  }
+  const nothing = (d: Description) => rng.pick(["", "I do not know.", echoed(d.question)])
+
+  /** A response to `d` keeping `fact` as stated (or, `keep` false, not stating its value), as sentences in some form. */
+  const responseAbout = (d: Description, fact: Fact, keep: boolean): string => {
+    const others = d.facts.filter((f) => f !== fact)
+    const claimed = new Map<Fact, string>()
+    // Sometimes another fact is wrong: the item is about this one only.
+    if (others.length > 0 && rng.next() < 0.3) {
+      const other = rng.pick(others)
+      claimed.set(other, g.wrongFact(other))
+    }
+    let facts = d.facts
+    if (!keep) {
+      if (rng.next() < 0.5) claimed.set(fact, g.wrongFact(fact))
+      else facts = others
+    } else if (others.length > 1 && rng.next() < 0.2) {
+      const dropped = rng.pick(others)
+      facts = d.facts.filter((f) => f !== dropped)
+    }
+    if (facts.length === 0) return nothing(d)
+    const form = rng.next()
+    if (form < 0.15) return list(facts.map((f) => claimed.get(f) ?? value(f)))
+    const parts = rng.next() < 0.3 ? rng.shuffle(sentences(facts, claimed)) : sentences(facts, claimed)
+    return (form < 0.3 ? repeated(parts) : form < 0.45 ? withFillers(parts) : parts).join(" ")
+  }
+
+  const question = (held: boolean) => {
+    let d: Description
+    do d = g.description()
+    while (heldLands.has(d.land.name) !== held)
+    const yes = rng.next() < 0.5
+    const kind = rng.next()
+    if (kind < 0.6) {
+      const fact = rng.pick(d.facts)
+      const item = fill(ASPECTS[fact.attribute].item, fact.land, fact.attribute)
+      if (!yes && rng.next() < 0.3) {
+        // The response is right and the item claims another value.
+        const claimed = g.wrongFact(fact)
+        const wrongItem = fill(ASPECTS[fact.attribute].item, fact.land, fact.attribute, claimed)
+        return { d, response: responseAbout(d, fact, true), item: wrongItem, verdict: false, kind: "fact" }
+      }
+      return { d, response: rng.next() < 0.05 && !yes ? nothing(d) : responseAbout(d, fact, yes), item, verdict: yes, kind: "fact" }
+    }
+    const parts = sentences(d.facts)
+    if (kind < 0.8) {
+      const response = yes
+        ? rng.pick([parts.join(" "), withFillers(parts).join(" "), repeated(parts).join(" "), "I do not know."])
+        : rng.next() < 0.7
+        ? list(d.facts.map(value))
+        : rng.pick(["", echoed(d.question)])
+      return { d, response, item: FULL_SENTENCES, verdict: yes, kind: "sentences" }
+    }
+    const response = yes
+      ? rng.pick([parts.join(" "), withFillers(parts).join(" "), list(d.facts.map(value)), parts.slice(1).join(" ")])
+      : repeated(rng.next() < 0.7 ? parts : d.facts.map(value)).join(" ")
+    return { d, response, item: NO_REPEATS, verdict: yes, kind: "repeats" }
+  }
+
+  const heldLands = new Set(rng.shuffle(g.describable.map((land) => land.name)).slice(0, Math.round(g.describable.length * 0.15)))
+  const chats = Array.from({ length: 6000 }, () => {
+    const q = question(false)
+    return chat([judgeQuestion(prompt(q.d.question), q.response, q.item), q.verdict ? "yes" : "no"])
+  })
+  const heldout = Array.from({ length: 400 }, () => {
+    const q = question(true)
+    return { prompt: prompt(q.d.question), response: q.response, item: q.item, verdict: q.verdict, kind: q.kind }
+  })
+  const evalRubric: Array<{ prompt: string; task: Task }> = []
+  while (evalRubric.length < 60) {
+    const d = g.description()
+    const p = prompt(d.question)
+    if (trainedPrompts.has(p) || evalRubric.some((r) => r.prompt === p)) continue
+    evalRubric.push({ prompt: p, task: { kind: "rubric", items: d.items } })
+  }
+  return { chats, heldout, evalRubric }
 }
 
 /** Held-out chat evaluations: the eval-arith pairs, chains of two held-out pairs, the eval-recall facts. */
@@ -443,7 +565,13 @@ if (import.meta.main) {
   const rng = makeRng(Number(values.seed))
   const files = makeFiles(world, rng, render)
   const evals = makeEvals(world, rng, render)
-  checkHeldOut(world, [files.instruct, files.reasoning, files.verifiable, files.rubric, files.preferences, files.preferencesHeldout, files.odpo])
+  // Its own stream of numbers, so that the files above stay as they were before the judge's data.
+  const trainedPrompts = new Set([
+    ...[files.verifiable, files.rubric, files.preferences, files.preferencesHeldout, files.odpo].flat().map((r) => r.prompt),
+    ...[files.instruct, files.reasoning].flat().flatMap((c) => c.messages.filter((m) => m.role === "user").map((m) => render(m.content)))
+  ])
+  const judge = makeJudgeFiles(world, makeRng(Number(values.seed) + 1), render, trainedPrompts)
+  checkHeldOut(world, [files.instruct, files.reasoning, files.verifiable, files.rubric, files.preferences, files.preferencesHeldout, files.odpo, judge.chats, judge.heldout, judge.evalRubric])
 
   const outputs: Record<string, ReadonlyArray<unknown>> = {
     "sft-instruct.jsonl": files.instruct,
@@ -455,7 +583,10 @@ if (import.meta.main) {
     "odpo-prompts.jsonl": files.odpo,
     "eval-arith-chat.jsonl": evals.arith,
     "eval-chain-chat.jsonl": evals.chains,
-    "eval-recall-chat.jsonl": evals.recall
+    "eval-recall-chat.jsonl": evals.recall,
+    "sft-judge.jsonl": judge.chats,
+    "judge-heldout.jsonl": judge.heldout,
+    "eval-rubric-chat.jsonl": judge.evalRubric
   }
   mkdirSync(values.out, { recursive: true })
   const stats: Record<string, unknown> = { seed: Number(values.seed) }

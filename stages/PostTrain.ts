@@ -7,35 +7,45 @@
  * - reasoning: SFT on chain-of-thought traces, GRPO on verifiable rewards (stages/Grpo.ts), GRPO on
  *   rubrics checked by an LLM judge, then online DPO.
  *
- * The judge is a checkpoint served in this process over the OpenAI chat API (src/Server.ts) on a
- * free loopback port, as a remote judge would be; the PWRM is trained first (stages/PwrmTrain.ts).
+ * First the PWRM is trained (stages/PwrmTrain.ts) and, when the config says so, the judge fine-tuned
+ * from a checkpoint on yes/no verdicts. The judge is served in this process over the OpenAI chat API
+ * (src/Server.ts) on a free loopback port, as a remote judge would be, under a name made from its
+ * weights, so that verdicts cached by one judge are never replayed for another.
  *
- * The run folder holds `pwrm/`, a folder per step (`<branch>/<i>-<step>`), `judge/` (the judge's
- * verdicts), `evals/` (each model's measurement) and the report. Each step is skipped when its
- * output is complete and resumed when it was cut short (the stages see to both), so rerunning a
- * killed run continues it; a measurement is cached unless the evaluation options changed.
+ * The run folder holds `pwrm/`, `judge-model/` (a fine-tuned judge), a folder per step
+ * (`<branch>/<i>-<step>`), `judge/` (the judge's verdicts), `evals/` (each model's measurement) and
+ * the report. Each step is skipped when its output is complete and resumed when it was cut short
+ * (the stages see to both; each names the model it starts from by its weights, so a step whose
+ * start was retrained runs again), so rerunning a killed run continues it; a measurement is cached
+ * unless the evaluation options, the model or the judge changed.
  *
  * Each model is measured for the report on held-out chat tasks, greedily, the answer read after its
- * thinking: arithmetic and recall accuracy. Each step's model also gets its PWRM win rate against
- * the model before it: on held-out prompts (those of the evaluation prompt files that no online-DPO
- * prompt file holds), the mean symmetrised P(after beats before) over pairs of responses sampled
- * with the same seeds, a response caught in a loop losing outright as in online DPO.
+ * thinking: arithmetic and recall accuracy, and the mean judged score of held-out rubric prompts.
+ * Each step's model also gets its PWRM win rate against the model before it: on held-out prompts
+ * (those of the evaluation prompt files that no online-DPO prompt file holds), the mean symmetrised
+ * P(after beats before) over pairs of responses sampled with the same seeds, a response caught in a
+ * loop losing outright as in online DPO. The judge gets its accuracy on held-out questions with known
+ * verdicts. The report goes to `post-train-report.md` (and .json) and, as its `post-training`
+ * section, into another report when the config names one (the cascade's report.md).
  */
-import { Console, Context, Effect, Layer, Logger, Schema } from "effect"
+import { Console, Context, Effect, Layer, Schema } from "effect"
 import { HttpServer } from "effect/http"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Preference from "../layers/Preference.ts"
-import * as Rewards from "../layers/Rewards.ts"
+import * as RewardSources from "../layers/Rewards.ts"
+import { Rewards } from "../src/Reward.ts"
 import * as TeacherSources from "../layers/Teacher.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
 import * as Generate from "../src/Generate.ts"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Pretrained from "../src/Pretrained.ts"
+import * as Report from "../src/Report.ts"
 import * as Server from "../src/Server.ts"
 import * as Tasks from "../src/Tasks.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
-import { defaultLoop, grpo, readPrompts, type Sampled } from "./Grpo.ts"
+import { defaultLoop, grpo, GrpoPrompt, readPrompts, type Sampled } from "./Grpo.ts"
 import { label, odpo } from "./Odpo.ts"
 import { train as trainPwrm } from "./PwrmTrain.ts"
 import { sft } from "./Sft.ts"
@@ -90,7 +100,12 @@ export const PostTrainConfig = Schema.Struct({
   teacher: Schema.String,
   /** The rubric judge: a checkpoint served in process. */
   judge: Schema.Struct({
+    /** The judge; with `sft`, the checkpoint it is fine-tuned from. */
     model: Schema.String,
+    /** Fine-tunes `model` into the judge first, on chats of judge questions answered "yes" or "no". */
+    sft: Schema.optional(SftStep),
+    /** Held-out `{"prompt", "response", "item", "verdict", "kind"?}` questions: the judge's accuracy, in the report. */
+    heldout: Schema.optional(Schema.String),
     /** Further tries of an item the judge answered neither yes nor no (layers/Rewards.ts; default 3). */
     retries: Schema.optional(Schema.Int),
     maxTokens: Schema.optional(Schema.Int)
@@ -112,6 +127,11 @@ export const PostTrainConfig = Schema.Struct({
     recall: Schema.String,
     arithLimit: Schema.optional(Schema.Int),
     recallLimit: Schema.optional(Schema.Int),
+    /** Held-out `{"prompt", "task"}` rubric prompts, scored by the judge. */
+    rubric: Schema.optional(Schema.String),
+    rubricLimit: Schema.optional(Schema.Int),
+    /** Room for a description after its thinking (default `maxNewTokens`). */
+    rubricMaxNewTokens: Schema.optional(Schema.Int),
     /** Room for the thinking and the answer. */
     maxNewTokens: Schema.Int,
     win: Schema.Struct({
@@ -124,6 +144,8 @@ export const PostTrainConfig = Schema.Struct({
       maxNewTokens: Schema.Int
     })
   }),
+  /** A Markdown report (the cascade's report.md) that gets a post-training section (src/Report.ts). */
+  report: Schema.optional(Schema.String),
   seed: Schema.optional(Schema.Int)
 })
 export type PostTrainConfig = typeof PostTrainConfig.Type
@@ -166,25 +188,57 @@ export interface PostTrainEvents {
 }
 
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
-const fixed = (x: number | null | undefined, digits = 3) => (x === null || x === undefined ? "-" : x.toFixed(digits))
+const fixed = (x: number | null | undefined, digits = 3) => (x === null || x === undefined || Number.isNaN(x) ? "-" : x.toFixed(digits))
+
+/** The judge as the rewards see it: the checkpoint to serve, named by what it is. */
+interface Judge {
+  readonly dir: string
+  /** The served model's name, from its config and weights: cached verdicts belong to these weights. */
+  readonly name: string
+}
 
 /**
- * Rewards for a GRPO step: verifiers, and for rubrics the judge model served on a free loopback
- * port for as long as the layer lives (its request log silenced: it would bury the pipeline's
- * own), its verdicts kept in the run folder.
+ * Rewards: verifiers, and for rubrics the judge checkpoint served on a free loopback port for as
+ * long as the layer lives (its request log off: it would bury the pipeline's own), its verdicts
+ * kept in the run folder.
  */
-const rewardsLayer = (config: PostTrainConfig, judge: boolean) =>
-  !judge ? Rewards.layer() : Layer.unwrap(Effect.gen(function*() {
-    const served = { model: yield* Pretrained.load(config.judge.model), tokenizer: yield* Tokenizer.load(config.judge.model), name: "judge" }
-    const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0 }).pipe(Layer.provide(Logger.layer([]))))
+const judgeRewards = (config: PostTrainConfig, judge: Judge) =>
+  Layer.unwrap(Effect.gen(function*() {
+    const served = { model: yield* Pretrained.load(judge.dir), tokenizer: yield* Tokenizer.load(judge.dir), name: judge.name }
+    const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0, logRequests: false }))
     const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
-    return Rewards.layer({
+    return RewardSources.layer({
       judge: { urls: [url], model: served.name, cacheDir: path.join(config.run, "judge"), retries: config.judge.retries, maxTokens: config.judge.maxTokens }
     })
   }))
 
+/** SFT from `modelDir` into `out`, distilling from the teacher when the step says so. */
+const runSft = (config: PostTrainConfig, o: typeof SftStep.Type, modelDir: string, out: string, report: (done: number, total: number, summary: string) => void) =>
+  sft({
+    modelDir,
+    data: o.data,
+    out,
+    seq: o.seq,
+    steps: o.steps,
+    seed: config.seed ?? 0,
+    batch: o.batch,
+    accumulate: 1,
+    learningRate: o.lr,
+    minLearningRate: o.lr / 10,
+    warmupSteps: Math.floor(o.steps / 10),
+    weightDecay: 0.01,
+    maxGradNorm: 1,
+    distillWeight: o.distillWeight,
+    saveEvery: Math.max(1, Math.floor(o.steps / 4)),
+    resume: true,
+    onStep: (m) => report(m.step, o.steps, `loss ${fixed(m.loss, 4)} ce ${fixed(m.ce, 4)} kl ${fixed(m.kl, 4)}`)
+  }).pipe(
+    Effect.scoped,
+    Effect.provide(o.distillWeight > 0 ? TeacherSources.inProcess(config.teacher, { topK: o.topK }) : Layer.empty)
+  )
+
 /** Runs (or finds finished) one step from `modelDir` into `out`. */
-const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: string, pwrmDir: string, label: string, events: PostTrainEvents) => {
+const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: string, pwrmDir: string, judge: Judge, label: string, events: PostTrainEvents) => {
   const seed = config.seed ?? 0
   const report = (done: number, total: number, summary: string) => events.onStep?.(label, done, total, summary)
   const online = (o: typeof GrpoStep.Type | typeof OdpoStep.Type) => ({
@@ -203,31 +257,8 @@ const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: str
     resume: true
   })
   switch (step.stage) {
-    case "sft": {
-      const o = step.options
-      return sft({
-        modelDir,
-        data: o.data,
-        out,
-        seq: o.seq,
-        steps: o.steps,
-        seed,
-        batch: o.batch,
-        accumulate: 1,
-        learningRate: o.lr,
-        minLearningRate: o.lr / 10,
-        warmupSteps: Math.floor(o.steps / 10),
-        weightDecay: 0.01,
-        maxGradNorm: 1,
-        distillWeight: o.distillWeight,
-        saveEvery: Math.max(1, Math.floor(o.steps / 4)),
-        resume: true,
-        onStep: (m) => report(m.step, o.steps, `loss ${fixed(m.loss, 4)} ce ${fixed(m.ce, 4)} kl ${fixed(m.kl, 4)}`)
-      }).pipe(
-        Effect.scoped,
-        Effect.provide(o.distillWeight > 0 ? TeacherSources.inProcess(config.teacher, { topK: o.topK }) : Layer.empty)
-      )
-    }
+    case "sft":
+      return runSft(config, step.options, modelDir, out, report)
     case "grpo": {
       const o = step.options
       return grpo({
@@ -239,7 +270,7 @@ const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: str
         updates: o.updates ?? 2,
         microBatch: o.microBatch ?? 4,
         onStep: (m) => report(m.step, o.steps, `reward ${fixed(m.reward_mean)} kept ${m.groups}/${m.groups + m.dropped_groups} unscored ${m.unscored}`)
-      }).pipe(Effect.scoped, Effect.provide(rewardsLayer(config, step.judge)))
+      }).pipe(Effect.scoped, Effect.provide(step.judge ? judgeRewards(config, judge) : RewardSources.layer()))
     }
     case "odpo": {
       const o = step.options
@@ -254,7 +285,10 @@ const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: str
   }
 }
 
-/** Trains the PWRM, runs (or resumes) the chosen branches (both by default), measures, and writes the report; returns its rows. */
+/**
+ * Trains the PWRM and the judge, runs (or resumes) the chosen branches (both by default), measures,
+ * and writes the report (and its section of `config.report`); returns the report.
+ */
 export const run = Effect.fn("PostTrain.run")(function*(
   config: PostTrainConfig,
   options: { readonly branches?: ReadonlyArray<Branch>; readonly events?: PostTrainEvents } = {}
@@ -281,6 +315,14 @@ export const run = Effect.fn("PostTrain.run")(function*(
     onStep: (m) => events.onStep?.("[pwrm]", m.step, config.pwrm.steps, `loss ${fixed(m.loss, 4)} acc ${fixed(m.accuracy)}`)
   }).pipe(Effect.scoped)
 
+  const judgeDir = config.judge.sft === undefined ? config.judge.model : path.join(config.run, "judge-model")
+  if (config.judge.sft !== undefined) {
+    yield* Console.log(`[judge] fine-tuned from ${config.judge.model}: ${config.judge.sft.steps} steps`)
+    const { steps } = config.judge.sft
+    yield* runSft(config, config.judge.sft, config.judge.model, judgeDir, (done, _, summary) => events.onStep?.("[judge]", done, steps, summary))
+  }
+  const judge: Judge = { dir: judgeDir, name: `judge-${(yield* Checkpoint.fingerprint(judgeDir)).slice(0, 16)}` }
+
   const lineage: Array<Lineage> = []
   for (const branch of chosen) {
     const steps = pipeline(config, branch)
@@ -289,25 +331,122 @@ export const run = Effect.fn("PostTrain.run")(function*(
       const out = stepDir(config, branch, i, step)
       const label = `[${branch} ${i + 1}/${steps.length} ${step.name}]`
       yield* Console.log(`${label} from ${current}`)
-      yield* runStep(config, step, current, out, pwrmDir, label, events)
+      yield* runStep(config, step, current, out, pwrmDir, judge, label, events)
       lineage.push({ model: `${branch}/${i + 1}-${step.name}`, branch, stage: step.name, dir: out, previous: current })
       current = out
     }
   }
 
-  yield* Console.log("measuring chat arithmetic, recall and PWRM win rates")
-  const rows = yield* measureAll(config, lineage).pipe(Effect.scoped, Effect.provide(Preference.fromPwrm(pwrmDir)))
-  const markdown = [
-    "# Post-training report",
+  yield* Console.log("measuring chat arithmetic, recall, rubric scores, PWRM win rates and the judge")
+  const { rows, judgeAccuracy } = yield* Effect.all({
+    rows: measureAll(config, lineage, judge),
+    judgeAccuracy: config.judge.heldout === undefined ? Effect.succeed(undefined) : measureJudge(config.judge.heldout)
+  }).pipe(
+    Effect.scoped,
+    Effect.provide(Layer.merge(
+      Preference.fromPwrm(pwrmDir),
+      config.evaluation.rubric === undefined && config.judge.heldout === undefined ? RewardSources.layer() : judgeRewards(config, judge)
+    ))
+  )
+  const report: PostTrainReport = {
+    start: config.start,
+    pwrm: { dir: pwrmDir, heldout: card.heldoutMetrics, temperature: card.temperature },
+    judge: { dir: judgeDir, from: config.judge.sft === undefined ? undefined : config.judge.model, heldout: judgeAccuracy },
+    rows
+  }
+  const markdown = markdownOf(report)
+  yield* Files.writeText(path.join(config.run, "post-train-report.md"), `# Post-training report\n\n${markdown}`)
+  yield* Files.writeJson(path.join(config.run, "post-train-report.json"), report)
+  if (config.report !== undefined) yield* Report.writeSection(config.report, "post-training", `## Post-training\n\n${markdown}`)
+  return report
+})
+
+/** What the report holds. */
+export interface PostTrainReport {
+  readonly start: string
+  readonly pwrm: { readonly dir: string; readonly heldout: { readonly accuracy: number }; readonly temperature: number }
+  readonly judge: { readonly dir: string; readonly from: string | undefined; readonly heldout: JudgeAccuracy | undefined }
+  readonly rows: ReadonlyArray<Row>
+}
+
+/** The report's body: where it started, the PWRM, the judge, and the table. */
+const markdownOf = (report: PostTrainReport) => {
+  const { judge, pwrm } = report
+  const judged = judge.heldout === undefined
+    ? ""
+    : ` Held-out verdicts: accuracy ${fixed(judge.heldout.accuracy)} on ${judge.heldout.decided} decided of ${judge.heldout.questions} (${
+      Object.entries(judge.heldout.byKind).map(([kind, k]) => `${kind} ${fixed(k.accuracy)} of ${k.decided}, `).join("")
+    }answered yes ${fixed(judge.heldout.yesShare)}, truly yes ${fixed(judge.heldout.trueYesShare)})${
+      judge.heldout.firstFailure === undefined ? "" : `; undecided ${judge.heldout.questions - judge.heldout.decided}, first because: ${judge.heldout.firstFailure}`
+    }.`
+  return [
+    `Start: ${report.start}. PWRM (${pwrm.dir}): held-out pair accuracy ${fixed(pwrm.heldout.accuracy)}, temperature ${fixed(pwrm.temperature)}.`,
+    `Rubric judge: ${judge.dir}${judge.from === undefined ? "" : `, fine-tuned from ${judge.from}`}.${judged}`,
     "",
-    `Start: ${config.start}. PWRM (${pwrmDir}): held-out pair accuracy ${fixed(card.heldoutMetrics.accuracy)}, temperature ${fixed(card.temperature)}.`,
-    "",
-    table(rows),
+    table(report.rows),
     ""
   ].join("\n")
-  yield* Files.writeText(path.join(config.run, "post-train-report.md"), markdown)
-  yield* Files.writeJson(path.join(config.run, "post-train-report.json"), { start: config.start, pwrm: { dir: pwrmDir, heldout: card.heldoutMetrics }, rows })
-  return rows
+}
+
+/** How often the judge gives the held-out questions' verdicts, and how often it could not decide. */
+export interface JudgeAccuracy {
+  readonly questions: number
+  readonly decided: number
+  /** Of the decided ones; undefined when none was. */
+  readonly accuracy: number | undefined
+  readonly yesShare: number | undefined
+  readonly trueYesShare: number | undefined
+  /** Per kind of item, where the questions say. */
+  readonly byKind: Record<string, { readonly decided: number; readonly accuracy: number | undefined }>
+  /** Why the first undecided question got no verdict. */
+  readonly firstFailure: string | undefined
+}
+
+/** A held-out judge question: what the judge is asked, the verdict it should give, and the kind of item. */
+const JudgeQuestion = Schema.Struct({
+  prompt: Schema.String,
+  response: Schema.String,
+  item: Schema.String,
+  verdict: Schema.Boolean,
+  kind: Schema.optional(Schema.String)
+})
+type JudgeQuestion = typeof JudgeQuestion.Type
+
+/** The judge's verdicts (undefined: none, with the reason) against the questions' own. */
+export const judgeAccuracy = (
+  questions: ReadonlyArray<JudgeQuestion>,
+  verdicts: ReadonlyArray<{ readonly passed: boolean | undefined; readonly note?: string | undefined }>
+): JudgeAccuracy => {
+  const decided = questions.flatMap((q, i) => {
+    const said = verdicts[i].passed
+    return said === undefined ? [] : [{ truth: q.verdict, said, kind: q.kind }]
+  })
+  const shareOf = <A>(items: ReadonlyArray<A>, when: (a: A) => boolean) => (items.length === 0 ? undefined : items.filter(when).length / items.length)
+  const kinds = [...new Set(decided.flatMap((d) => (d.kind === undefined ? [] : [d.kind])))]
+  return {
+    questions: questions.length,
+    decided: decided.length,
+    accuracy: shareOf(decided, (d) => d.said === d.truth),
+    yesShare: shareOf(decided, (d) => d.said),
+    trueYesShare: shareOf(decided, (d) => d.truth),
+    byKind: Object.fromEntries(kinds.map((kind) => {
+      const ofKind = decided.filter((d) => d.kind === kind)
+      return [kind, { decided: ofKind.length, accuracy: shareOf(ofKind, (d) => d.said === d.truth) }]
+    })),
+    firstFailure: verdicts.find((v) => v.passed === undefined)?.note
+  }
+}
+
+/** The judge (through the Rewards service, as GRPO asks it) on held-out questions with known verdicts. */
+const measureJudge = Effect.fnUntraced(function*(file: string) {
+  const rewards = yield* Rewards
+  const questions = yield* readPrompts(file, JudgeQuestion)
+  const verdicts = yield* Effect.forEach(
+    questions,
+    ({ prompt, response, item }) => Effect.map(rewards.score({ prompt, response, task: { kind: "rubric", items: [item] } }), (score) => score.checks[0]),
+    { concurrency: 8 }
+  )
+  return judgeAccuracy(questions, verdicts)
 })
 
 // ---------------------------------------------------------------------------------------------
@@ -331,32 +470,35 @@ export interface Row {
   /** Held-out chat accuracies. */
   readonly arith: number
   readonly recall: number
+  /** Mean rubric score of its held-out rubric prompts (the judge's decided items); undefined without a rubric evaluation. */
+  readonly rubric: number | undefined
   /** Mean P(this model's response beats the previous model's), and its standard error; undefined for the start. */
   readonly winVsPrevious: number | undefined
   readonly winStdError: number | undefined
 }
 
-/** What is cached of a model: its accuracies and its responses to the win-rate prompts. */
+/** What is cached of a model: its accuracies, rubric score and its responses to the win-rate prompts. */
 interface Measurement {
-  /** The evaluation options and the model's files: a cache made with others is measured again. */
+  /** The evaluation options, the judge and the model's files: a cache made with others is measured again. */
   readonly identity: string
   readonly arith: number
   readonly recall: number
+  readonly rubric: number | undefined
   readonly responses: ReadonlyArray<Sampled>
 }
 
-const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage: ReadonlyArray<Lineage>) {
+const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage: ReadonlyArray<Lineage>, judge: Judge) {
   const prompts = yield* heldOutPrompts(config)
   const names = new Map([[config.start, "start"], ...lineage.map(({ dir, model }) => [dir, model] as const)])
   const measured = new Map<string, Measurement>()
   const measurementOf = (dir: string) =>
     Effect.gen(function*() {
-      if (!measured.has(dir)) measured.set(dir, yield* measure(config, names.get(dir)!, dir, prompts))
+      if (!measured.has(dir)) measured.set(dir, yield* measure(config, names.get(dir)!, dir, prompts, judge))
       return measured.get(dir)!
     })
   const start = yield* measurementOf(config.start)
   const rows: Array<Row> = [
-    { model: "start", branch: "-", stage: "-", dir: config.start, arith: start.arith, recall: start.recall, winVsPrevious: undefined, winStdError: undefined }
+    { model: "start", branch: "-", stage: "-", dir: config.start, arith: start.arith, recall: start.recall, rubric: start.rubric, winVsPrevious: undefined, winStdError: undefined }
   ]
   for (const { model, branch, stage, dir, previous } of lineage) {
     const after = yield* measurementOf(dir)
@@ -365,7 +507,7 @@ const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage:
     const wins = yield* Effect.forEach(after.responses, (response, i) => label(prompts[Math.floor(i / config.evaluation.win.samples)], response, before.responses[i]))
     const winVsPrevious = wins.reduce((a, b) => a + b, 0) / wins.length
     const variance = wins.reduce((sum, p) => sum + (p - winVsPrevious) ** 2, 0) / Math.max(1, wins.length - 1)
-    rows.push({ model, branch, stage, dir, arith: after.arith, recall: after.recall, winVsPrevious, winStdError: Math.sqrt(variance / wins.length) })
+    rows.push({ model, branch, stage, dir, arith: after.arith, recall: after.recall, rubric: after.rubric, winVsPrevious, winStdError: Math.sqrt(variance / wins.length) })
   }
   return rows
 })
@@ -394,15 +536,15 @@ const heldOutPrompts = Effect.fnUntraced(function*(config: PostTrainConfig) {
 })
 
 /** A model's accuracies and win-rate responses, cached in the run folder's `evals/`. */
-const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: string, dir: string, prompts: ReadonlyArray<string>) {
+const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: string, dir: string, prompts: ReadonlyArray<string>, judge: Judge) {
   const cache = path.join(config.run, "evals", `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.json`)
   const { evaluation } = config
   const identity = JSON.stringify({
     evaluation,
     prompts,
     seed: config.seed ?? 0,
-    config: yield* Files.sha256(path.join(dir, "config.json")),
-    weights: yield* Files.sha256(path.join(dir, "model.safetensors"))
+    judge: evaluation.rubric === undefined ? undefined : { name: judge.name, retries: config.judge.retries, maxTokens: config.judge.maxTokens },
+    model: yield* Checkpoint.fingerprint(dir)
   })
   const cached = (yield* Files.readJsonIfPresent(cache)) as Measurement | undefined
   if (cached?.identity === identity) return cached
@@ -411,19 +553,31 @@ const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: strin
 
   const stopTokenIds = tokenizer.eosId === undefined ? [] : [tokenizer.eosId]
   const decode = (ids: ReadonlyArray<number>) => tokenizer.decode(ids)
-  /** Greedy answers, each read after the response's thinking. */
-  const answers = (texts: Array<string>) =>
+  /** Greedy responses, thinking included. */
+  const responses = (texts: ReadonlyArray<string>, maxNewTokens = evaluation.maxNewTokens) =>
     Effect.map(
       Generate.generate(model, texts.map((text) => tokenizer.encode(text)), {
-        maxNewTokens: evaluation.maxNewTokens,
+        maxNewTokens,
         temperature: 0,
         stopTokenIds,
         decode,
         loop: defaultLoop,
         batchSize: 50
       }),
-      (generations) => generations.map((g) => Generate.splitThinking(g.text ?? "").answer)
+      (generations) => generations.map((g) => g.text ?? "")
     )
+  /** Greedy answers, each read after the response's thinking. */
+  const answers = (texts: Array<string>) => Effect.map(responses(texts), (texts) => texts.map((text) => Generate.splitThinking(text).answer))
+  /** The mean reward of the rubric prompts' greedy responses, over those the judge decided. */
+  const rubricScore = (file: string, limit: number | undefined) =>
+    Effect.gen(function*() {
+      const rewards = yield* Rewards
+      const tasks = (yield* readPrompts(file, GrpoPrompt)).slice(0, limit)
+      const texts = yield* responses(tasks.map((t) => t.prompt), evaluation.rubricMaxNewTokens)
+      const scores = yield* Effect.forEach(tasks, ({ prompt, task }, i) => rewards.score({ prompt, response: texts[i], task }), { concurrency: 8 })
+      const decided = scores.flatMap((s) => (s.reward === undefined ? [] : [s.reward]))
+      return decided.length === 0 ? undefined : decided.reduce((a, b) => a + b, 0) / decided.length
+    })
   const accuracy = (file: string, limit: number | undefined) =>
     Effect.flatMap(Tasks.read(file, { limit }), (tasks) => Effect.map(Tasks.score(tasks, answers, { batchSize: 50 }), (score) => score.accuracy))
 
@@ -442,6 +596,7 @@ const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: strin
     identity,
     arith: yield* accuracy(evaluation.arith, evaluation.arithLimit),
     recall: yield* accuracy(evaluation.recall, evaluation.recallLimit),
+    rubric: evaluation.rubric === undefined ? undefined : yield* rubricScore(evaluation.rubric, evaluation.rubricLimit),
     responses: generations.map((g, i) => ({
       completion: { prompt: encoded[Math.floor(i / win.samples)], response: g.tokens },
       text: g.text ?? "",
@@ -459,10 +614,10 @@ const percent = (x: number) => `${(100 * x).toFixed(1)}%`
 /** The report's table as Markdown. */
 export const table = (rows: ReadonlyArray<Row>): string =>
   [
-    "| model | branch | stage | chat arithmetic | recall | PWRM win rate vs previous |",
-    "|---|---|---|---:|---:|---:|",
+    "| model | branch | stage | chat arithmetic | recall | rubric score (judge) | PWRM win rate vs previous |",
+    "|---|---|---|---:|---:|---:|---:|",
     ...rows.map((r) =>
-      `| ${r.model} | ${r.branch} | ${r.stage} | ${percent(r.arith)} | ${percent(r.recall)} | ${
+      `| ${r.model} | ${r.branch} | ${r.stage} | ${percent(r.arith)} | ${percent(r.recall)} | ${fixed(r.rubric)} | ${
         r.winVsPrevious === undefined ? "-" : `${r.winVsPrevious.toFixed(3)} ± ${fixed(r.winStdError)}`
       } |`
     )

@@ -1,8 +1,9 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Effect } from "effect"
+import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
+import * as Report from "../src/Report.ts"
 import * as PostTrain from "../stages/PostTrain.ts"
 import { onBackend, tempDir } from "./support.ts"
 
@@ -28,7 +29,13 @@ describe("PostTrain.run", () => {
         run: path.join(dir, "run"),
         start: parent,
         teacher: parent,
-        judge: { model: parent, retries: 0, maxTokens: 2 },
+        judge: {
+          model: parent,
+          sft: { data: yield* head(dir, "sft-judge.jsonl", 4), steps: 1, batch: 2, seq: 192, lr: 1e-4, distillWeight: 0 },
+          heldout: yield* head(dir, "judge-heldout.jsonl", 3),
+          retries: 0,
+          maxTokens: 2
+        },
         pwrm: { backbone: parent, data: yield* head(dir, "preferences.jsonl", 8), heldout: yield* head(dir, "preferences-heldout.jsonl", 6), steps: 2, batch: 2, seq: 64, lr: 1e-4 },
         instruct: {
           sft: { data: yield* head(dir, "sft-instruct.jsonl", 8), steps: 2, batch: 2, seq: 64, lr: 1e-4, distillWeight: 0.5 },
@@ -45,11 +52,16 @@ describe("PostTrain.run", () => {
           recall: post("eval-recall-chat.jsonl"),
           arithLimit: 3,
           recallLimit: 3,
+          rubric: post("eval-rubric-chat.jsonl"),
+          rubricLimit: 2,
           maxNewTokens: 6,
           win: { prompts: [post("eval-recall-chat.jsonl")], limit: 3, samples: 1, temperature: 0, maxNewTokens: 6 }
         },
+        report: path.join(dir, "report.md"),
         seed: 3
       })
+      // The cascade's report, which gets a post-training section.
+      yield* Effect.promise(() => fs.writeFile(config.report!, Report.withSection("", "cascade", "# Cascade report\n\n| the retention table |")))
 
       // Stop in the rubric GRPO step: everything before it has finished.
       const order: Array<string> = []
@@ -65,6 +77,7 @@ describe("PostTrain.run", () => {
       assert.strictEqual(first._tag, "Failure")
       assert.deepStrictEqual(order, [
         "[pwrm]",
+        "[judge]",
         "[instruct 1/2 sft-distill]",
         "[instruct 2/2 odpo]",
         "[reasoning 1/4 sft-cot]",
@@ -75,11 +88,12 @@ describe("PostTrain.run", () => {
       const before = yield* mtime(sft)
 
       const again: Array<string> = []
-      const rows = yield* PostTrain.run(config, { events: { onStep: (label) => again.includes(label) || again.push(label) } })
+      const { rows, judge } = yield* PostTrain.run(config, { events: { onStep: (label) => again.includes(label) || again.push(label) } })
       assert.deepStrictEqual(again, ["[reasoning 3/4 grpo-rubrics]", "[reasoning 4/4 odpo]"], "finished steps are not run again")
       assert.strictEqual(yield* mtime(sft), before)
       const metrics = yield* Effect.promise(() => fs.readFile(path.join(config.run, "reasoning", "3-grpo-rubrics", "metrics.jsonl"), "utf8"))
-      // The parent answers a yes-or-no question with neither: every rubric item is left undecided.
+      // The judge, the parent after one step on judge chats, answers a yes-or-no question with
+      // neither: every rubric item is left undecided.
       assert.strictEqual(JSON.parse(metrics).unscored, 2)
 
       assert.deepStrictEqual(rows.map((r) => r.model), [
@@ -93,6 +107,8 @@ describe("PostTrain.run", () => {
       ])
       for (const row of rows) {
         for (const x of [row.arith, row.recall]) assert.isTrue(x >= 0 && x <= 1)
+        // The judge, barely fine-tuned, decides nothing.
+        assert.isUndefined(row.rubric)
         if (row.model === "start") assert.isUndefined(row.winVsPrevious)
         else assert.isTrue(row.winVsPrevious! >= 0 && row.winVsPrevious! <= 1)
       }
@@ -100,7 +116,51 @@ describe("PostTrain.run", () => {
       assert.closeTo(rows[5].winVsPrevious!, 0.5, 1e-9)
       const report = yield* Effect.promise(() => fs.readFile(path.join(config.run, "post-train-report.md"), "utf8"))
       assert.include(report, PostTrain.table(rows))
+      assert.deepStrictEqual(Report.sections(yield* Effect.promise(() => fs.readFile(config.report!, "utf8"))).map((s) => [s.name, s.body.split("\n")[0]]), [
+        ["cascade", "# Cascade report"],
+        ["post-training", "## Post-training"]
+      ])
+      assert.strictEqual(judge.dir, path.join(config.run, "judge-model"))
+      assert.strictEqual(judge.heldout?.questions, 3)
       const json = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "post-train-report.json"), "utf8")))
       assert.strictEqual(json.rows.length, 7)
     }).pipe(onBackend("wasm")), { timeout: 90_000 })
+})
+
+describe("PostTrain.judgeAccuracy", () => {
+  const question = (verdict: boolean, kind?: string) => ({ prompt: "p", response: "r", item: "i", verdict, kind })
+
+  it("counts decided verdicts only, overall and per kind, and says why the first undecided one failed", () => {
+    const accuracy = PostTrain.judgeAccuracy(
+      [question(true, "fact"), question(false, "fact"), question(true, "repeats"), question(false, "fact"), question(true)],
+      [{ passed: true }, { passed: true }, { passed: true }, { passed: undefined, note: "timed out" }, { passed: false }]
+    )
+    assert.deepStrictEqual(accuracy, {
+      questions: 5,
+      decided: 4,
+      accuracy: 2 / 4,
+      yesShare: 3 / 4,
+      trueYesShare: 3 / 4,
+      byKind: { fact: { decided: 2, accuracy: 1 / 2 }, repeats: { decided: 1, accuracy: 1 } },
+      firstFailure: "timed out"
+    })
+    assert.deepStrictEqual(PostTrain.judgeAccuracy([question(true)], [{ passed: undefined, note: "no" }]).accuracy, undefined)
+  })
+
+  it.prop("is the share of decided verdicts that agree, per kind as overall", {
+    rows: Schema.Array(Schema.Struct({
+      truth: Schema.Boolean,
+      said: Schema.UndefinedOr(Schema.Boolean),
+      kind: Schema.Literals(["fact", "sentences", "repeats"])
+    })).check(Schema.isMaxLength(30))
+  }, ({ rows }) => {
+    const result = PostTrain.judgeAccuracy(rows.map((r) => question(r.truth, r.kind)), rows.map((r) => ({ passed: r.said, note: "x" })))
+    const decided = rows.filter((r) => r.said !== undefined)
+    assert.strictEqual(result.decided, decided.length)
+    assert.strictEqual(Object.values(result.byKind).reduce((sum, k) => sum + k.decided, 0), decided.length)
+    const agreeing = Object.values(result.byKind).reduce((sum, k) => sum + k.decided * k.accuracy!, 0)
+    if (decided.length === 0) assert.isUndefined(result.accuracy)
+    else assert.closeTo(result.accuracy!, agreeing / decided.length, 1e-12)
+    assert.strictEqual(result.firstFailure, decided.length === rows.length ? undefined : "x")
+  })
 })

@@ -12,15 +12,22 @@ import { cascade } from "./root.ts"
 /** Paths in a config are relative to the config file's folder. */
 const resolvePaths = (config: PostTrain.PostTrainConfig, file: string): PostTrain.PostTrainConfig => {
   const at = (p: string) => path.resolve(path.dirname(file), p)
+  const optional = (p: string | undefined) => (p === undefined ? undefined : at(p))
   const sft = <S extends { readonly data: string }>(step: S): S => ({ ...step, data: at(step.data) })
   const online = <S extends { readonly prompts: string }>(step: S): S => ({ ...step, prompts: at(step.prompts) })
-  const { evaluation, pwrm } = config
+  const { evaluation, judge, pwrm } = config
   return {
     ...config,
     run: at(config.run),
     start: at(config.start),
     teacher: at(config.teacher),
-    judge: { ...config.judge, model: at(config.judge.model) },
+    judge: {
+      ...judge,
+      model: at(judge.model),
+      sft: judge.sft === undefined ? undefined : sft(judge.sft),
+      heldout: optional(judge.heldout)
+    },
+    report: optional(config.report),
     pwrm: { ...pwrm, backbone: at(pwrm.backbone), data: at(pwrm.data), heldout: at(pwrm.heldout) },
     instruct: { sft: sft(config.instruct.sft), odpo: online(config.instruct.odpo) },
     reasoning: {
@@ -33,6 +40,7 @@ const resolvePaths = (config: PostTrain.PostTrainConfig, file: string): PostTrai
       ...evaluation,
       arith: at(evaluation.arith),
       recall: at(evaluation.recall),
+      rubric: optional(evaluation.rubric),
       win: { ...evaluation.win, prompts: evaluation.win.prompts.map(at) }
     }
   }
@@ -61,7 +69,7 @@ export const postTrainCommand = Command.make(
     if (flags.redo) yield* Effect.promise(() => fs.rm(config.run, { recursive: true, force: true }))
 
     const bars = new Map<string, Progress.Progress>()
-    const rows = yield* PostTrain.run(config, {
+    const report = yield* PostTrain.run(config, {
       branches: flags.branch === "both" ? PostTrain.branches : [flags.branch],
       events: {
         onStep: (label, step, total, summary) => {
@@ -72,6 +80,6 @@ export const postTrainCommand = Command.make(
         }
       }
     }).pipe(Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
-    yield* Console.log(`\n${PostTrain.table(rows)}\n\nreport and checkpoints: ${config.run}`)
+    yield* Console.log(`\n${PostTrain.table(report.rows)}\n\nreport and checkpoints: ${config.run}${config.report === undefined ? "" : `; rows added to ${config.report}`}`)
   })
 ).pipe(Command.withDescription("Post-train a model: the instruct and reasoning pipelines (SFT, GRPO, online DPO), resumable, with the report"))
