@@ -41,6 +41,7 @@ import * as Files from "../src/Files.ts"
 import * as Generate from "../src/Generate.ts"
 import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Pretrained from "../src/Pretrained.ts"
+import * as Plot from "../src/Plot.ts"
 import * as Report from "../src/Report.ts"
 import * as Server from "../src/Server.ts"
 import * as Tasks from "../src/Tasks.ts"
@@ -332,7 +333,7 @@ export const run = Effect.fn("PostTrain.run")(function*(
       const label = `[${branch} ${i + 1}/${steps.length} ${step.name}]`
       yield* Console.log(`${label} from ${current}`)
       yield* runStep(config, step, current, out, pwrmDir, judge, label, events)
-      lineage.push({ model: `${branch}/${i + 1}-${step.name}`, branch, stage: step.name, dir: out, previous: current })
+      lineage.push({ model: `${branch}/${i + 1}-${step.name}`, branch, stage: step.name, kind: step.stage, dir: out, previous: current })
       current = out
     }
   }
@@ -354,11 +355,49 @@ export const run = Effect.fn("PostTrain.run")(function*(
     judge: { dir: judgeDir, from: config.judge.sft === undefined ? undefined : config.judge.model, heldout: judgeAccuracy },
     rows
   }
-  const markdown = markdownOf(report)
-  yield* Files.writeText(path.join(config.run, "post-train-report.md"), `# Post-training report\n\n${markdown}`)
+  const curves = [
+    ...(config.judge.sft === undefined ? [] : [{ name: "judge", dir: judgeDir, kind: "sft" as const }]),
+    { name: "pwrm", dir: pwrmDir, kind: "sft" as const },
+    ...lineage.map(({ model, dir, kind }) => ({ name: model, dir, kind }))
+  ]
+  const plots = yield* writePlots(config.run, curves)
+  const fromRun = plots.map((plot) => path.relative(config.run, plot))
+  yield* Files.writeText(path.join(config.run, "post-train-report.md"), `# Post-training report\n\n${markdownOf(report, fromRun)}`)
   yield* Files.writeJson(path.join(config.run, "post-train-report.json"), report)
-  if (config.report !== undefined) yield* Report.writeSection(config.report, "post-training", `## Post-training\n\n${markdown}`)
+  if (config.report !== undefined) {
+    const fromReport = plots.map((plot) => path.relative(path.dirname(config.report!), plot))
+    yield* Report.writeSection(config.report, "post-training", `## Post-training\n\n${markdownOf(report, fromReport)}`)
+  }
   return report
+})
+
+/** What each kind of stage plots per step: the training loss, the mean reward, the online-DPO margin. */
+const curveOf = {
+  sft: { file: "post-train-losses.svg", field: "loss", title: "Supervised training loss per step", y: "loss, nats" },
+  grpo: { file: "post-train-rewards.svg", field: "reward_mean", title: "GRPO mean reward per step", y: "mean reward of the samples" },
+  odpo: { file: "post-train-odpo.svg", field: "margin", title: "Online DPO margin per step", y: "mean beta-scaled log-ratio margin" }
+} as const
+
+/** The training curves, one chart per kind of stage, from each step's metrics.jsonl; returns their paths. */
+const writePlots = Effect.fnUntraced(function*(runDir: string, steps: ReadonlyArray<{ readonly name: string; readonly dir: string; readonly kind: keyof typeof curveOf }>) {
+  const written: Array<string> = []
+  for (const [kind, { file, field, title, y }] of Object.entries(curveOf)) {
+    const series: Array<Plot.Series> = []
+    for (const step of steps.filter((s) => s.kind === kind)) {
+      const text = yield* Effect.tryPromise({ try: () => fs.readFile(path.join(step.dir, "metrics.jsonl"), "utf8"), catch: io(step.dir, "has no readable metrics.jsonl") })
+      const points = text.split("\n").filter(Boolean).flatMap((line) => {
+        const metrics = JSON.parse(line) as Record<string, unknown>
+        const value = metrics[field]
+        return typeof metrics.step === "number" && typeof value === "number" ? [[metrics.step, value] as const] : []
+      })
+      series.push({ name: step.name, points })
+    }
+    if (series.length === 0) continue
+    const out = path.join(runDir, file)
+    yield* Files.writeText(out, Plot.svg({ title, x: "step", y, series }))
+    written.push(out)
+  }
+  return written
 })
 
 /** What the report holds. */
@@ -369,8 +408,8 @@ export interface PostTrainReport {
   readonly rows: ReadonlyArray<Row>
 }
 
-/** The report's body: where it started, the PWRM, the judge, and the table. */
-const markdownOf = (report: PostTrainReport) => {
+/** The report's body: where it started, the PWRM, the judge, the table and the plots (as the report links them). */
+const markdownOf = (report: PostTrainReport, plots: ReadonlyArray<string>) => {
   const { judge, pwrm } = report
   const judged = judge.heldout === undefined
     ? ""
@@ -384,6 +423,8 @@ const markdownOf = (report: PostTrainReport) => {
     `Rubric judge: ${judge.dir}${judge.from === undefined ? "" : `, fine-tuned from ${judge.from}`}.${judged}`,
     "",
     table(report.rows),
+    "",
+    `Plots: ${plots.join(", ")}`,
     ""
   ].join("\n")
 }
@@ -456,6 +497,7 @@ interface Lineage {
   readonly model: string
   readonly branch: Branch
   readonly stage: string
+  readonly kind: Step["stage"]
   readonly dir: string
   /** The folder of the model the step started from. */
   readonly previous: string

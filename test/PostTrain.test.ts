@@ -120,6 +120,14 @@ describe("PostTrain.run", () => {
         ["cascade", "# Cascade report"],
         ["post-training", "## Post-training"]
       ])
+      // Training curves, linked from both reports.
+      const losses = yield* Effect.promise(() => fs.readFile(path.join(config.run, "post-train-losses.svg"), "utf8"))
+      for (const name of ["judge", "pwrm", "instruct/1-sft-distill", "reasoning/1-sft-cot"]) assert.include(losses, name)
+      for (const plot of ["post-train-rewards.svg", "post-train-odpo.svg"]) {
+        assert.include(yield* Effect.promise(() => fs.readFile(path.join(config.run, plot), "utf8")), "<svg")
+      }
+      assert.include(report, "Plots: post-train-losses.svg, post-train-rewards.svg, post-train-odpo.svg")
+      assert.include(yield* Effect.promise(() => fs.readFile(config.report!, "utf8")), "Plots: run/post-train-losses.svg")
       assert.strictEqual(judge.dir, path.join(config.run, "judge-model"))
       assert.strictEqual(judge.heldout?.questions, 3)
       const json = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "post-train-report.json"), "utf8")))
