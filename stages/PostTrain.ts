@@ -371,17 +371,17 @@ export const run = Effect.fn("PostTrain.run")(function*(
   return report
 })
 
-/** What each kind of stage plots per step: the training loss, the mean reward, the online-DPO margin. */
+/** What each kind of stage plots per step: the training loss, the mean reward, how often online DPO's policy agrees with its labels. */
 const curveOf = {
-  sft: { file: "post-train-losses.svg", field: "loss", title: "Supervised training loss per step", y: "loss, nats" },
-  grpo: { file: "post-train-rewards.svg", field: "reward_mean", title: "GRPO mean reward per step", y: "mean reward of the samples" },
-  odpo: { file: "post-train-odpo.svg", field: "margin", title: "Online DPO margin per step", y: "mean beta-scaled log-ratio margin" }
+  sft: { file: "post-train-losses.svg", field: "loss", title: "Supervised training loss per step", y: "loss, nats", logY: true },
+  grpo: { file: "post-train-rewards.svg", field: "reward_mean", title: "GRPO mean reward per step", y: "mean reward of the samples", logY: false },
+  odpo: { file: "post-train-odpo.svg", field: "agreement", title: "Online DPO agreement with the PWRM per step", y: "pairs the policy orders as the PWRM", logY: false }
 } as const
 
 /** The training curves, one chart per kind of stage, from each step's metrics.jsonl; returns their paths. */
 const writePlots = Effect.fnUntraced(function*(runDir: string, steps: ReadonlyArray<{ readonly name: string; readonly dir: string; readonly kind: keyof typeof curveOf }>) {
   const written: Array<string> = []
-  for (const [kind, { file, field, title, y }] of Object.entries(curveOf)) {
+  for (const [kind, { file, field, title, y, logY }] of Object.entries(curveOf)) {
     const series: Array<Plot.Series> = []
     for (const step of steps.filter((s) => s.kind === kind)) {
       const text = yield* Effect.tryPromise({ try: () => fs.readFile(path.join(step.dir, "metrics.jsonl"), "utf8"), catch: io(step.dir, "has no readable metrics.jsonl") })
@@ -394,7 +394,7 @@ const writePlots = Effect.fnUntraced(function*(runDir: string, steps: ReadonlyAr
     }
     if (series.length === 0) continue
     const out = path.join(runDir, file)
-    yield* Files.writeText(out, Plot.svg({ title, x: "step", y, series }))
+    yield* Files.writeText(out, Plot.svg({ title, x: "step", y, series, logY }))
     written.push(out)
   }
   return written
