@@ -246,7 +246,7 @@ const makeJudge = Effect.fnUntraced(function*(options: JudgeOptions) {
       Effect.map(Verifiers.shareOf)
     )
   }
-  return { score, describe: `judge ${judgeIdentity}` }
+  return { score, describe: `judge ${judgeIdentity} (${maxTokens} tokens to answer)` }
 })
 
 // ---------------------------------------------------------------------------------------------
@@ -265,9 +265,11 @@ export const layer = (options: { readonly judge?: JudgeOptions | undefined; read
     Effect.gen(function*() {
       const verify = yield* makeVerifiers(options.code ?? {})
       const rubric = options.judge === undefined ? undefined : yield* makeJudge(options.judge)
+      const { timeoutMs = CodeRunner.defaultLimits.timeoutMs, memoryMb = CodeRunner.defaultLimits.memoryMb } = options.code ?? {}
+      const verifiers = `verifiers (code: ${timeoutMs} ms, ${memoryMb} MB)`
       return Rewards.of({
         score: (sample) => (sample.task.kind === "rubric" && rubric !== undefined ? rubric.score(sample) : verify(sample)),
-        describe: rubric === undefined ? "verifiers" : `verifiers, ${rubric.describe}`
+        describe: rubric === undefined ? verifiers : `${verifiers}, ${rubric.describe}`
       })
     })
   ).pipe(Layer.provide(FetchHttpClient.layer))

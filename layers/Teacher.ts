@@ -13,7 +13,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Channel, Duration, Effect, Layer, Schedule, Schema, Stream } from "effect"
 import { FetchHttpClient, HttpClient, HttpClientRequest } from "effect/http"
-import * as Config from "../src/Config.ts"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Dataset from "../src/Dataset.ts"
 import * as Files from "../src/Files.ts"
 import * as Model from "../src/Model.ts"
@@ -54,7 +54,7 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
       yield* TensorBackend // the model's tensors live on it
       const model = yield* Pretrained.load(dir)
       const vocab = model.config.vocabSize
-      const source = `in-process ${dir} (config ${Config.hash(model.config).slice(0, 12)})`
+      const source = `in-process ${dir} (weights ${(yield* Checkpoint.fingerprint(dir)).slice(0, 16)})`
       const { topK, batchAhead = 1 } = options
       if (topK !== undefined && !(positiveInteger(topK) && topK <= vocab)) {
         return yield* new TeacherError({ source, reason: `top-k ${topK} is not between 1 and the vocabulary size ${vocab}` })

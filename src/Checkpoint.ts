@@ -235,6 +235,23 @@ export const save = Effect.fn("Checkpoint.save")(function*<E = never, R = never>
 export const fingerprint = Effect.fn("Checkpoint.fingerprint")(function*(dir: string) {
   const checkpoint = yield* open(dir)
   const files = [...new Set(yield* Effect.forEach(checkpoint.names, checkpoint.fileOf))].sort()
-  const hashes = yield* Effect.forEach([checkpoint.configPath, ...files], sha256)
+  const hashes = yield* Effect.forEach([checkpoint.configPath, ...files], hashOf)
   return createHash("sha256").update(hashes.join("\n")).digest("hex")
 }, Effect.scoped)
+
+/** Hashes of files this process has read, by path, inode, size and modification time: a pipeline names each model several times. */
+const fileHashes = new Map<string, string>()
+
+const hashOf = Effect.fnUntraced(function*(file: string) {
+  const stat = yield* Effect.tryPromise({
+    try: () => fs.stat(file),
+    catch: (cause) => new CheckpointError({ file, reason: `cannot be read (${describe(cause)})` })
+  })
+  // The inode too: files are written aside and renamed, so a rewrite is a new inode even within one clock tick.
+  const key = `${file}\0${stat.ino}\0${stat.size}\0${stat.mtimeMs}`
+  const known = fileHashes.get(key)
+  if (known !== undefined) return known
+  const hash = yield* sha256(file)
+  fileHashes.set(key, hash)
+  return hash
+})

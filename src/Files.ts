@@ -12,6 +12,10 @@ export const writeText = (path: string, text: string) => writeAtomically(path, (
 /** Writes JSON (pretty, newline-terminated) to a temp file renamed over `path`. */
 export const writeJson = (path: string, value: unknown) => writeText(path, JSON.stringify(value, null, 2) + "\n")
 
+/** Removes a file if it is there. */
+export const remove = (path: string): Effect.Effect<void, CheckpointError> =>
+  Effect.tryPromise({ try: () => fs.rm(path, { force: true }), catch: (cause) => new CheckpointError({ file: path, reason: `cannot be removed (${String(cause)})` }) })
+
 /** Parsed JSON of `path`, or undefined when the file does not exist. */
 export const readJsonIfPresent = (path: string): Effect.Effect<unknown, CheckpointError> =>
   Effect.tryPromise({

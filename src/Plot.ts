@@ -33,6 +33,13 @@ const ticks = (low: number, high: number): Array<number> => {
   return out
 }
 
+/** On a log axis, the powers of ten in [low, high] (exponents) when there are two or more. */
+const logTicks = (low: number, high: number): Array<number> => {
+  const decades: Array<number> = []
+  for (let e = Math.ceil(low); e <= Math.floor(high); e++) decades.push(e)
+  return decades.length >= 2 ? decades : ticks(low, high)
+}
+
 const label = (v: number) => (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(1) : String(Number(v.toPrecision(4))))
 
 export const svg = (chart: Chart): string => {
@@ -56,12 +63,12 @@ export const svg = (chart: Chart): string => {
     `<rect width="${width}" height="${height}" fill="white"/>`,
     `<text x="${width / 2 - margin.right / 2}" y="20" text-anchor="middle" font-size="14">${escape(chart.title)}</text>`
   ]
-  const yTicks = chart.logY ? ticks(y0, y1).map((t) => 10 ** t) : ticks(y0, y1)
+  const yTicks = chart.logY ? logTicks(y0, y1).map((t) => 10 ** t) : ticks(y0, y1)
   for (const t of yTicks) {
     parts.push(`<line x1="${margin.left}" x2="${width - margin.right}" y1="${py(t)}" y2="${py(t)}" stroke="#ddd"/>`)
     parts.push(`<text x="${margin.left - 6}" y="${py(t) + 4}" text-anchor="end">${label(t)}</text>`)
   }
-  const xTicks = chart.logX ? ticks(x0, x1).map((t) => 10 ** t) : ticks(x0, x1)
+  const xTicks = chart.logX ? logTicks(x0, x1).map((t) => 10 ** t) : ticks(x0, x1)
   for (const t of xTicks) parts.push(`<text x="${px(t)}" y="${height - margin.bottom + 16}" text-anchor="middle">${label(t)}</text>`)
   parts.push(
     `<line x1="${margin.left}" x2="${width - margin.right}" y1="${height - margin.bottom}" y2="${height - margin.bottom}" stroke="black"/>`,

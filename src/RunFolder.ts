@@ -94,10 +94,17 @@ export const loadCheckpoint = Effect.fn("RunFolder.loadCheckpoint")(function*<S>
 export const resumePoint = Effect.fn("RunFolder.resumePoint")(function*<S>(
   out: string,
   schema: Schema.Decoder<S>,
-  options: { readonly resume: boolean | undefined; readonly matches: (state: S) => boolean; readonly differs: string }
+  options: {
+    readonly resume: boolean | undefined
+    readonly matches: (state: S) => boolean
+    readonly differs: string
+    /** A checkpoint of another run is no obstacle: the new run starts over and replaces it. */
+    readonly replace?: boolean | undefined
+  }
 ) {
   const checkpoint = yield* loadCheckpoint(out, schema)
   if (checkpoint === undefined) return undefined
+  if (options.replace && !options.matches(checkpoint.state)) return undefined
   if (!options.resume) {
     return yield* new CheckpointError({ file: out, reason: "holds a run in progress; pass --resume to continue it, or choose another --out" })
   }
@@ -118,12 +125,13 @@ export const resumePoint = Effect.fn("RunFolder.resumePoint")(function*<S>(
 export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S extends { readonly identity: string; readonly complete: boolean }>(
   out: string,
   schema: Schema.Decoder<S>,
-  options: { readonly identity: string; readonly resume: boolean | undefined; readonly differs: string }
+  options: { readonly identity: string; readonly resume: boolean | undefined; readonly differs: string; readonly replace?: boolean | undefined }
 ) {
   const finished = yield* readState(path.join(out, "state.json"), schema)
   if (finished !== undefined && finished.complete && finished.identity === options.identity) return { finished, resume: undefined }
   const resume = yield* resumePoint(out, schema, {
     resume: options.resume,
+    replace: options.replace,
     matches: (state) => state.identity === options.identity,
     differs: options.differs
   })

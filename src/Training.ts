@@ -92,6 +92,11 @@ export interface SupervisedOptions {
   readonly saveEvery: number
   /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
   readonly resume?: boolean
+  /**
+   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
+   * pipelines, whose steps must redo what changed before them.
+   */
+  readonly replace?: boolean | undefined
 }
 
 export interface StepOptions {

@@ -12,6 +12,7 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Config from "../src/Config.ts"
 import * as Dataset from "../src/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
@@ -96,7 +97,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   const config = options.yarn ? Config.withYarn(loaded.config, options.yarn) : loaded.config
   const student = Model.make(config, loaded.weights)
   const identity = JSON.stringify({
-    student: Config.hash(loaded.config),
+    student: yield* Checkpoint.fingerprint(options.studentDir),
     data: yield* Files.sha256(options.data),
     teacher: teacher.describe,
     seq,
@@ -106,7 +107,12 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     steps: options.steps
   })
 
-  const { finished, resume } = yield* RunFolder.startingPoint(out, State, { identity, resume: options.resume, differs: "options, data, student or teacher" })
+  const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
+    identity,
+    resume: options.resume,
+    replace: options.replace,
+    differs: "options, data, student or teacher"
+  })
   if (finished !== undefined) return finished
   const start = resume === undefined ? student : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
   const trainable = yield* Training.trainable(start)

@@ -101,7 +101,7 @@ export const grpo = Effect.fn("Grpo.grpo")(function*(options: GrpoOptions) {
   const prompts = yield* readPrompts(options.prompts, GrpoPrompt)
   const rewards = yield* Rewards
   const identity = { group: options.group, loss: options.loss, std: options.std, updates: options.updates, microBatch: options.microBatch, rewards: rewards.describe }
-  return yield* runOnline(options, { format: "cascade-grpo/1", identity, prompts }, grpoStep(options), options.onStep)
+  return yield* runOnline(options, { format: "cascade-grpo/1", identity, prompts, differs: "rewards" }, grpoStep(options), options.onStep)
 })
 
 const grpoStep = (options: GrpoOptions) =>
@@ -203,6 +203,11 @@ export interface RunOptions {
   readonly saveEvery: number
   /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
   readonly resume?: boolean | undefined
+  /**
+   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
+   * pipelines, whose steps must redo what changed before them.
+   */
+  readonly replace?: boolean | undefined
 }
 
 /** A default for `RunOptions.loop`: the last 32 tokens repeat a cycle of at most 8. */
@@ -291,7 +296,13 @@ export const chunks = <A>(items: ReadonlyArray<A>, size: number): Array<Array<A>
  */
 export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { readonly prompt: string }, M extends { readonly step: number }, E, R>(
   options: RunOptions,
-  setup: { readonly format: string; readonly identity: Record<string, unknown>; readonly prompts: ReadonlyArray<P> },
+  setup: {
+    readonly format: string
+    readonly identity: Record<string, unknown>
+    readonly prompts: ReadonlyArray<P>
+    /** What else a run of other identity may differ in, for errors (the rewards, the PWRM). */
+    readonly differs: string
+  },
   /** Step `step` (from 0) on its prompts, sampling with `seed`. */
   step: (run: Run, prompts: ReadonlyArray<P>, step: number, seed: number) => Effect.Effect<M, E, R | Scope.Scope>,
   onStep: ((metrics: M) => void) | undefined
@@ -317,14 +328,18 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
 
   // state.json beside the model is written last: a finished run.
   const finished = yield* RunFolder.readState(path.join(out, "state.json"), State)
+  const differs = `options, prompts, model or ${setup.differs}`
   if (finished !== undefined) {
     if (finished.identity === identity && finished.format === setup.format) return finished
-    return yield* new CheckpointError({ file: out, reason: "holds a finished run with other options, prompts or model; use another --out" })
+    if (!options.replace) return yield* new CheckpointError({ file: out, reason: `holds a finished run with other ${differs}; use another --out` })
+    // Until the new run ends, the folder must not pass for a finished one.
+    yield* Files.remove(path.join(out, "state.json"))
   }
   const resume = yield* RunFolder.resumePoint(out, State, {
     resume: options.resume,
+    replace: options.replace,
     matches: (state) => state.identity === identity && state.format === setup.format,
-    differs: "options, prompts or model"
+    differs
   })
   const start = resume === undefined ? reference : Model.make(reference.config, (yield* Pretrained.load(resume.dir)).weights)
   const policy = yield* Training.trainable(start)

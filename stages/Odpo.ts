@@ -62,7 +62,7 @@ export const odpo = Effect.fn("Odpo.odpo")(function*(options: OdpoOptions) {
   const prompts = yield* readPrompts(options.prompts, OdpoPrompt)
   const preference = yield* PairwisePreference
   const identity = { beta: options.beta, microBatch: options.microBatch, preference: preference.describe }
-  return yield* runOnline(options, { format: "cascade-odpo/1", identity, prompts }, odpoStep(options), options.onStep)
+  return yield* runOnline(options, { format: "cascade-odpo/1", identity, prompts, differs: "PWRM" }, odpoStep(options), options.onStep)
 })
 
 /**

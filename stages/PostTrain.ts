@@ -36,7 +36,7 @@ import * as Preference from "../layers/Preference.ts"
 import * as RewardSources from "../layers/Rewards.ts"
 import { Rewards } from "../src/Reward.ts"
 import * as TeacherSources from "../layers/Teacher.ts"
-import { CheckpointError } from "../src/Errors.ts"
+import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/Files.ts"
 import * as Generate from "../src/Generate.ts"
 import * as Checkpoint from "../src/Checkpoint.ts"
@@ -232,6 +232,7 @@ const runSft = (config: PostTrainConfig, o: typeof SftStep.Type, modelDir: strin
     distillWeight: o.distillWeight,
     saveEvery: Math.max(1, Math.floor(o.steps / 4)),
     resume: true,
+    replace: true,
     onStep: (m) => report(m.step, o.steps, `loss ${fixed(m.loss, 4)} ce ${fixed(m.ce, 4)} kl ${fixed(m.kl, 4)}`)
   }).pipe(
     Effect.scoped,
@@ -255,7 +256,8 @@ const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: str
     weightDecay: 0,
     maxGradNorm: 1,
     saveEvery: Math.max(1, Math.floor(o.steps / 4)),
-    resume: true
+    resume: true,
+    replace: true
   })
   switch (step.stage) {
     case "sft":
@@ -313,16 +315,18 @@ export const run = Effect.fn("PostTrain.run")(function*(
     maxGradNorm: 1,
     saveEvery: Math.max(1, Math.floor(config.pwrm.steps / 4)),
     resume: true,
+    replace: true,
     onStep: (m) => events.onStep?.("[pwrm]", m.step, config.pwrm.steps, `loss ${fixed(m.loss, 4)} acc ${fixed(m.accuracy)}`)
   }).pipe(Effect.scoped)
 
   const judgeDir = config.judge.sft === undefined ? config.judge.model : path.join(config.run, "judge-model")
-  if (config.judge.sft !== undefined) {
+  const judged = chosen.includes("reasoning") || config.evaluation.rubric !== undefined || config.judge.heldout !== undefined
+  if (config.judge.sft !== undefined && judged) {
     yield* Console.log(`[judge] fine-tuned from ${config.judge.model}: ${config.judge.sft.steps} steps`)
     const { steps } = config.judge.sft
     yield* runSft(config, config.judge.sft, config.judge.model, judgeDir, (done, _, summary) => events.onStep?.("[judge]", done, steps, summary))
   }
-  const judge: Judge = { dir: judgeDir, name: `judge-${(yield* Checkpoint.fingerprint(judgeDir)).slice(0, 16)}` }
+  const judge: Judge = { dir: judgeDir, name: judged ? `judge-${(yield* Checkpoint.fingerprint(judgeDir)).slice(0, 16)}` : "judge (not used)" }
 
   const lineage: Array<Lineage> = []
   for (const branch of chosen) {
@@ -385,12 +389,19 @@ const writePlots = Effect.fnUntraced(function*(runDir: string, steps: ReadonlyAr
     const series: Array<Plot.Series> = []
     for (const step of steps.filter((s) => s.kind === kind)) {
       const text = yield* Effect.tryPromise({ try: () => fs.readFile(path.join(step.dir, "metrics.jsonl"), "utf8"), catch: io(step.dir, "has no readable metrics.jsonl") })
-      const points = text.split("\n").filter(Boolean).flatMap((line) => {
-        const metrics = JSON.parse(line) as Record<string, unknown>
-        const value = metrics[field]
-        return typeof metrics.step === "number" && typeof value === "number" ? [[metrics.step, value] as const] : []
-      })
-      series.push({ name: step.name, points })
+      const file = path.join(step.dir, "metrics.jsonl")
+      const points = yield* Effect.forEach(text.split("\n").entries(), ([i, line]) =>
+        line.trim() === ""
+          ? Effect.succeed([])
+          : Effect.try({
+            try: () => {
+              const metrics = JSON.parse(line) as Record<string, unknown>
+              const value = metrics[field]
+              return typeof metrics.step === "number" && typeof value === "number" ? [[metrics.step, value] as const] : []
+            },
+            catch: () => new DataError({ file, line: i + 1, reason: "is not JSON" })
+          }))
+      series.push({ name: step.name, points: points.flat() })
     }
     if (series.length === 0) continue
     const out = path.join(runDir, file)

@@ -18,6 +18,7 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
+import * as Checkpoint from "../src/Checkpoint.ts"
 import * as Config from "../src/Config.ts"
 import { lines } from "../src/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
@@ -52,6 +53,11 @@ export interface TrainOptions {
   readonly saveEvery: number
   /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
   readonly resume?: boolean
+  /**
+   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
+   * pipelines, whose steps must redo what changed before them.
+   */
+  readonly replace?: boolean | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
@@ -198,7 +204,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
   }
   const { steps, batch, seed, learningRate, warmupSteps, weightDecay, maxGradNorm } = options
   const identity = JSON.stringify({
-    base: Config.hash(base.config),
+    base: yield* Checkpoint.fingerprint(options.baseDir),
     train: data.train.sha256,
     heldout: data.heldout.sha256,
     seq,
@@ -214,10 +220,13 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
   const finished = (yield* Files.readJsonIfPresent(path.join(out, Pwrm.cardFile))) as Card | undefined
   if (finished !== undefined) {
     if (finished.identity === identity) return finished
-    return yield* new CheckpointError({ file: out, reason: "holds a PWRM trained with other options, data or base; use another --out" })
+    if (!options.replace) return yield* new CheckpointError({ file: out, reason: "holds a PWRM trained with other options, data or base; use another --out" })
+    // Until the new PWRM is written, the folder must not pass for a finished one.
+    yield* Files.remove(path.join(out, Pwrm.cardFile))
   }
   const resume = yield* RunFolder.resumePoint(out, State, {
     resume: options.resume,
+    replace: options.replace,
     matches: (state) => state.identity === identity,
     differs: "options, data or base"
   })

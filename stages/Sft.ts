@@ -109,7 +109,12 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     weightDecay: options.weightDecay,
     maxGradNorm: options.maxGradNorm
   })
-  const { finished, resume } = yield* RunFolder.startingPoint(out, State, { identity, resume: options.resume, differs: "options, data, model or teacher" })
+  const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
+    identity,
+    resume: options.resume,
+    replace: options.replace,
+    differs: "options, data, model or teacher"
+  })
   if (finished !== undefined) return finished
 
   const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize)

@@ -33,5 +33,7 @@ describe("Plot.svg", () => {
     const [a, b, c] = points.map(([, y]) => y)
     assert.closeTo(b - a, c - b, 0.2)
     assert.include(svg, "loss (log)")
+    // Ticks at the powers of ten.
+    for (const tick of ["1", "10", "100"]) assert.match(svg, new RegExp(`text-anchor="end">${tick}</text>`))
   })
 })

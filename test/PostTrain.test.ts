@@ -132,6 +132,13 @@ describe("PostTrain.run", () => {
       assert.strictEqual(judge.heldout?.questions, 3)
       const json = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "post-train-report.json"), "utf8")))
       assert.strictEqual(json.rows.length, 7)
+
+      // Another learning rate for SFT on traces: that step and every step after it run again,
+      // replacing what they wrote, since each starts from the model the one before it wrote.
+      const changed = { ...config, reasoning: { ...config.reasoning, sft: { ...config.reasoning.sft, lr: 5e-4 } } }
+      const rerun: Array<string> = []
+      yield* PostTrain.run(changed, { branches: ["reasoning"], events: { onStep: (label) => rerun.includes(label) || rerun.push(label) } })
+      assert.deepStrictEqual(rerun, ["[reasoning 1/4 sft-cot]", "[reasoning 2/4 grpo-verifiers]", "[reasoning 3/4 grpo-rubrics]", "[reasoning 4/4 odpo]"])
     }).pipe(onBackend("wasm")), { timeout: 90_000 })
 })
 

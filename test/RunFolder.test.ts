@@ -49,4 +49,13 @@ describe("RunFolder.startingPoint", () => {
       assert.deepStrictEqual(resume?.state, { step: 3, identity: "a", complete: false })
       assert.strictEqual(resume?.moments.expAvg.get("w")?.length, 2)
     }).pipe(onBackend("cpu")))
+
+  it.effect("with replace, a checkpoint of another run is no obstacle: the new run starts over", () =>
+    Effect.gen(function*() {
+      const out = yield* tempDir
+      yield* checkpoint(out, "a")
+      const replacing = (identity: string) => RunFolder.startingPoint(out, State, { identity, resume: true, differs: "options", replace: true })
+      assert.deepStrictEqual(yield* replacing("b"), { finished: undefined, resume: undefined })
+      assert.strictEqual((yield* replacing("a")).resume?.state.step, 3, "its own checkpoint still resumes")
+    }).pipe(onBackend("cpu")))
 })

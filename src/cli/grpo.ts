@@ -26,6 +26,10 @@ export const grpoCommand = Command.make(
     updates: Flag.Int("updates").pipe(Flag.withDescription("Policy updates per rollout batch (K)"), Flag.withDefault(2)),
     microBatch: Flag.Int("micro-batch").pipe(Flag.withDescription("Groups per forward pass"), Flag.withDefault(4)),
     judge: Flag.String("judge").pipe(Flag.withDescription("OpenAI-compatible server(s) judging rubric tasks, comma-separated"), Flag.optional),
+    judgeModel: Flag.String("judge-model").pipe(
+      Flag.withDescription("The judge's model name: sent with each request, and what names the judge, so that a judge restarted elsewhere resumes the run (default: its URLs)"),
+      Flag.optional
+    ),
     ...onPolicyFlags
   },
   Effect.fn("cli.grpo")(function*(flags) {
@@ -52,7 +56,7 @@ export const grpoCommand = Command.make(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
       Effect.provide(Layer.merge(
-        Rewards.layer({ judge: judge === undefined ? undefined : { urls: judge.split(",") } }),
+        Rewards.layer({ judge: judge === undefined ? undefined : { urls: judge.split(","), model: Option.getOrUndefined(flags.judgeModel) } }),
         TensorBackend.layer(Option.getOrUndefined(backend))
       ))
     )
