@@ -14,6 +14,19 @@ import * as Files from "./Files.ts"
 import * as Optimizer from "./Optimizer.ts"
 import * as Safetensors from "./Safetensors.ts"
 
+/** How a run uses its folder: what every training stage's options hold. */
+export interface Options {
+  /** Steps between checkpoints. */
+  readonly saveEvery: number
+  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
+  readonly resume?: boolean | undefined
+  /**
+   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
+   * pipelines, whose steps must redo what changed before them.
+   */
+  readonly replace?: boolean | undefined
+}
+
 export const checkpointDir = (out: string) => path.join(out, "checkpoint")
 export const metricsFile = (out: string) => path.join(out, "metrics.jsonl")
 

@@ -11,7 +11,9 @@ import { Effect } from "effect"
 import type { ModelConfig } from "./Config.ts"
 import * as Model from "./Model.ts"
 import * as Optimizer from "./Optimizer.ts"
+import * as Pretrained from "./Pretrained.ts"
 import * as Random from "./Random.ts"
+import type * as RunFolder from "./RunFolder.ts"
 
 export interface Trainable {
   /** The model over the variables: forward it like any model. */
@@ -72,8 +74,31 @@ export interface Objective {
   readonly metrics: Readonly<Record<string, number>>
 }
 
+/**
+ * The trainable model and optimiser a run goes on with: its checkpoint's weights and moments when
+ * it resumes, else `model` and fresh moments. Released with the scope.
+ */
+export const startFrom = Effect.fn("Training.startFrom")(function*(
+  model: Model.Model,
+  resume: { readonly dir: string; readonly moments: Optimizer.State } | undefined,
+  weightDecay: number
+) {
+  const start = resume === undefined ? model : Model.make(model.config, (yield* Pretrained.load(resume.dir)).weights)
+  const run = yield* trainable(start)
+  const adam = yield* Optimizer.make(run.variables, { ...Optimizer.defaultConfig, weightDecay }, resume?.moments)
+  return { trainable: run, adam }
+})
+
+/** A supervised run's learning rate: warmup, then cosine down to its minimum at the last step. */
+export const scheduleOf = (options: SupervisedOptions): Optimizer.Schedule => ({
+  peak: options.learningRate,
+  min: options.minLearningRate,
+  warmupSteps: options.warmupSteps,
+  totalSteps: options.steps
+})
+
 /** What every supervised training run (distillation, SFT) is given: lengths, data order, optimisation, checkpoints. */
-export interface SupervisedOptions {
+export interface SupervisedOptions extends RunFolder.Options {
   readonly out: string
   /** Row length of the packing. */
   readonly seq: number
@@ -89,14 +114,6 @@ export interface SupervisedOptions {
   readonly warmupSteps: number
   readonly weightDecay: number
   readonly maxGradNorm: number | undefined
-  readonly saveEvery: number
-  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
-  readonly resume?: boolean
-  /**
-   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
-   * pipelines, whose steps must redo what changed before them.
-   */
-  readonly replace?: boolean | undefined
 }
 
 export interface StepOptions {

@@ -114,19 +114,12 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     differs: "options, data, student or teacher"
   })
   if (finished !== undefined) return finished
-  const start = resume === undefined ? student : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
-  const trainable = yield* Training.trainable(start)
-  const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
+  const { trainable, adam } = yield* Training.startFrom(student, resume, options.weightDecay)
   let step = resume?.state.step ?? 0
   let rows = resume?.state.rows ?? 0
   yield* RunFolder.truncateMetrics(out, step)
 
-  const schedule: Optimizer.Schedule = {
-    peak: options.learningRate,
-    min: options.minLearningRate,
-    warmupSteps: options.warmupSteps,
-    totalSteps: options.steps
-  }
+  const schedule = Training.scheduleOf(options)
   const firstEpoch = yield* Dataset.sequences(options.data, { vocabSize: config.vocabSize, tokenizer: options.tokenizer }).pipe(
     Dataset.pack(seq),
     Stream.runCount

@@ -181,7 +181,7 @@ const perToken = Effect.fnUntraced(function*(model: Model.Model, completions: Re
 // ---------------------------------------------------------------------------------------------
 // The online run, shared with stages/Odpo.ts: prompts, sampling, and the run folder.
 
-export interface RunOptions {
+export interface RunOptions extends RunFolder.Options {
   /** The starting policy, also the reference; its folder must hold a tokenizer. */
   readonly modelDir: string
   /** JSONL of prompts. */
@@ -200,14 +200,6 @@ export interface RunOptions {
   readonly learningRate: number
   readonly weightDecay: number
   readonly maxGradNorm: number | undefined
-  readonly saveEvery: number
-  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
-  readonly resume?: boolean | undefined
-  /**
-   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
-   * pipelines, whose steps must redo what changed before them.
-   */
-  readonly replace?: boolean | undefined
 }
 
 /** A default for `RunOptions.loop`: the last 32 tokens repeat a cycle of at most 8. */
@@ -341,9 +333,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     matches: (state) => state.identity === identity && state.format === setup.format,
     differs
   })
-  const start = resume === undefined ? reference : Model.make(reference.config, (yield* Pretrained.load(resume.dir)).weights)
-  const policy = yield* Training.trainable(start)
-  const adam = yield* Optimizer.make(policy.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
+  const { trainable: policy, adam } = yield* Training.startFrom(reference, resume, options.weightDecay)
   const run: Run = { policy, adam, reference, tokenizer }
   const first = resume?.state.step ?? 0
   yield* RunFolder.truncateMetrics(out, first)

@@ -33,7 +33,7 @@ import * as RunFolder from "../src/RunFolder.ts"
 import * as Tokenizer from "../src/Tokenizer.ts"
 import * as Training from "../src/Training.ts"
 
-export interface TrainOptions {
+export interface TrainOptions extends RunFolder.Options {
   /** Backbone checkpoint folder, with its tokenizer. */
   readonly baseDir: string
   readonly data: string
@@ -50,14 +50,6 @@ export interface TrainOptions {
   readonly warmupSteps: number
   readonly weightDecay: number
   readonly maxGradNorm: number | undefined
-  readonly saveEvery: number
-  /** Continue a run OUT holds; without it, a run found in OUT is an error rather than silently continued. */
-  readonly resume?: boolean
-  /**
-   * Replace a run of other options found in OUT, finished or not, instead of refusing it: for
-   * pipelines, whose steps must redo what changed before them.
-   */
-  readonly replace?: boolean | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 

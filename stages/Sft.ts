@@ -118,19 +118,12 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   if (finished !== undefined) return finished
 
   const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize)
-  const start = resume === undefined ? model : Model.make(config, (yield* Pretrained.load(resume.dir)).weights)
-  const trainable = yield* Training.trainable(start)
-  const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: options.weightDecay }, resume?.moments)
+  const { trainable, adam } = yield* Training.startFrom(model, resume, options.weightDecay)
   let step = resume?.state.step ?? 0
   let consumed = resume?.state.rows ?? 0
   yield* RunFolder.truncateMetrics(out, step)
 
-  const schedule: Optimizer.Schedule = {
-    peak: options.learningRate,
-    min: options.minLearningRate,
-    warmupSteps: options.warmupSteps,
-    totalSteps: options.steps
-  }
+  const schedule = Training.scheduleOf(options)
   const lossOptions: Loss.Options = {
     ...Loss.defaultOptions,
     // Loss.distillation minimises `KL + c CE`; scaled by w in lossOf, c = (1 - w) / w gives `w KL + (1 - w) CE`.
