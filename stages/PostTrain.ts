@@ -321,7 +321,8 @@ export const run = Effect.fn("PostTrain.run")(function*(
 
   const judgeDir = config.judge.sft === undefined ? config.judge.model : path.join(config.run, "judge-model")
   const judged = chosen.includes("reasoning") || config.evaluation.rubric !== undefined || config.judge.heldout !== undefined
-  if (config.judge.sft !== undefined && judged) {
+  const judgeTrained = config.judge.sft !== undefined && judged
+  if (config.judge.sft !== undefined && judgeTrained) {
     yield* Console.log(`[judge] fine-tuned from ${config.judge.model}: ${config.judge.sft.steps} steps`)
     const { steps } = config.judge.sft
     yield* runSft(config, config.judge.sft, config.judge.model, judgeDir, (done, _, summary) => events.onStep?.("[judge]", done, steps, summary))
@@ -360,7 +361,7 @@ export const run = Effect.fn("PostTrain.run")(function*(
     rows
   }
   const curves = [
-    ...(config.judge.sft === undefined ? [] : [{ name: "judge", dir: judgeDir, kind: "sft" as const }]),
+    ...(judgeTrained ? [{ name: "judge", dir: judgeDir, kind: "sft" as const }] : []),
     { name: "pwrm", dir: pwrmDir, kind: "sft" as const },
     ...lineage.map(({ model, dir, kind }) => ({ name: model, dir, kind }))
   ]

@@ -139,6 +139,18 @@ describe("PostTrain.run", () => {
       const rerun: Array<string> = []
       yield* PostTrain.run(changed, { branches: ["reasoning"], events: { onStep: (label) => rerun.includes(label) || rerun.push(label) } })
       assert.deepStrictEqual(rerun, ["[reasoning 1/4 sft-cot]", "[reasoning 2/4 grpo-verifiers]", "[reasoning 3/4 grpo-rubrics]", "[reasoning 4/4 odpo]"])
+
+      // The instruct branch alone, with no judged evaluation, has no use for a judge: none is trained.
+      const unjudged = {
+        ...config,
+        run: path.join(dir, "instruct-only"),
+        judge: { ...config.judge, heldout: undefined },
+        evaluation: { ...config.evaluation, rubric: undefined }
+      }
+      const labels: Array<string> = []
+      yield* PostTrain.run(unjudged, { branches: ["instruct"], events: { onStep: (label) => labels.includes(label) || labels.push(label) } })
+      assert.deepStrictEqual(labels, ["[pwrm]", "[instruct 1/2 sft-distill]", "[instruct 2/2 odpo]"])
+      assert.isFalse(yield* Effect.promise(() => fs.access(path.join(unjudged.run, "judge-model")).then(() => true, () => false)))
     }).pipe(onBackend("wasm")), { timeout: 90_000 })
 })
 
