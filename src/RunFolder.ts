@@ -151,6 +151,28 @@ export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S ex
   return { finished: undefined, resume }
 })
 
+/** Appends one step's metrics to metrics.jsonl. */
+const appendMetrics = (out: string, metrics: unknown) =>
+  Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), JSON.stringify(metrics) + "\n"), catch: io(metricsFile(out), "cannot append") })
+
+/**
+ * What every training run does after its step `step` (from 1): the step's line in metrics.jsonl,
+ * the caller's hook, and every `saveEvery` steps a checkpoint of the state then (none after the
+ * last step: the run's output stands for it).
+ */
+export const recordStep = <M, E, R>(
+  out: string,
+  run: { readonly saveEvery: number; readonly steps: number; readonly onStep?: ((metrics: M) => void) | undefined },
+  step: number,
+  metrics: M,
+  checkpoint: { readonly adam: Optimizer.AdamW; readonly state: () => unknown; readonly writeWeights: (dir: string) => Effect.Effect<void, E, R> }
+) =>
+  Effect.gen(function*() {
+    yield* appendMetrics(out, metrics)
+    run.onStep?.(metrics)
+    if (step % run.saveEvery === 0 && step < run.steps) yield* saveCheckpoint(out, checkpoint.adam, checkpoint.state(), checkpoint.writeWeights)
+  })
+
 /** Keeps the first `steps` lines of metrics.jsonl: the steps after the checkpoint are redone on resume. */
 export const truncateMetrics = (out: string, steps: number) => {
   const file = metricsFile(out)
@@ -163,10 +185,6 @@ export const truncateMetrics = (out: string, steps: number) => {
     catch: io(file, "cannot rewrite")
   })
 }
-
-/** Appends one step's metrics to metrics.jsonl. */
-export const appendMetrics = (out: string, metrics: unknown) =>
-  Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), JSON.stringify(metrics) + "\n"), catch: io(metricsFile(out), "cannot append") })
 
 /** Removes the checkpoint once the run's final model is written. */
 export const removeCheckpoint = (out: string) =>

@@ -163,9 +163,11 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
           tokens_per_s: result.tokens / ((performance.now() - started) / 1000),
           epoch: Math.floor((rows - 1) / firstEpoch)
         }
-        yield* RunFolder.appendMetrics(out, metrics)
-        options.onStep?.(metrics)
-        if (step % options.saveEvery === 0 && step < options.steps) yield* RunFolder.saveCheckpoint(out, adam, state(false), (dir) => Pretrained.save(dir, trainable.model, { dtype: "F32" }))
+        yield* RunFolder.recordStep(out, options, step, metrics, {
+          adam,
+          state: () => state(false),
+          writeWeights: (dir) => Pretrained.save(dir, trainable.model, { dtype: "F32" })
+        })
       }).pipe(Effect.scoped)
     )
   )

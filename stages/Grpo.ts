@@ -341,10 +341,11 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
   for (let s = first; s < options.steps; s++) {
     const prompts = promptsOfStep(setup.prompts, options.seed, options.batch, s)
     const metrics = yield* step(run, prompts, s, mixSeeds(options.seed, s)).pipe(Effect.scoped)
-    yield* RunFolder.appendMetrics(out, metrics)
-    onStep?.(metrics)
-    const state: State = { format: setup.format, step: s + 1, identity }
-    if ((s + 1) % options.saveEvery === 0 && s + 1 < options.steps) yield* RunFolder.saveCheckpoint(out, adam, state, (dir) => Pretrained.save(dir, policy.model, { dtype: "F32" }))
+    yield* RunFolder.recordStep(out, { saveEvery: options.saveEvery, steps: options.steps, onStep }, s + 1, metrics, {
+      adam,
+      state: (): State => ({ format: setup.format, step: s + 1, identity }),
+      writeWeights: (dir) => Pretrained.save(dir, policy.model, { dtype: "F32" })
+    })
   }
 
   yield* Pretrained.save(out, policy.model, { dtype: Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir })

@@ -259,11 +259,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
       pairs_per_s: batch / ((performance.now() - started) / 1000),
       epoch: Math.floor(((step - 1) * batch) / pairs.length)
     }
-    yield* RunFolder.appendMetrics(out, metrics)
-    options.onStep?.(metrics)
-    if (step % options.saveEvery === 0 && step < steps) {
-      yield* RunFolder.saveCheckpoint(out, adam, { step, identity }, save)
-    }
+    yield* RunFolder.recordStep(out, options, step, metrics, { adam, state: () => ({ step, identity }), writeWeights: save })
   }
 
   const scores = Pwrm.scores(trainable.model, tokenizer, seq, heldout)

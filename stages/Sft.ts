@@ -165,11 +165,11 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
           tokens_per_s: result.tokens / ((performance.now() - started) / 1000),
           epoch: Math.floor((consumed - 1) / rows.length)
         }
-        yield* RunFolder.appendMetrics(out, metrics)
-        options.onStep?.(metrics)
-        if (step % options.saveEvery === 0 && step < options.steps) {
-          yield* RunFolder.saveCheckpoint(out, adam, state(false), (dir) => Pretrained.save(dir, trainable.model, { dtype: "F32" }))
-        }
+        yield* RunFolder.recordStep(out, options, step, metrics, {
+          adam,
+          state: () => state(false),
+          writeWeights: (dir) => Pretrained.save(dir, trainable.model, { dtype: "F32" })
+        })
       }).pipe(Effect.scoped)
     )
   )
