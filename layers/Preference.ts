@@ -1,13 +1,13 @@
 /**
- * The `PairwisePreference` service (src/Preference.ts) from a folder `cascade pwrm train` wrote: its
+ * The `PairwisePreference` service (src/rewards/Preference.ts) from a folder `cascade pwrm train` wrote: its
  * backbone and head run in this process, symmetrised and at the temperature fitted when it was trained.
  */
 import { Effect, Layer } from "effect"
 import * as path from "node:path"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Files from "../src/Files.ts"
-import { PairwisePreference, PreferenceError } from "../src/Preference.ts"
-import * as Pwrm from "../src/Pwrm.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Files from "../src/io/Files.ts"
+import { PairwisePreference, PreferenceError } from "../src/rewards/Preference.ts"
+import * as Pwrm from "../src/rewards/Pwrm.ts"
 import { TensorBackend } from "./TensorBackend.ts"
 
 export const fromPwrm = (dir: string) =>

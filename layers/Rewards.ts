@@ -1,8 +1,8 @@
 /**
- * The sources of rewards, as layers of the `Rewards` service (src/Reward.ts):
+ * The sources of rewards, as layers of the `Rewards` service (src/rewards/Reward.ts):
  *
  * - `layer(options)`: every kind of task: numeric answers, formats and code checked here
- *   (src/Verifiers.ts, src/CodeRunner.ts), rubrics by the judge of `options.judge`.
+ *   (src/rewards/Verifiers.ts, src/rewards/CodeRunner.ts), rubrics by the judge of `options.judge`.
  * - `judge(options)`: rubrics only, by an LLM judge over the OpenAI-compatible chat API.
  *
  * A judge that cannot reach a verdict on an item (it timed out, kept failing, or answered neither
@@ -15,10 +15,10 @@ import { availableParallelism } from "node:os"
 import * as path from "node:path"
 import { Cause, Duration, Effect, Layer, Schedule, Schema, Semaphore } from "effect"
 import { FetchHttpClient, HttpClient, HttpClientError, HttpClientRequest } from "effect/http"
-import * as CodeRunner from "../src/CodeRunner.ts"
-import { splitThinking } from "../src/Generate.ts"
-import { RewardError, Rewards, type Sample, type Score } from "../src/Reward.ts"
-import * as Verifiers from "../src/Verifiers.ts"
+import * as CodeRunner from "../src/rewards/CodeRunner.ts"
+import { splitThinking } from "../src/model/Generate.ts"
+import { RewardError, Rewards, type Sample, type Score } from "../src/rewards/Reward.ts"
+import * as Verifiers from "../src/rewards/Verifiers.ts"
 
 type Scorer = (sample: Sample) => Effect.Effect<Score, RewardError>
 

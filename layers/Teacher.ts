@@ -1,5 +1,5 @@
 /**
- * The three sources of teacher log-probabilities, as layers of the `Teacher` service (src/Teacher.ts):
+ * The three sources of teacher log-probabilities, as layers of the `Teacher` service (src/train/Teacher.ts):
  *
  * - `inProcess(dir)`: a checkpoint run here with `Model.forward`; full log-probs or their top-k.
  * - `offlineCache(dir, ...)`: the top-k that `cascade teacher-cache` wrote (stages/TeacherCache.ts),
@@ -13,13 +13,13 @@
 import * as tf from "@tensorflow/tfjs"
 import { Channel, Duration, Effect, Layer, Schedule, Schema, Stream } from "effect"
 import { FetchHttpClient, HttpClient, HttpClientRequest } from "effect/http"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Dataset from "../src/Dataset.ts"
-import * as Files from "../src/Files.ts"
-import * as Model from "../src/Model.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Safetensors from "../src/Safetensors.ts"
-import { type Annotated, type Batch, type Output, Teacher, TeacherError } from "../src/Teacher.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Dataset from "../src/data/Dataset.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Safetensors from "../src/io/Safetensors.ts"
+import { type Annotated, type Batch, type Output, Teacher, TeacherError } from "../src/train/Teacher.ts"
 import * as TeacherCache from "../stages/TeacherCache.ts"
 import { TensorBackend } from "./TensorBackend.ts"
 

@@ -14,12 +14,12 @@ import { NodeRuntime } from "@effect/platform-node"
 import { Console, Effect } from "effect"
 import { parseArgs } from "node:util"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
-import * as Config from "../src/Config.ts"
-import * as Loss from "../src/Loss.ts"
-import * as Model from "../src/Model.ts"
-import * as Optimizer from "../src/Optimizer.ts"
+import * as Config from "../src/model/Config.ts"
+import * as Loss from "../src/train/Loss.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Random from "../src/Random.ts"
-import * as Training from "../src/Training.ts"
+import * as Training from "../src/train/Training.ts"
 
 const { values } = parseArgs({
   options: {

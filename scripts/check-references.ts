@@ -13,8 +13,8 @@ import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { parseArgs } from "node:util"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Reference from "../src/Reference.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Reference from "../src/io/Reference.ts"
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,

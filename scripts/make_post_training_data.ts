@@ -46,8 +46,8 @@ import { mkdirSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { parseArgs } from "node:util"
 import { judgeQuestion } from "../layers/Rewards.ts"
-import type { Task } from "../src/Reward.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
+import type { Task } from "../src/rewards/Reward.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { ATTRIBUTES, type Attribute, defaults, equation, type Land, makeCorpus, makeRng, type Problem, solve } from "./make_corpus.ts"
 
 type Rng = ReturnType<typeof makeRng>

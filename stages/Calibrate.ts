@@ -1,6 +1,6 @@
 /**
  * Calibration: streams a data set, packed into rows of `seq` tokens, through the parent and
- * accumulates the statistics pruning ranks by (src/Calibration.ts).
+ * accumulates the statistics pruning ranks by (src/prune/Calibration.ts).
  *
  * The output folder holds `statistics.safetensors` and `manifest.json` naming the model (its config
  * hash), the data (its hash) and the token count. Partial statistics are saved every few batches,
@@ -9,13 +9,13 @@
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Calibration from "../src/Calibration.ts"
-import * as Config from "../src/Config.ts"
-import * as Dataset from "../src/Dataset.ts"
+import * as Calibration from "../src/prune/Calibration.ts"
+import * as Config from "../src/model/Config.ts"
+import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import type * as Model from "../src/Model.ts"
-import type { Tokenizer } from "../src/Tokenizer.ts"
+import * as Files from "../src/io/Files.ts"
+import type * as Model from "../src/model/Model.ts"
+import type { Tokenizer } from "../src/io/Tokenizer.ts"
 
 export const Manifest = Schema.Struct({
   format: Schema.Literal("cascade-calibration/1"),

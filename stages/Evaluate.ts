@@ -3,10 +3,10 @@
  * token sequences. The mean runs over every position after the first of each sequence.
  */
 import { Effect, Stream } from "effect"
-import type { Sequence } from "../src/Dataset.ts"
-import * as Loss from "../src/Loss.ts"
-import * as Model from "../src/Model.ts"
-import * as Reference from "../src/Reference.ts"
+import type { Sequence } from "../src/data/Dataset.ts"
+import * as Loss from "../src/train/Loss.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Reference from "../src/io/Reference.ts"
 
 export interface Perplexity {
   /** Number of predicted tokens. */

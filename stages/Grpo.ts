@@ -2,7 +2,7 @@
  * GRPO (RECIPE.md section 4): reinforcement learning from verifiable rewards. Each step takes a
  * batch of prompts in a seeded order, samples G responses to each from the current policy, scores
  * them with the `Rewards` service, turns the rewards into group-relative advantages and makes K
- * policy updates on that rollout batch with the clipped objective (src/PolicyLoss.ts).
+ * policy updates on that rollout batch with the clipped objective (src/train/PolicyLoss.ts).
  *
  * - A sample the rewards could not judge (reward undefined) is left out of its group and counted.
  * - A group whose rewards are all equal is dropped and counted; a step that keeps none makes no update.
@@ -25,21 +25,21 @@
 import { Effect, Schema, type Scope, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Dataset from "../src/Dataset.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import * as Generate from "../src/Generate.ts"
-import * as Model from "../src/Model.ts"
-import * as Optimizer from "../src/Optimizer.ts"
-import * as PolicyLoss from "../src/PolicyLoss.ts"
-import * as Pretrained from "../src/Pretrained.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Generate from "../src/model/Generate.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
+import * as PolicyLoss from "../src/train/PolicyLoss.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Random from "../src/Random.ts"
-import * as RunFolder from "../src/RunFolder.ts"
-import { read } from "../src/Reference.ts"
-import { Rewards, type Task } from "../src/Reward.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
-import * as Training from "../src/Training.ts"
+import * as RunFolder from "../src/train/RunFolder.ts"
+import { read } from "../src/io/Reference.ts"
+import { Rewards, type Task } from "../src/rewards/Reward.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
+import * as Training from "../src/train/Training.ts"
 
 // ---------------------------------------------------------------------------------------------
 // GRPO
@@ -80,7 +80,7 @@ export interface GrpoMetrics {
   readonly seconds: number
 }
 
-/** The task kinds of src/Reward.ts, as the prompt file states them. */
+/** The task kinds of src/rewards/Reward.ts, as the prompt file states them. */
 const TaskSchema = Schema.Union([
   Schema.Struct({ kind: Schema.Literal("numeric"), answer: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("format"), pattern: Schema.String }),
@@ -356,7 +356,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
 })
 
 // ---------------------------------------------------------------------------------------------
-// The run's state (src/RunFolder.ts keeps the folder).
+// The run's state (src/train/RunFolder.ts keeps the folder).
 
 const State = Schema.Struct({ format: Schema.String, step: Schema.Int, identity: Schema.String })
 type State = typeof State.Type

@@ -2,7 +2,7 @@
  * Online DPO (RECIPE.md sections 3-4): each step takes a batch of prompts in a seeded order, samples
  * two responses to each from the current policy (T = 0.7 by default), asks the `PairwisePreference`
  * service (the PWRM) for the probability that the first beats the second, and makes one policy update
- * with the soft-label DPO loss against the frozen reference, beta-rescaled (src/PolicyLoss.ts says how
+ * with the soft-label DPO loss against the frozen reference, beta-rescaled (src/train/PolicyLoss.ts says how
  * and why).
  *
  * The PWRM sees each response with its thinking stripped (`splitThinking`), as a user would. A
@@ -14,12 +14,12 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import * as Generate from "../src/Generate.ts"
-import type * as Model from "../src/Model.ts"
-import * as PolicyLoss from "../src/PolicyLoss.ts"
-import { PairwisePreference } from "../src/Preference.ts"
-import { read } from "../src/Reference.ts"
-import * as Training from "../src/Training.ts"
+import * as Generate from "../src/model/Generate.ts"
+import type * as Model from "../src/model/Model.ts"
+import * as PolicyLoss from "../src/train/PolicyLoss.ts"
+import { PairwisePreference } from "../src/rewards/Preference.ts"
+import { read } from "../src/io/Reference.ts"
+import * as Training from "../src/train/Training.ts"
 import { chunks, readPrompts, type Run, runOnline, type RunOptions, sample, type Sampled } from "./Grpo.ts"
 
 export interface OdpoOptions extends RunOptions {

@@ -9,7 +9,7 @@
  *
  * First the PWRM is trained (stages/PwrmTrain.ts) and, when the config says so, the judge fine-tuned
  * from a checkpoint on yes/no verdicts. The judge is served in this process over the OpenAI chat API
- * (src/Server.ts) on a free loopback port, as a remote judge would be, under a name made from its
+ * (src/serve/Server.ts) on a free loopback port, as a remote judge would be, under a name made from its
  * weights, so that verdicts cached by one judge are never replayed for another.
  *
  * The run folder holds `pwrm/`, `judge-model/` (a fine-tuned judge), a folder per step
@@ -34,18 +34,18 @@ import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Preference from "../layers/Preference.ts"
 import * as RewardSources from "../layers/Rewards.ts"
-import { Rewards } from "../src/Reward.ts"
+import { Rewards } from "../src/rewards/Reward.ts"
 import * as TeacherSources from "../layers/Teacher.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import * as Generate from "../src/Generate.ts"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Plot from "../src/Plot.ts"
-import * as Report from "../src/Report.ts"
-import * as Server from "../src/Server.ts"
-import * as Tasks from "../src/Tasks.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Generate from "../src/model/Generate.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Plot from "../src/report/Plot.ts"
+import * as Report from "../src/report/Report.ts"
+import * as Server from "../src/serve/Server.ts"
+import * as Tasks from "../src/data/Tasks.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { defaultLoop, grpo, GrpoPrompt, readPrompts, type Sampled } from "./Grpo.ts"
 import { label, odpo } from "./Odpo.ts"
 import { train as trainPwrm } from "./PwrmTrain.ts"
@@ -145,7 +145,7 @@ export const PostTrainConfig = Schema.Struct({
       maxNewTokens: Schema.Int
     })
   }),
-  /** A Markdown report (the cascade's report.md) that gets a post-training section (src/Report.ts). */
+  /** A Markdown report (the cascade's report.md) that gets a post-training section (src/report/Report.ts). */
   report: Schema.optional(Schema.String),
   seed: Schema.optional(Schema.Int)
 })

@@ -1,20 +1,20 @@
 /**
  * The prune stage: checks a request against the parent and its calibration statistics, prunes
- * (src/Pruning.ts), and writes the child as an ordinary Hugging Face checkpoint with
+ * (src/prune/Pruning.ts), and writes the child as an ordinary Hugging Face checkpoint with
  * `prune-report.json` beside it. Everything is checked before anything is written, and the folder
  * appears whole or not at all (written aside, then renamed into place).
  */
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Calibration from "../src/Calibration.ts"
-import * as Config from "../src/Config.ts"
+import * as Calibration from "../src/prune/Calibration.ts"
+import * as Config from "../src/model/Config.ts"
 import { CheckpointError, PruneError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import * as Model from "../src/Model.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Pruning from "../src/Pruning.ts"
-import type { FloatDtype } from "../src/Safetensors.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Pruning from "../src/prune/Pruning.ts"
+import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Calibrate from "./Calibrate.ts"
 
 /** Checks targets against the parent and the statistics against the parent. */

@@ -1,5 +1,5 @@
 /**
- * Training a pairwise reward model (src/Pwrm.ts) on JSONL lines `{"prompt", "a", "b", "preferred": "a" | "b"}`.
+ * Training a pairwise reward model (src/rewards/Pwrm.ts) on JSONL lines `{"prompt", "a", "b", "preferred": "a" | "b"}`.
  *
  * Each step takes `batch` pairs in a seeded order, epoch after epoch, and trains on both orders of
  * each, (A, B) labelled "A wins" and (B, A) labelled the opposite, with binary cross-entropy on the
@@ -18,20 +18,20 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Config from "../src/Config.ts"
-import { lines } from "../src/Dataset.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Config from "../src/model/Config.ts"
+import { lines } from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import type * as Model from "../src/Model.ts"
-import * as Optimizer from "../src/Optimizer.ts"
-import { PreferenceError } from "../src/Preference.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Pwrm from "../src/Pwrm.ts"
+import * as Files from "../src/io/Files.ts"
+import type * as Model from "../src/model/Model.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
+import { PreferenceError } from "../src/rewards/Preference.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Pwrm from "../src/rewards/Pwrm.ts"
 import * as Random from "../src/Random.ts"
-import * as RunFolder from "../src/RunFolder.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
-import * as Training from "../src/Training.ts"
+import * as RunFolder from "../src/train/RunFolder.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
+import * as Training from "../src/train/Training.ts"
 
 export interface TrainOptions extends RunFolder.Options {
   /** Backbone checkpoint folder, with its tokenizer. */

@@ -1,6 +1,6 @@
 /**
  * Supervised fine-tuning (RECIPE.md sections 3 and 4): trains a model on chat data with the loss on
- * assistant tokens only (src/ChatData.ts marks them): their cross-entropy, optionally mixed with or
+ * assistant tokens only (src/data/ChatData.ts marks them): their cross-entropy, optionally mixed with or
  * replaced by forward-KL logit distillation from a teacher on the same tokens,
  * `loss = (1 - w) CE + w KL`. The teacher is a source of the `Teacher` service, needed only when
  * w > 0: a checkpoint run in process or a vLLM-compatible server (an offline cache holds the rows
@@ -19,20 +19,20 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Option, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as ChatData from "../src/ChatData.ts"
-import * as Checkpoint from "../src/Checkpoint.ts"
-import * as Dataset from "../src/Dataset.ts"
+import * as ChatData from "../src/data/ChatData.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import * as Loss from "../src/Loss.ts"
-import * as Model from "../src/Model.ts"
-import * as Optimizer from "../src/Optimizer.ts"
-import * as Pretrained from "../src/Pretrained.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Loss from "../src/train/Loss.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Random from "../src/Random.ts"
-import * as RunFolder from "../src/RunFolder.ts"
-import { type Batch, type Output, Teacher, type TeacherError, toLossTeacher } from "../src/Teacher.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
-import * as Training from "../src/Training.ts"
+import * as RunFolder from "../src/train/RunFolder.ts"
+import { type Batch, type Output, Teacher, type TeacherError, toLossTeacher } from "../src/train/Teacher.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
+import * as Training from "../src/train/Training.ts"
 
 export interface SftOptions extends Training.SupervisedOptions {
   /** The model to fine-tune; its folder must hold a tokenizer with a chat template. */

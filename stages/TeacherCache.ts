@@ -18,13 +18,13 @@
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Config from "../src/Config.ts"
-import * as Dataset from "../src/Dataset.ts"
+import * as Config from "../src/model/Config.ts"
+import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
-import * as Files from "../src/Files.ts"
-import * as Safetensors from "../src/Safetensors.ts"
-import { type Batch, Teacher, TeacherError } from "../src/Teacher.ts"
-import type { Tokenizer } from "../src/Tokenizer.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Safetensors from "../src/io/Safetensors.ts"
+import { type Batch, Teacher, TeacherError } from "../src/train/Teacher.ts"
+import type { Tokenizer } from "../src/io/Tokenizer.ts"
 
 export const Manifest = Schema.Struct({
   format: Schema.Literal("cascade-teacher-cache/1"),

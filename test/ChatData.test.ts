@@ -3,9 +3,9 @@ import { Effect, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
-import * as ChatData from "../src/ChatData.ts"
+import * as ChatData from "../src/data/ChatData.ts"
 import * as Random from "../src/Random.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { tempDir } from "./support.ts"
 
 const parentDir = fileURLToPath(new URL("../assets/parent", import.meta.url))

@@ -3,9 +3,9 @@ import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { fileURLToPath } from "node:url"
-import * as Checkpoint from "../src/Checkpoint.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
 import type { CheckpointError, ConfigError } from "../src/Errors.ts"
-import * as Safetensors from "../src/Safetensors.ts"
+import * as Safetensors from "../src/io/Safetensors.ts"
 import { tempDir } from "./support.ts"
 
 const fixtureDir = fileURLToPath(new URL("../../shared/fixtures/tiny-mistral", import.meta.url))

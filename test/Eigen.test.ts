@@ -1,6 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Schema } from "effect"
-import { symmetricEigen } from "../src/Eigen.ts"
+import { symmetricEigen } from "../src/prune/Eigen.ts"
 
 /** A seeded symmetric matrix X^T X (positive semi-definite, rank <= rows) or a general symmetric one. */
 const randomSymmetric = (n: number, seed: number, rows?: number) => {

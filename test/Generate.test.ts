@@ -1,10 +1,10 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Exit } from "effect"
-import * as Generate from "../src/Generate.ts"
-import * as Model from "../src/Model.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Tokenizer from "../src/Tokenizer.ts"
+import * as Generate from "../src/model/Generate.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { onBackend, sharedFixture, take } from "./support.ts"
 
 /** Prompts of different lengths, so that a batch of them is padded. */

@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import * as Loss from "../src/Loss.ts"
+import * as Loss from "../src/train/Loss.ts"
 import { maxAbsDiff, onBackend } from "./support.ts"
 
 // Float64 references, written out as a reader would check them by hand.

@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import { matMul } from "../src/MatMul.ts"
+import { matMul } from "../src/model/MatMul.ts"
 import * as Random from "../src/Random.ts"
 import { maxAbsDiff, onBackend } from "./support.ts"
 

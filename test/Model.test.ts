@@ -2,9 +2,9 @@ import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import { existsSync } from "node:fs"
-import * as Model from "../src/Model.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Reference from "../src/Reference.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Reference from "../src/io/Reference.ts"
 import { localFixture, maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 const tolerance = 1e-4

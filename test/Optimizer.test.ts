@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
-import * as Optimizer from "../src/Optimizer.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
 import { maxAbsDiff, onBackend } from "./support.ts"
 
 // A [2, 3] matrix and a [3] norm weight, four updates with these gradients and learning rates,

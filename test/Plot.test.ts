@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import * as Plot from "../src/Plot.ts"
+import * as Plot from "../src/report/Plot.ts"
 
 /** The points of each drawn line, in pixels. */
 const lines = (svg: string) =>

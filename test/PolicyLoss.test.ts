@@ -1,10 +1,10 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import * as Model from "../src/Model.ts"
-import * as PolicyLoss from "../src/PolicyLoss.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Training from "../src/Training.ts"
+import * as Model from "../src/model/Model.ts"
+import * as PolicyLoss from "../src/train/PolicyLoss.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Training from "../src/train/Training.ts"
 import { maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 const softplus = (x: number) => Math.max(x, 0) + Math.log1p(Math.exp(-Math.abs(x)))

@@ -3,7 +3,7 @@ import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
-import * as Report from "../src/Report.ts"
+import * as Report from "../src/report/Report.ts"
 import * as PostTrain from "../stages/PostTrain.ts"
 import { onBackend, tempDir } from "./support.ts"
 

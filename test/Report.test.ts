@@ -2,7 +2,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Report from "../src/Report.ts"
+import * as Report from "../src/report/Report.ts"
 import { tempDir } from "./support.ts"
 
 const Name = Schema.Literals(["cascade", "post-training", "bench"])

@@ -1,8 +1,8 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { readFileSync } from "node:fs"
-import * as Config from "../src/Config.ts"
-import * as Rope from "../src/Rope.ts"
+import * as Config from "../src/model/Config.ts"
+import * as Rope from "../src/model/Rope.ts"
 import { localFixture } from "./support.ts"
 
 interface Probe {

@@ -3,9 +3,9 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import * as Files from "../src/Files.ts"
-import * as Optimizer from "../src/Optimizer.ts"
-import * as RunFolder from "../src/RunFolder.ts"
+import * as Files from "../src/io/Files.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
+import * as RunFolder from "../src/train/RunFolder.ts"
 import { onBackend, tempDir } from "./support.ts"
 
 const State = Schema.Struct({ step: Schema.Int, identity: Schema.String, complete: Schema.Boolean })

@@ -4,7 +4,7 @@ import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { fileURLToPath } from "node:url"
 import { CheckpointError } from "../src/Errors.ts"
-import * as Safetensors from "../src/Safetensors.ts"
+import * as Safetensors from "../src/io/Safetensors.ts"
 import { tempDir } from "./support.ts"
 
 const fixture = (name: string) => fileURLToPath(new URL(`../../shared/fixtures/tiny-mistral/${name}`, import.meta.url))

@@ -4,7 +4,7 @@ import { join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { afterAll, describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
-import * as Tokenizer from "../src/Tokenizer.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
 
 const fixtureDir = fileURLToPath(new URL("../../shared/fixtures/tiny-bpe/", import.meta.url))
 const tokenizerJson = join(fixtureDir, "tokenizer.json")

@@ -1,11 +1,11 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
-import * as Loss from "../src/Loss.ts"
-import * as Model from "../src/Model.ts"
-import * as Optimizer from "../src/Optimizer.ts"
-import * as Pretrained from "../src/Pretrained.ts"
-import * as Training from "../src/Training.ts"
+import * as Loss from "../src/train/Loss.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Optimizer from "../src/train/Optimizer.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Training from "../src/train/Training.ts"
 import { maxAbsDiff, onBackend, sharedFixture } from "./support.ts"
 
 const fixture = sharedFixture("tiny-mistral")

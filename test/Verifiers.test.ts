@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
-import * as CodeRunner from "../src/CodeRunner.ts"
-import * as Verifiers from "../src/Verifiers.ts"
+import * as CodeRunner from "../src/rewards/CodeRunner.ts"
+import * as Verifiers from "../src/rewards/Verifiers.ts"
 
 const passes = (response: string, expected: number) => Verifiers.numeric(response, expected).reward === 1
 

@@ -4,8 +4,8 @@ import { execFile } from "node:child_process"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
-import * as Tokenizer from "../src/Tokenizer.ts"
-import * as Reference from "../src/Reference.ts"
+import * as Tokenizer from "../src/io/Tokenizer.ts"
+import * as Reference from "../src/io/Reference.ts"
 import { localFixture, sharedFixture, tempDir } from "./support.ts"
 
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))

@@ -12,7 +12,7 @@ export const sharedFixture = (name: string) => fileURLToPath(new URL(`../../shar
 /** Fixtures this repository keeps (made by scripts/make_references.py). */
 export const localFixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url))
 
-export { maxAbsDiff, take } from "../src/Reference.ts"
+export { maxAbsDiff, take } from "../src/io/Reference.ts"
 
 /** Runs a test on a backend; the test's own resources (models) are released before the backend is. */
 export const onBackend = (backend: BackendName) => <A, E, R>(effect: Effect.Effect<A, E, R>) =>

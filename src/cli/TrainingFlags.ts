@@ -1,7 +1,7 @@
 /** The flags the training commands (distill, sft, pwrm train, grpo, odpo) share, and the options they become. */
 import { Option } from "effect"
 import { Flag } from "effect/cli"
-import type { SupervisedOptions } from "../Training.ts"
+import type { SupervisedOptions } from "../train/Training.ts"
 
 /** Weight decay, clipping, seed and checkpoint flags, with the defaults and the seed's meaning of the command's kind. */
 const runFlags = (kind: { readonly weightDecay: number; readonly seed: string; readonly saveEvery: number }) => ({

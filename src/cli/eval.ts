@@ -3,9 +3,9 @@ import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { evaluate } from "../../stages/Evaluate.ts"
-import * as Dataset from "../Dataset.ts"
-import * as Pretrained from "../Pretrained.ts"
-import * as Tokenizer from "../Tokenizer.ts"
+import * as Dataset from "../data/Dataset.ts"
+import * as Pretrained from "../io/Pretrained.ts"
+import * as Tokenizer from "../io/Tokenizer.ts"
 import { cascade } from "./root.ts"
 
 export const evalCommand = Command.make(

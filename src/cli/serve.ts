@@ -3,9 +3,9 @@ import { Console, Context, Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import { HttpServer } from "effect/http"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
-import * as Pretrained from "../Pretrained.ts"
-import * as Server from "../Server.ts"
-import * as Tokenizer from "../Tokenizer.ts"
+import * as Pretrained from "../io/Pretrained.ts"
+import * as Server from "../serve/Server.ts"
+import * as Tokenizer from "../io/Tokenizer.ts"
 import { cascade } from "./root.ts"
 
 /** The address is taken or cannot be bound. */

@@ -4,7 +4,7 @@ import { Command, Flag } from "effect/cli"
 import * as Teacher from "../../layers/Teacher.ts"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { writeCache } from "../../stages/TeacherCache.ts"
-import * as Tokenizer from "../Tokenizer.ts"
+import * as Tokenizer from "../io/Tokenizer.ts"
 import * as Progress from "./Progress.ts"
 import { cascade } from "./root.ts"
 

@@ -24,13 +24,13 @@
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import * as path from "node:path"
-import { CheckpointError } from "./Errors.ts"
-import * as Files from "./Files.ts"
-import { splitThinking } from "./Generate.ts"
-import * as Model from "./Model.ts"
-import * as Pretrained from "./Pretrained.ts"
-import * as Safetensors from "./Safetensors.ts"
-import * as Tokenizer from "./Tokenizer.ts"
+import { CheckpointError } from "../Errors.ts"
+import * as Files from "../io/Files.ts"
+import { splitThinking } from "../model/Generate.ts"
+import * as Model from "../model/Model.ts"
+import * as Pretrained from "../io/Pretrained.ts"
+import * as Safetensors from "../io/Safetensors.ts"
+import * as Tokenizer from "../io/Tokenizer.ts"
 
 export interface Pair {
   readonly prompt: string

@@ -14,12 +14,12 @@
  * it tied replaces diag(w_final) by its best diagonal approximation in the rotated basis.
  */
 import * as tf from "@tensorflow/tfjs"
-import type { ModelConfig } from "./Config.ts"
+import type { ModelConfig } from "../model/Config.ts"
 import * as Calibration from "./Calibration.ts"
 import { symmetricEigen } from "./Eigen.ts"
-import * as Model from "./Model.ts"
-import * as Random from "./Random.ts"
-import { matMul } from "./MatMul.ts"
+import * as Model from "../model/Model.ts"
+import * as Random from "../Random.ts"
+import { matMul } from "../model/MatMul.ts"
 
 export interface Targets {
   /** Layers to keep; all when undefined. */

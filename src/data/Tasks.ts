@@ -11,7 +11,7 @@
 import { Effect, Schema, Stream } from "effect"
 import { fileURLToPath } from "node:url"
 import { lines } from "./Dataset.ts"
-import { DataError } from "./Errors.ts"
+import { DataError } from "../Errors.ts"
 
 export interface Task {
   /** 1-based line of the file it came from (0 for tasks built in code). */
@@ -22,8 +22,8 @@ export interface Task {
 
 /** The evaluation files of the embedded default, shipped in the package's data/ folder. */
 export const embedded = {
-  recall: fileURLToPath(new URL("../data/eval-recall.jsonl", import.meta.url)),
-  arith: fileURLToPath(new URL("../data/eval-arith.jsonl", import.meta.url))
+  recall: fileURLToPath(new URL("../../data/eval-recall.jsonl", import.meta.url)),
+  arith: fileURLToPath(new URL("../../data/eval-arith.jsonl", import.meta.url))
 } as const
 
 const Record = Schema.Struct({ prompt: Schema.String, answer: Schema.String })

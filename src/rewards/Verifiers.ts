@@ -3,7 +3,7 @@
  * format, the code of a response, and the share of checks passed. Only the answer after the
  * thinking counts: a number the model wrote while thinking is not its answer.
  */
-import { splitThinking } from "./Generate.ts"
+import { splitThinking } from "../model/Generate.ts"
 import type { Score } from "./Reward.ts"
 
 /** Groups of three digits after a comma, or after a (thin, no-break) space: "1,234", "1 234 567". */

@@ -7,7 +7,7 @@ import { createHash } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { Effect, type Scope } from "effect"
-import { CheckpointError, ConfigError } from "./Errors.ts"
+import { CheckpointError, ConfigError } from "../Errors.ts"
 import { sha256, writeJson } from "./Files.ts"
 import * as Safetensors from "./Safetensors.ts"
 

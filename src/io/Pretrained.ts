@@ -12,9 +12,9 @@ import { Effect } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Checkpoint from "./Checkpoint.ts"
-import * as Config from "./Config.ts"
-import { CheckpointError } from "./Errors.ts"
-import * as Model from "./Model.ts"
+import * as Config from "../model/Config.ts"
+import { CheckpointError } from "../Errors.ts"
+import * as Model from "../model/Model.ts"
 import type { FloatDtype } from "./Safetensors.ts"
 
 const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) =>

@@ -12,7 +12,7 @@ import { randomUUID } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as nodePath from "node:path"
 import { Effect, type Scope } from "effect"
-import { CheckpointError } from "./Errors.ts"
+import { CheckpointError } from "../Errors.ts"
 
 export type Dtype = "F64" | "F32" | "BF16" | "F16" | "I32" | "I64" | "U8" | "BOOL"
 export type FloatDtype = "F32" | "BF16" | "F16"

@@ -8,7 +8,7 @@ import { dirname, join } from "node:path"
 import { Template } from "@huggingface/jinja"
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
-import { TokenizerError } from "./Errors.ts"
+import { TokenizerError } from "../Errors.ts"
 
 export interface ChatMessage {
   readonly role: string

@@ -3,7 +3,7 @@ import { createHash } from "node:crypto"
 import { createReadStream } from "node:fs"
 import * as fs from "node:fs/promises"
 import { Effect } from "effect"
-import { CheckpointError } from "./Errors.ts"
+import { CheckpointError } from "../Errors.ts"
 import { writeAtomically } from "./Safetensors.ts"
 
 /** Writes text to a temp file renamed over `path`. */

@@ -6,7 +6,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Context, Schema, type Stream } from "effect"
-import type { PackedRow } from "./Dataset.ts"
+import type { PackedRow } from "../data/Dataset.ts"
 import type * as Loss from "./Loss.ts"
 
 /** A training batch: packed rows and their indices in the packed data set (what a cache is keyed by). */

@@ -18,9 +18,9 @@ import { NodeHttpServer } from "@effect/platform-node"
 import { Effect, Exit, Layer, Schema, SchemaIssue, Semaphore } from "effect"
 import { HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { createServer } from "node:http"
-import * as Generate from "./Generate.ts"
-import type * as Model from "./Model.ts"
-import type * as Tokenizer from "./Tokenizer.ts"
+import * as Generate from "../model/Generate.ts"
+import type * as Model from "../model/Model.ts"
+import type * as Tokenizer from "../io/Tokenizer.ts"
 
 export interface Served {
   readonly model: Model.Model

@@ -41,7 +41,7 @@
  * number of groups (GRPO) or pairs (ODPO), since each loss is a mean over those.
  */
 import * as tf from "@tensorflow/tfjs"
-import * as Model from "./Model.ts"
+import * as Model from "../model/Model.ts"
 import type { Objective } from "./Training.ts"
 
 /** A response sampled for a prompt, as token ids (the response at least one token). */

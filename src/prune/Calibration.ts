@@ -9,11 +9,11 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
-import type { ModelConfig } from "./Config.ts"
-import { CheckpointError } from "./Errors.ts"
-import * as Model from "./Model.ts"
-import * as Safetensors from "./Safetensors.ts"
-import { matMul } from "./MatMul.ts"
+import type { ModelConfig } from "../model/Config.ts"
+import { CheckpointError } from "../Errors.ts"
+import * as Model from "../model/Model.ts"
+import * as Safetensors from "../io/Safetensors.ts"
+import { matMul } from "../model/MatMul.ts"
 
 export interface Statistics {
   readonly numLayers: number

@@ -4,7 +4,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
-import * as Model from "./Model.ts"
+import * as Model from "../model/Model.ts"
 import * as Safetensors from "./Safetensors.ts"
 
 export interface Reference {

@@ -6,8 +6,8 @@
  */
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
-import { CheckpointError } from "./Errors.ts"
-import * as Files from "./Files.ts"
+import { CheckpointError } from "../Errors.ts"
+import * as Files from "../io/Files.ts"
 
 const open = (name: string) => `<!-- section ${name} -->`
 const close = (name: string) => `<!-- /section ${name} -->`

@@ -10,7 +10,7 @@
  */
 import { Effect, Schema } from "effect"
 import { createHash } from "node:crypto"
-import { ConfigError } from "./Errors.ts"
+import { ConfigError } from "../Errors.ts"
 
 /** How rotary position embeddings are computed; the YaRN fields are used only when `type` is "yarn". */
 export interface RopeConfig {

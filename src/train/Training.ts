@@ -8,11 +8,11 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
-import type { ModelConfig } from "./Config.ts"
-import * as Model from "./Model.ts"
+import type { ModelConfig } from "../model/Config.ts"
+import * as Model from "../model/Model.ts"
 import * as Optimizer from "./Optimizer.ts"
-import * as Pretrained from "./Pretrained.ts"
-import * as Random from "./Random.ts"
+import * as Pretrained from "../io/Pretrained.ts"
+import * as Random from "../Random.ts"
 import type * as RunFolder from "./RunFolder.ts"
 
 export interface Trainable {

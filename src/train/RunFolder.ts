@@ -9,10 +9,10 @@
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
-import { CheckpointError } from "./Errors.ts"
-import * as Files from "./Files.ts"
+import { CheckpointError } from "../Errors.ts"
+import * as Files from "../io/Files.ts"
 import * as Optimizer from "./Optimizer.ts"
-import * as Safetensors from "./Safetensors.ts"
+import * as Safetensors from "../io/Safetensors.ts"
 
 /** How a run uses its folder: what every training stage's options hold. */
 export interface Options {

@@ -23,8 +23,8 @@
  */
 import { Effect, Schema, Stream } from "effect"
 import { lines, type PackedRow } from "./Dataset.ts"
-import { DataError } from "./Errors.ts"
-import type { ChatMessage, Tokenizer } from "./Tokenizer.ts"
+import { DataError } from "../Errors.ts"
+import type { ChatMessage, Tokenizer } from "../io/Tokenizer.ts"
 
 export interface Chat {
   /** 1-based line in the file. */

@@ -18,7 +18,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
 import * as Model from "./Model.ts"
-import * as Random from "./Random.ts"
+import * as Random from "../Random.ts"
 
 export interface LoopDetection {
   /** How many of the latest tokens must repeat a cycle. */

@@ -7,8 +7,8 @@ import { Effect, Schema, Stream } from "effect"
 import { createReadStream } from "node:fs"
 import { access } from "node:fs/promises"
 import { createInterface } from "node:readline"
-import { DataError } from "./Errors.ts"
-import type { Tokenizer } from "./Tokenizer.ts"
+import { DataError } from "../Errors.ts"
+import type { Tokenizer } from "../io/Tokenizer.ts"
 
 export interface Line {
   /** 1-based line number in the file. */
