@@ -19,6 +19,10 @@ export class TensorBackend extends Context.Service<TensorBackend, {
   readonly name: BackendName
   /** What it runs on, for reports: e.g. the GPU adapter's name. */
   readonly device: string
+  /** The optional GPU features the device was created with (shader-f16, subgroups, ...); none on CPU. */
+  readonly features: ReadonlyArray<string>
+  /** GPU memory now: bytes held by live tensors and bytes tfjs's buffer pool holds (its high-water mark). */
+  readonly gpuMemory: () => GpuMemory | undefined
 }>()("cascade/layers/TensorBackend") {
   /** Acquires `name`, or the one `CASCADE_BACKEND` names, else wasm. */
   static readonly layer = (name?: BackendName) =>
@@ -40,6 +44,11 @@ export class TensorBackend extends Context.Service<TensorBackend, {
     )
 }
 
+export interface GpuMemory {
+  readonly inUseBytes: number
+  readonly allocatedBytes: number
+}
+
 // tfjs warns on first use of the cpu backend that tfjs-node is faster; the choice is deliberate here.
 tf.env().set("PROD", true)
 
@@ -50,7 +59,7 @@ const registeredName = (name: BackendName) => (name === "tensorflow" ? "tensorfl
 const released = new Map<string, { factory: () => tf.KernelBackend | Promise<tf.KernelBackend>; priority: number }>()
 
 const acquire = Effect.fn("TensorBackend.acquire")(function*(name: BackendName) {
-  const device = yield* load(name)
+  const { device, features } = yield* load(name)
   const registered = registeredName(name)
   const again = released.get(registered)
   if (again && tf.findBackendFactory(registered) === null) tf.registerBackend(registered, again.factory, again.priority)
@@ -61,8 +70,13 @@ const acquire = Effect.fn("TensorBackend.acquire")(function*(name: BackendName) 
   if (!ok) {
     return yield* new BackendUnavailable({ backend: name, reason: "it failed to initialise", remedy: remedies[name] })
   }
-  return TensorBackend.of({ name, device })
+  return TensorBackend.of({ name, device, features, gpuMemory: name === "webgpu" ? webGpuMemory : () => undefined })
 })
+
+const webGpuMemory = (): GpuMemory | undefined => {
+  const memory = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number }
+  return memory.numBytesInGPU === undefined ? undefined : { inUseBytes: memory.numBytesInGPU, allocatedBytes: memory.numBytesAllocatedInGPU ?? memory.numBytesInGPU }
+}
 
 const release = (backend: TensorBackend["Service"]) =>
   Effect.sync(() => {
@@ -83,21 +97,28 @@ const remedies: Record<BackendName, string> = {
 const unavailable = (name: BackendName, reason: string) =>
   new BackendUnavailable({ backend: name, reason, remedy: remedies[name] })
 
+interface Loaded {
+  readonly device: string
+  readonly features: ReadonlyArray<string>
+}
+
+const onCpu = (device: string): Loaded => ({ device, features: [] })
+
 /** Loads the backend's module (which registers it) and says what device it runs on. */
-const load = (name: BackendName): Effect.Effect<string, BackendUnavailable> => {
+const load = (name: BackendName): Effect.Effect<Loaded, BackendUnavailable> => {
   switch (name) {
     case "cpu":
-      return Effect.succeed("cpu (JavaScript)")
+      return Effect.succeed(onCpu("cpu (JavaScript)"))
     case "wasm":
       return Effect.tryPromise({
-        try: () => import("@tensorflow/tfjs-backend-wasm").then(() => "cpu (WebAssembly)"),
+        try: () => import("@tensorflow/tfjs-backend-wasm").then(() => onCpu("cpu (WebAssembly)")),
         catch: (cause) => unavailable(name, `@tensorflow/tfjs-backend-wasm failed to load (${String(cause)})`)
       })
     case "webgpu":
       return loadWebGpu
     case "tensorflow":
       return Effect.tryPromise({
-        try: () => importFirst(["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"]),
+        try: () => importFirst(["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"]).then(onCpu),
         catch: () => unavailable(name, "neither @tensorflow/tfjs-node-gpu nor @tensorflow/tfjs-node is installed")
       })
   }
@@ -115,26 +136,60 @@ const importFirst = async (modules: ReadonlyArray<string>): Promise<string> => {
   throw new Error("none found")
 }
 
-/** Gives Node the browser globals tfjs-backend-webgpu expects, backed by Dawn, then loads it. */
+/**
+ * Dawn's toggles that expose what the tensor cores need: without them the H200's adapter lists
+ * neither `shader-f16` nor `chromium-experimental-subgroup-matrix` (../shared/gpu/KERNELS.md).
+ */
+const dawnToggles = ["enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia"]
+
+/** Features requested where the adapter has them: f16 arithmetic, subgroups and their matrices, GPU timers. */
+const wantedFeatures = ["shader-f16", "subgroups", "chromium-experimental-subgroup-matrix", "timestamp-query"] as const
+
+/** Limits copied from the adapter: the defaults (128 MiB bindings, 256 invocations) are far below an H200's. */
+const adapterLimits = [
+  "maxStorageBufferBindingSize",
+  "maxBufferSize",
+  "maxComputeWorkgroupStorageSize",
+  "maxComputeInvocationsPerWorkgroup",
+  "maxComputeWorkgroupSizeX",
+  "maxComputeWorkgroupsPerDimension",
+  "maxStorageBuffersPerShaderStage"
+] as const
+
+/**
+ * Creates the GPU device ourselves (tfjs's own factory asks for no feature and few limits), gives
+ * Node the browser globals tfjs-backend-webgpu expects, backed by Dawn, and registers tfjs's
+ * `WebGPUBackend` on that device.
+ */
 const loadWebGpu = Effect.gen(function*() {
   const dawn = yield* Effect.tryPromise({
     try: () => import("webgpu"),
     catch: (cause) => unavailable("webgpu", `the webgpu package (Dawn) failed to load (${String(cause)})`)
   })
-  const gpu = dawn.create([])
+  const gpu = dawn.create(dawnToggles)
   const adapter = yield* Effect.tryPromise({
-    try: () => gpu.requestAdapter(),
+    try: () => gpu.requestAdapter({ powerPreference: "high-performance" }),
     catch: (cause) => unavailable("webgpu", `no adapter (${String(cause)})`)
   })
   if (adapter === null) return yield* unavailable("webgpu", "Dawn found no GPU adapter")
+  const features = wantedFeatures.filter((feature) => adapter.features.has(feature))
+  const requiredLimits = Object.fromEntries(adapterLimits.map((limit) => [limit, adapter.limits[limit]]))
+  const device = yield* Effect.tryPromise({
+    try: () => adapter.requestDevice({ requiredFeatures: features as Array<GPUFeatureName>, requiredLimits }),
+    catch: (cause) => unavailable("webgpu", `the adapter refused a device (${String(cause)})`)
+  })
   Object.assign(globalThis, dawn.globals)
   const global = globalThis as { window?: unknown }
   global.window ??= globalThis
   Object.defineProperty(globalThis, "navigator", { value: { gpu, userAgent: "node" }, configurable: true })
-  yield* Effect.tryPromise({
+  const webgpu = yield* Effect.tryPromise({
     try: () => import("@tensorflow/tfjs-backend-webgpu"),
     catch: (cause) => unavailable("webgpu", `@tensorflow/tfjs-backend-webgpu failed to load (${String(cause)})`)
   })
-  const info = (adapter as { info?: { description?: string; vendor?: string; architecture?: string } }).info
-  return `gpu (${[info?.vendor, info?.architecture, info?.description].filter(Boolean).join(" ") || "WebGPU"})`
+  // Importing the module registered tfjs's own factory (when first imported); ours replaces it.
+  if (tf.findBackendFactory("webgpu") !== null) tf.removeBackend("webgpu")
+  tf.registerBackend("webgpu", () => new webgpu.WebGPUBackend(device, adapter.info), 3)
+  const info = adapter.info
+  const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "WebGPU"
+  return { device: `gpu (${name})`, features } satisfies Loaded
 })

@@ -1,7 +1,11 @@
 /**
- * `npm run bench [-- --json] [-- --backend B] [-- --steps N] [-- --case NAME]`: the engine's speed on
- * the named configuration `bench-small` (../shared/bench/README.md): vocab 2048, hidden 256, FFN 768,
- * 4 layers, 8 heads, 2 KV heads, head_dim 32, sequence 256, batch 4, fp32.
+ * `npm run bench [-- --json] [-- --backend B] [-- --config C] [-- --steps N] [-- --case NAME]`: the
+ * engine's speed on a named configuration of ../shared/bench/README.md, fp32:
+ * - `bench-small` (default): vocab 2048, hidden 256, FFN 768, 4 layers, 8/2 heads, head_dim 32, sequence 256, batch 4;
+ * - `bench-gpu`: vocab 32768, hidden 1024, FFN 3072, 12 layers, 16/4 heads, head_dim 64, sequence 1024, batch 8.
+ *
+ * On a GPU each line also gives the memory tfjs's buffer pool holds after the case: the pool keeps
+ * what it allocated, so this is the peak of the process so far (run one `--case` for its own peak).
  *
  * Cases, each the median of several runs after warm-up:
  * - distill-step: one forward-KL training step against full-vocabulary teacher log-probs, AdamW;
@@ -26,27 +30,37 @@ const { values } = parseArgs({
     json: { type: "boolean", default: false },
     backend: { type: "string" },
     steps: { type: "string", default: "5" },
+    config: { type: "string", default: "bench-small" },
     case: { type: "string", multiple: true }
   }
 })
 const runs = Number(values.steps)
 const cases = values.case ?? ["distill-step", "forward", "decode"]
 
-const benchSmall = { vocab: 2048, hidden: 256, ffn: 768, layers: 4, heads: 8, kv: 2, headDim: 32, seq: 256, batch: 4 }
+const shapes = {
+  "bench-small": { vocab: 2048, hidden: 256, ffn: 768, layers: 4, heads: 8, kv: 2, headDim: 32, seq: 256, batch: 4 },
+  "bench-gpu": { vocab: 32768, hidden: 1024, ffn: 3072, layers: 12, heads: 16, kv: 4, headDim: 64, seq: 1024, batch: 8 }
+}
+const configName = values.config as keyof typeof shapes
+if (!(configName in shapes)) {
+  console.error(`bench: --config ${values.config}: no such configuration (${Object.keys(shapes).join(", ")})`)
+  process.exit(1)
+}
+const shape = shapes[configName]
 
 const config = Config.decode({
   model_type: "mistral",
-  vocab_size: benchSmall.vocab,
-  hidden_size: benchSmall.hidden,
-  intermediate_size: benchSmall.ffn,
-  num_hidden_layers: benchSmall.layers,
-  num_attention_heads: benchSmall.heads,
-  num_key_value_heads: benchSmall.kv,
-  head_dim: benchSmall.headDim,
+  vocab_size: shape.vocab,
+  hidden_size: shape.hidden,
+  intermediate_size: shape.ffn,
+  num_hidden_layers: shape.layers,
+  num_attention_heads: shape.heads,
+  num_key_value_heads: shape.kv,
+  head_dim: shape.headDim,
   rms_norm_eps: 1e-5,
   sliding_window: null,
   rope_parameters: { rope_type: "default", rope_theta: 1e6 }
-}, "bench-small")
+}, configName)
 
 /** Median seconds of `run` over `runs` timed calls after two warm-ups. */
 const median = (run: () => Effect.Effect<void, unknown>) =>
@@ -65,24 +79,38 @@ const median = (run: () => Effect.Effect<void, unknown>) =>
 const program = Effect.gen(function*() {
   const backend = yield* TensorBackend
   const modelConfig = yield* config
-  const { batch: b, seq: t, vocab: v } = benchSmall
+  const { batch: b, seq: t, vocab: v } = shape
   const next = Random.uniform(0)
   const ids = Array.from({ length: b }, () => Array.from({ length: t }, () => Math.floor(next() * v)))
   const mask = ids.map((row) => row.map(() => 1))
   const model = yield* Training.initialise(modelConfig, 0)
 
-  const report = (name: string, seconds: number, tokens: number) =>
-    Console.log(
+  if (!values.json) yield* Console.log(`${configName} on ${backend.device}${backend.features.length ? ` (${backend.features.join(", ")})` : ""}`)
+  const report = (name: string, seconds: number, tokens: number) => {
+    const poolBytes = backend.gpuMemory()?.allocatedBytes
+    return Console.log(
       values.json
-        ? JSON.stringify({ case: name, config: "bench-small", backend: backend.name, device: backend.device, tokens_per_s: tokens / seconds, step_s: seconds })
-        : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s`
+        ? JSON.stringify({
+          case: name,
+          config: configName,
+          backend: backend.name,
+          device: backend.device,
+          features: backend.features,
+          tokens_per_s: tokens / seconds,
+          step_s: seconds,
+          ...(poolBytes === undefined ? {} : { gpu_peak_bytes: poolBytes })
+        })
+        : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s${
+          poolBytes === undefined ? "" : `  peak GPU ${(poolBytes / 2 ** 30).toFixed(2)} GiB`
+        }`
     )
+  }
 
   if (cases.includes("distill-step")) {
     const trainable = yield* Training.trainable(model)
     const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: 0.01 })
     // The teacher's full-vocabulary log-probabilities are given, as in the PyTorch reference.
-    const teacherLogProbs = tf.tidy(() => tf.logSoftmax(tf.mul(tf.tensor3d(Random.normals(next, b * t * v, 1), [b, t, v]), 2)) as tf.Tensor3D)
+    const teacherLogProbs = tf.tidy(() => tf.logSoftmax(tf.randomNormal([b, t, v], 0, 2, "float32", 0)) as tf.Tensor3D)
     const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs: teacherLogProbs }, v, mask, Loss.defaultOptions)
     const batch = { ids, mask, targets: ids, target }
     const seconds = yield* median(() =>
