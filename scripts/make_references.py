@@ -7,6 +7,7 @@ float32 with eager attention, so that the numbers are as exact and reproducible 
 Usage (from the repository root):
 
     python3 scripts/make_references.py --out OUTDIR [--tiny-mistral DIR] [--sources FILE]
+        [--existing MODEL_DIR ...] [--only NAME ...]
 
 Writes OUTDIR/fixtures/<variant>/ (what save_pretrained writes + reference*.safetensors),
 OUTDIR/fixtures/rope-probe.json (RoPE test vectors), OUTDIR/report.json (self-checks) and, with
@@ -15,6 +16,11 @@ OUTDIR/fixtures/rope-probe.json (RoPE test vectors), OUTDIR/report.json (self-ch
 Every variant is also recomputed by an independent float64 implementation written from
 docs/transformers-notes.md (`manual_forward` below); report.json records the largest differences,
 which is how the written spec was checked against transformers.
+
+--existing takes a model folder that Cascade wrote (e.g. test/fixtures/mistral-long-phase, made by
+scripts/make_long_phase_fixture.ts), copies it to OUTDIR/fixtures/<its name>/ and adds references
+computed by loading it as transformers does (AutoModelForCausalLM picks the class config.json names).
+--only NAME runs only the named steps (variant names, "rope-probe", or an --existing folder's name).
 """
 
 import argparse
@@ -33,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 import transformers
 from transformers import (
+    AutoModelForCausalLM,
     Ministral3Config,
     Ministral3ForCausalLM,
     Mistral3Config,
@@ -445,6 +452,20 @@ def legacy_variant(outdir, src_name, name, T, seed):
     REPORT["variants"][name]["hf_config_after_load_roundtrip"] = Ministral3Config.from_pretrained(dst).to_dict()
 
 
+def existing_variant(outdir, src, T, seed):
+    """References for a model folder Cascade saved: loaded by AutoModelForCausalLM from its config.json."""
+    name = os.path.basename(os.path.normpath(src))
+    dst = os.path.join(outdir, name)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("reference*"))
+
+    def loaded_as(model, path, cfg, ids, mask, info):
+        info["loaded_class"] = type(model).__name__
+
+    references(name, dst, AutoModelForCausalLM, T, seed, extra=loaded_as)
+
+
 def tiny_mistral_padded(outdir, src):
     name = "tiny-mistral-padded"
     dst = os.path.join(outdir, name)
@@ -675,6 +696,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny-mistral", default=None)
     ap.add_argument("--sources", default=None)
+    ap.add_argument("--existing", action="append", default=[], help="a model folder Cascade saved (repeatable)")
+    ap.add_argument("--only", action="append", default=None, help="run only this step (repeatable)")
     args = ap.parse_args()
     fx = os.path.join(args.out, "fixtures")
     os.makedirs(fx, exist_ok=True)
@@ -703,6 +726,13 @@ def main():
     ]
     if args.tiny_mistral:
         steps.append(("tiny-mistral-padded", lambda: tiny_mistral_padded(fx, args.tiny_mistral)))
+    for i, src in enumerate(args.existing):
+        # 48 tokens: past the original window of the long-phase fixture (12 positions) four times over.
+        steps.append((os.path.basename(os.path.normpath(src)),
+                      lambda src=src, i=i: existing_variant(fx, src, 48, 707 + 1000 + i)))
+    if args.only is not None:
+        steps = [(name, fn) for name, fn in steps if name in args.only]
+        REPORT["only"] = [name for name, _ in steps]
     for name, fn in steps:
         try:
             fn()

@@ -65,8 +65,11 @@ export const CascadeConfig = Schema.Struct({
   /** Pick what to keep at random with this seed instead of by calibration scores (the baseline). */
   randomPruning: Schema.optional(Schema.Int),
   short: Phase,
-  /** The long-context phase: `seq` is the longer context, `factor` the YaRN factor. */
-  long: Schema.optional(Schema.Struct({ ...Phase.fields, factor: Schema.Number })),
+  /**
+   * The long-context phase: `seq` is the longer context, `factor` the YaRN factor, `scalingBeta`
+   * Ministral 3's query scaling past `seq / factor` (0.1 when left out, 0 turns it off).
+   */
+  long: Schema.optional(Schema.Struct({ ...Phase.fields, factor: Schema.Number, scalingBeta: Schema.optional(Schema.Finite) })),
   evaluation: Schema.optional(Schema.Struct({
     recallLimit: Schema.optional(Schema.Int),
     arithLimit: Schema.optional(Schema.Int)
@@ -230,7 +233,7 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
         selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i }
       }).pipe(Effect.scoped)
     }
-    const phase = (name: string, student: string, out: string, options: typeof Phase.Type, yarn?: { factor: number; originalMax: number }) =>
+    const phase = (name: string, student: string, out: string, options: typeof Phase.Type, yarn?: Config.LongContext) =>
       Effect.gen(function*() {
         yield* Console.log(`${label} distill ${name}: ${options.steps} steps at ${options.seq} tokens, teacher ${teacher}`)
         yield* distill({
@@ -246,7 +249,8 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
     if (config.long && generation.long) {
       yield* phase("long", generation.short, generation.long, config.long, {
         factor: config.long.factor,
-        originalMax: Math.round(config.long.seq / config.long.factor)
+        originalMax: Math.round(config.long.seq / config.long.factor),
+        scalingBeta: config.long.scalingBeta
       })
     }
     current = generation.short

@@ -31,8 +31,8 @@ export interface DistillOptions extends Training.SupervisedOptions {
   readonly studentDir: string
   readonly data: string
   readonly loss: Loss.Options
-  /** Long-context phase: switch the student's RoPE to YaRN stretching `originalMax` positions by `factor`. */
-  readonly yarn?: { readonly factor: number; readonly originalMax: number } | undefined
+  /** Long-context phase: the student becomes a Ministral 3 with YaRN and query scaling (`Config.longContext`). */
+  readonly yarn?: Config.LongContext | undefined
   readonly tokenizer?: Tokenizer | undefined
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
@@ -94,7 +94,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   yield* Effect.tryPromise({ try: () => fs.mkdir(out, { recursive: true }), catch: io(out, "cannot create folder") })
 
   const loaded = yield* Pretrained.load(options.studentDir)
-  const config = options.yarn ? Config.withYarn(loaded.config, options.yarn) : loaded.config
+  const config = options.yarn ? Config.longContext(loaded.config, options.yarn) : loaded.config
   const student = Model.make(config, loaded.weights)
   const identity = JSON.stringify({
     student: yield* Checkpoint.fingerprint(options.studentDir),

@@ -2,9 +2,12 @@ import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import { existsSync } from "node:fs"
+import * as path from "node:path"
+import * as Config from "../src/model/Config.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Reference from "../src/io/Reference.ts"
+import { longPhase } from "../scripts/make_long_phase_fixture.ts"
 import { localFixture, maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 const tolerance = 1e-4
@@ -47,6 +50,40 @@ for (const backend of ["wasm", "cpu"] as const) {
     }
   })
 }
+
+/** tiny-mistral after the long-context phase's conversion (scripts/make_long_phase_fixture.ts), references by transformers. */
+const longPhaseDir = localFixture("mistral-long-phase")
+/** How the GPU machine makes the missing references (test/fixtures/README.md). */
+const makeLongPhaseReferences = "python3 scripts/make_references.py --out OUT --existing test/fixtures/mistral-long-phase --only mistral-long-phase"
+
+describe("The long-context phase's model", () => {
+  it.effect("mistral-long-phase holds what the long-context phase makes of tiny-mistral", () =>
+    Effect.gen(function*() {
+      const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const fixture = yield* Pretrained.load(longPhaseDir)
+      assert.deepStrictEqual(fixture.config.raw, Pretrained.configJson(Config.longContext(parent.config, longPhase), "F32"))
+      const parentTensors = Model.tensorsOfWeights(parent.config, parent.weights)
+      for (const [name, tensor] of Model.tensorsOfWeights(fixture.config, fixture.weights)) {
+        assert.strictEqual(maxAbsDiff(tensor.dataSync(), parentTensors.get(name)!.dataSync()), 0, name)
+      }
+    }).pipe(onBackend("wasm")))
+
+  for (const backend of ["wasm", "cpu"] as const) {
+    for (const file of ["reference.safetensors", "reference-padded.safetensors"]) {
+      const title = `mistral-long-phase (${file}) on ${backend} matches transformers past the original window`
+      if (!existsSync(path.join(longPhaseDir, file))) {
+        it.skip(`${title}: SKIPPED, ${file} is missing (make it on the GPU machine: ${makeLongPhaseReferences})`, () => {})
+        continue
+      }
+      it.effect(title, () =>
+        Effect.gen(function*() {
+          const reference = yield* Reference.open(path.join(longPhaseDir, file))
+          assert.isAbove(reference.ids[0].length, 2 * longPhase.originalMax, "the reference reaches past the original window")
+          yield* matchesReference(longPhaseDir, path.join(longPhaseDir, file))
+        }).pipe(onBackend(backend)))
+    }
+  }
+})
 
 /** Random token rows of the fixture's vocabulary. */
 const Prompt = Schema.Struct({

@@ -8,6 +8,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { distill } from "../../stages/Distill.ts"
 import * as TeacherCache from "../../stages/TeacherCache.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
+import * as Config from "../model/Config.ts"
 import * as Progress from "./Progress.ts"
 import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
@@ -47,6 +48,10 @@ export const distillCommand = Command.make(
     restBucket: Flag.Boolean("rest-bucket").pipe(Flag.withDescription("Top-k: match the teacher's remaining mass as one more category"), Flag.withDefault(false)),
     yarnFactor: Flag.Finite("yarn-factor").pipe(Flag.withDescription("Long-context phase: switch the student's RoPE to YaRN with this factor"), Flag.optional),
     originalMax: Flag.Int("original-max").pipe(Flag.withDescription("Long-context phase: the context YaRN stretches (default: --seq / factor)"), Flag.optional),
+    scalingBeta: Flag.Finite("scaling-beta").pipe(
+      Flag.withDescription("Long-context phase: Ministral 3's query scaling 1 + B ln(1 + floor(pos / original max)) (default 0.1, as released; 0 turns it off)"),
+      Flag.withDefault(Config.defaultScalingBeta)
+    ),
     ...supervisedFlags({ lr: 1e-3, batch: 4 })
   },
   Effect.fn("cli.distill")(function*(flags) {
@@ -63,7 +68,11 @@ export const distillCommand = Command.make(
         loss: { temperature: flags.temperature, crossEntropyWeight: flags.ceWeight, restBucket: flags.restBucket, maxOutsideMass: 1e-3 },
         yarn: yarnFactor === undefined
           ? undefined
-          : { factor: yarnFactor, originalMax: Option.getOrElse(flags.originalMax, () => Math.round(flags.seq / yarnFactor)) },
+          : {
+            factor: yarnFactor,
+            originalMax: Option.getOrElse(flags.originalMax, () => Math.round(flags.seq / yarnFactor)),
+            scalingBeta: flags.scalingBeta
+          },
         tokenizer: yield* Tokenizer.loadIfPresent(flags.student),
         onStep: (m) => progress.update(m.step, `loss ${m.loss.toFixed(4)} lr ${m.lr.toExponential(2)} ${m.tokens_per_s.toFixed(0)} tok/s`)
       })

@@ -24,7 +24,7 @@ export interface RopeConfig {
   readonly mscaleAllDim: number | undefined
   readonly attentionFactor: number | undefined
   readonly truncate: boolean
-  /** Ministral 3's position-based query scaling: `1 + beta * ln(1 + floor(pos / originalMax))`. */
+  /** Ministral 3's position-based query scaling: `1 + beta * ln(1 + floor(pos / originalMax))` (ministral3 only). */
   readonly llama4ScalingBeta: number | undefined
 }
 
@@ -160,8 +160,8 @@ const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) 
     }
     // transformers' defaults differ by architecture for the fields a config may leave out.
     const defaults = raw.model_type === "mistral"
-      ? { rmsNormEps: 1e-6, maxPositions: 131072, theta: 10000, slidingWindow: 4096 }
-      : { rmsNormEps: 1e-5, maxPositions: 262144, theta: 1000000, slidingWindow: null }
+      ? { rmsNormEps: 1e-6, maxPositions: 131072, theta: 10000, slidingWindow: 4096, padTokenId: undefined }
+      : { rmsNormEps: 1e-5, maxPositions: 262144, theta: 1000000, slidingWindow: null, padTokenId: 11 }
     const maxPositionEmbeddings = raw.max_position_embeddings ?? defaults.maxPositions
     const rope = yield* ropeConfig(raw, maxPositionEmbeddings, defaults.theta, file)
     if (headDim % 2 !== 0) return yield* fail(`head_dim ${headDim} must be even for rotary embeddings`)
@@ -182,7 +182,7 @@ const normalise = (raw: RawConfig, json: Record<string, unknown>, file: string) 
       rope,
       bosTokenId: firstId(raw.bos_token_id),
       eosTokenId: firstId(raw.eos_token_id),
-      padTokenId: firstId(raw.pad_token_id),
+      padTokenId: raw.pad_token_id === undefined ? defaults.padTokenId : firstId(raw.pad_token_id),
       raw: json
     } satisfies ModelConfig
   })
@@ -229,48 +229,73 @@ const ropeConfig = (raw: RawConfig, maxPositionEmbeddings: number, defaultTheta:
       mscaleAllDim: orNone(params.mscale_all_dim),
       attentionFactor: orNone(params.attention_factor),
       truncate: params.truncate ?? true,
-      llama4ScalingBeta: orNone(params.llama_4_scaling_beta)
+      // Only Ministral3's attention reads it; Mistral's ignores the key.
+      llama4ScalingBeta: raw.model_type === "ministral3" ? orNone(params.llama_4_scaling_beta) : undefined
     } satisfies RopeConfig
   })
 
+/** Ministral 3's `llama_4_scaling_beta` as released. */
+export const defaultScalingBeta = 0.1
+
+/** A long-context phase: YaRN stretching `originalMax` positions by `factor`, queries scaled past them. */
+export interface LongContext {
+  readonly factor: number
+  readonly originalMax: number
+  /** Ministral 3's query scaling, `1 + beta * ln(1 + floor(pos / originalMax))`; 0.1 when left out, 0 turns it off. */
+  readonly scalingBeta?: number | undefined
+}
+
 /**
- * The config of a long-context phase: RoPE switched to YaRN stretching `originalMax` positions by
- * `factor`, written into the raw config as well so the saved config.json says so. As in Ministral 3,
- * mscale = mscale_all_dim = 1, so YaRN's attention factor is 1 and short-context attention keeps
- * its temperature (Ministral 3 scales queries by position instead, where it has llama_4_scaling_beta).
+ * The config of a long-context phase, whatever the parent: a Ministral 3 (`Ministral3ForCausalLM`)
+ * with YaRN and `llama_4_scaling_beta`, as the released models are. As in Ministral 3,
+ * mscale = mscale_all_dim = 1, so YaRN's attention factor is 1 and the position-based query scaling
+ * sets the softmax temperature instead. The raw config states every field whose class default
+ * differs between MistralConfig and Ministral3Config (head_dim, rms_norm_eps, sliding_window,
+ * pad_token_id, max_position_embeddings, rope_parameters), so transformers builds the same model;
+ * a sliding window carries over, as Ministral3 applies it as Mistral does.
  */
-export const withYarn = (config: ModelConfig, yarn: { readonly factor: number; readonly originalMax: number }): ModelConfig => {
+export const longContext = (config: ModelConfig, long: LongContext): ModelConfig => {
+  const beta = long.scalingBeta ?? defaultScalingBeta
   const rope: RopeConfig = {
     ...config.rope,
     type: "yarn",
-    factor: yarn.factor,
-    originalMaxPositionEmbeddings: yarn.originalMax,
+    factor: long.factor,
+    originalMaxPositionEmbeddings: long.originalMax,
     betaFast: 32,
     betaSlow: 1,
     mscale: 1,
     mscaleAllDim: 1,
     attentionFactor: undefined,
-    truncate: true
+    truncate: true,
+    llama4ScalingBeta: beta
   }
-  const maxPositionEmbeddings = Math.round(yarn.factor * yarn.originalMax)
-  const { rope_scaling: _legacy, rope_theta: _theta, ...raw } = config.raw
+  const maxPositionEmbeddings = Math.round(long.factor * long.originalMax)
+  // A top-level original_max_position_embeddings would override the rope dict's when read back.
+  const { rope_scaling: _legacy, rope_theta: _theta, original_max_position_embeddings: _original, ...raw } = config.raw
   return {
     ...config,
+    modelType: "ministral3",
     rope,
     maxPositionEmbeddings,
     raw: {
       ...raw,
+      model_type: "ministral3",
+      architectures: [causalLmClass.ministral3],
+      head_dim: config.headDim,
+      rms_norm_eps: config.rmsNormEps,
+      sliding_window: config.slidingWindow,
+      pad_token_id: config.padTokenId ?? null,
       max_position_embeddings: maxPositionEmbeddings,
       rope_parameters: {
         rope_type: "yarn",
         rope_theta: rope.theta,
-        factor: yarn.factor,
-        original_max_position_embeddings: yarn.originalMax,
+        factor: long.factor,
+        original_max_position_embeddings: long.originalMax,
         beta_fast: 32,
         beta_slow: 1,
         mscale: 1,
         mscale_all_dim: 1,
-        ...(rope.llama4ScalingBeta === undefined ? {} : { llama_4_scaling_beta: rope.llama4ScalingBeta })
+        llama_4_scaling_beta: beta
       }
     }
   }
