@@ -2,7 +2,7 @@
  * The three sources of teacher log-probabilities, as layers of the `Teacher` service (src/train/Teacher.ts):
  *
  * - `inProcess(dir)`: a checkpoint run here with `Model.forward`; full log-probs or their top-k.
- * - `offlineCache(dir, ...)`: the top-k that `cascade teacher-cache` wrote (stages/TeacherCache.ts),
+ * - `offlineCache(dir, ...)`: the top-k that `cascade teacher-cache` wrote (src/io/TeacherCacheFormat.ts),
  *   looked up by packed-row index.
  * - `remote(urls, ...)`: an OpenAI-compatible server as vLLM serves it, through `prompt_logprobs`.
  *
@@ -18,9 +18,8 @@ import * as Dataset from "../src/data/Dataset.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
-import * as Safetensors from "../src/io/Safetensors.ts"
+import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 import { type Annotated, type Batch, type Output, Teacher, TeacherError } from "../src/train/Teacher.ts"
-import * as TeacherCache from "../stages/TeacherCache.ts"
 import { TensorBackend } from "./TensorBackend.ts"
 
 const describeBatch = (batch: Batch) =>
@@ -109,18 +108,12 @@ export interface OfflineCacheOptions {
   readonly data: string
   /** The packing length of the rows. */
   readonly seq: number
-  /** sha256 of the student's tokenizer.json (`TeacherCache.tokenizerHash`), null when it has none. */
+  /** sha256 of the student's tokenizer.json (`TeacherCacheFormat.tokenizerHash`), null when it has none. */
   readonly tokenizerHash: string | null
 }
 
 /** Decoded shards kept: a batch may straddle two, and rows are mostly read in order. */
 const SHARDS_KEPT = 2
-
-interface Shard {
-  readonly ids: Int32Array
-  readonly logProbs: Float32Array
-  readonly lengths: Int32Array
-}
 
 /**
  * The top-k a `cascade teacher-cache` run wrote to `dir`, for rows packed from the same data with
@@ -132,9 +125,9 @@ export const offlineCache = (dir: string, options: OfflineCacheOptions) =>
     Effect.gen(function*() {
       const source = `cache ${dir}`
       const fail = (reason: string, request?: string) => new TeacherError({ source, request, reason })
-      const manifest = yield* TeacherCache.readManifest(dir).pipe(Effect.mapError((error) => fail(error.message)))
+      const manifest = yield* TeacherCacheFormat.readManifest(dir).pipe(Effect.mapError((error) => fail(error.message)))
       if (manifest === undefined) {
-        return yield* fail(`has no ${TeacherCache.manifestName}: not a teacher cache (cascade teacher-cache makes one)`)
+        return yield* fail(`has no ${TeacherCacheFormat.manifestName}: not a teacher cache (cascade teacher-cache makes one)`)
       }
       const dataHash = yield* Files.sha256(options.data).pipe(Effect.mapError((error) => fail(error.message)))
       const name = (hash: string | null) => (hash === null ? "none" : `sha256 ${hash.slice(0, 12)}`)
@@ -150,21 +143,9 @@ export const offlineCache = (dir: string, options: OfflineCacheOptions) =>
       if (differences.length > 0) return yield* fail(`does not fit this run: ${differences.join("; ")}`)
 
       const { seq, topK: k, rowsPerShard } = manifest
-      const shards = new Map<number, Shard>() // in order of use, oldest first
+      const shards = new Map<number, TeacherCacheFormat.Shard>() // in order of use, oldest first
       const readShard = (index: number) =>
-        Effect.scoped(Effect.gen(function*() {
-          const file = yield* Safetensors.open(TeacherCache.shardFile(dir, index))
-          const shard = {
-            ids: yield* file.readInt32("ids"),
-            logProbs: yield* file.readFloat32("logprobs"),
-            lengths: yield* file.readInt32("lengths")
-          }
-          const rows = Math.min(rowsPerShard, manifest.rows - index * rowsPerShard)
-          if (shard.lengths.length !== rows || shard.ids.length !== rows * seq * k || shard.logProbs.length !== rows * seq * k) {
-            return yield* fail(`shard ${index} does not hold ${rows} rows of [${seq}, ${k}] as ${TeacherCache.manifestName} says`)
-          }
-          return shard
-        })).pipe(Effect.mapError((error) => (error instanceof TeacherError ? error : fail(error.message))))
+        TeacherCacheFormat.readShard(dir, manifest, index).pipe(Effect.mapError((error) => fail(error.message)))
       const shardOf = Effect.fnUntraced(function*(index: number) {
         let shard = shards.get(index)
         if (shard === undefined) {

@@ -74,7 +74,9 @@ export const CascadeConfig = Schema.Struct({
     recallLimit: Schema.optional(Schema.Int),
     arithLimit: Schema.optional(Schema.Int)
   })),
-  seed: Schema.optional(Schema.Int)
+  seed: Schema.optional(Schema.Int),
+  /** Dtype of the pruned and distilled models (`--dtype`); the parent's by default. */
+  dtype: Schema.optional(Pretrained.DtypeName)
 })
 export type CascadeConfig = typeof CascadeConfig.Type
 
@@ -182,7 +184,8 @@ const phaseOptions = (phase: typeof Phase.Type, config: CascadeConfig) => ({
   maxGradNorm: 1,
   loss: { temperature: 1, crossEntropyWeight: phase.ceWeight ?? 0, restBucket: false, maxOutsideMass: 1e-3 },
   saveEvery: Math.max(1, Math.floor(phase.steps / 4)),
-  resume: true
+  resume: true,
+  dtype: config.dtype && Pretrained.dtypeNames[config.dtype]
 })
 
 /** Runs (or resumes) the whole cascade and writes the report; returns the measurements. */
@@ -230,7 +233,8 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
         statsDir: generation.stats,
         out: generation.pruned,
         targets: size,
-        selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i }
+        selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i },
+        dtype: config.dtype && Pretrained.dtypeNames[config.dtype]
       }).pipe(Effect.scoped)
     }
     const phase = (name: string, student: string, out: string, options: typeof Phase.Type, yarn?: Config.LongContext) =>

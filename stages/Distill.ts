@@ -21,6 +21,7 @@ import * as Loss from "../src/train/Loss.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Random from "../src/Random.ts"
 import * as RunFolder from "../src/train/RunFolder.ts"
 import { type Batch, type Output, Teacher, toLossTeacher } from "../src/train/Teacher.ts"
@@ -34,6 +35,8 @@ export interface DistillOptions extends Training.SupervisedOptions {
   /** Long-context phase: the student becomes a Ministral 3 with YaRN and query scaling (`Config.longContext`). */
   readonly yarn?: Config.LongContext | undefined
   readonly tokenizer?: Tokenizer | undefined
+  /** Dtype of the written model; the student's by default. */
+  readonly dtype?: FloatDtype | undefined
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
   readonly onStep?: (metrics: StepMetrics) => void
@@ -104,7 +107,8 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     seed: options.seed,
     batch: options.batch,
     accumulate: options.accumulate,
-    steps: options.steps
+    steps: options.steps,
+    dtype: options.dtype
   })
 
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
@@ -172,7 +176,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     )
   )
 
-  yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(loaded.config), companionsFrom: options.studentDir })
+  yield* Pretrained.save(out, trainable.model, { dtype: options.dtype ?? Pretrained.storedDtype(loaded.config), companionsFrom: options.studentDir })
   const done = state(true)
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* RunFolder.removeCheckpoint(out)

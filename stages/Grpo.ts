@@ -34,6 +34,7 @@ import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as PolicyLoss from "../src/train/PolicyLoss.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Random from "../src/Random.ts"
 import * as RunFolder from "../src/train/RunFolder.ts"
 import { read } from "../src/io/Reference.ts"
@@ -200,6 +201,8 @@ export interface RunOptions extends RunFolder.Options {
   readonly learningRate: number
   readonly weightDecay: number
   readonly maxGradNorm: number | undefined
+  /** Dtype of the written model; the starting model's by default. */
+  readonly dtype?: FloatDtype | undefined
 }
 
 /** A default for `RunOptions.loop`: the last 32 tokens repeat a cycle of at most 8. */
@@ -315,6 +318,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     learningRate: options.learningRate,
     weightDecay: options.weightDecay,
     maxGradNorm: options.maxGradNorm,
+    dtype: options.dtype,
     ...setup.identity
   })
 
@@ -348,7 +352,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     })
   }
 
-  yield* Pretrained.save(out, policy.model, { dtype: Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir })
+  yield* Pretrained.save(out, policy.model, { dtype: options.dtype ?? Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir })
   const done: State = { format: setup.format, step: options.steps, identity }
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* RunFolder.removeCheckpoint(out)

@@ -147,7 +147,9 @@ export const PostTrainConfig = Schema.Struct({
   }),
   /** A Markdown report (the cascade's report.md) that gets a post-training section (src/report/Report.ts). */
   report: Schema.optional(Schema.String),
-  seed: Schema.optional(Schema.Int)
+  seed: Schema.optional(Schema.Int),
+  /** Dtype of the models the SFT and online steps write (`--dtype`); each starting model's by default. */
+  dtype: Schema.optional(Pretrained.DtypeName)
 })
 export type PostTrainConfig = typeof PostTrainConfig.Type
 
@@ -230,6 +232,7 @@ const runSft = (config: PostTrainConfig, o: typeof SftStep.Type, modelDir: strin
     weightDecay: 0.01,
     maxGradNorm: 1,
     distillWeight: o.distillWeight,
+    dtype: config.dtype && Pretrained.dtypeNames[config.dtype],
     saveEvery: Math.max(1, Math.floor(o.steps / 4)),
     resume: true,
     replace: true,
@@ -255,6 +258,7 @@ const runStep = (config: PostTrainConfig, step: Step, modelDir: string, out: str
     learningRate: o.lr,
     weightDecay: 0,
     maxGradNorm: 1,
+    dtype: config.dtype && Pretrained.dtypeNames[config.dtype],
     saveEvery: Math.max(1, Math.floor(o.steps / 4)),
     resume: true,
     replace: true

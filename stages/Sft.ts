@@ -28,6 +28,7 @@ import * as Loss from "../src/train/Loss.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Random from "../src/Random.ts"
 import * as RunFolder from "../src/train/RunFolder.ts"
 import { type Batch, type Output, Teacher, type TeacherError, toLossTeacher } from "../src/train/Teacher.ts"
@@ -41,6 +42,8 @@ export interface SftOptions extends Training.SupervisedOptions {
   readonly data: string
   /** w in `loss = (1 - w) CE + w KL`, in [0, 1]: 0 learns from the data alone, 1 from the teacher alone. */
   readonly distillWeight: number
+  /** Dtype of the written model; the starting model's by default. */
+  readonly dtype?: FloatDtype | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
@@ -107,7 +110,8 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     minLearningRate: options.minLearningRate,
     warmupSteps: options.warmupSteps,
     weightDecay: options.weightDecay,
-    maxGradNorm: options.maxGradNorm
+    maxGradNorm: options.maxGradNorm,
+    dtype: options.dtype
   })
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
     identity,
@@ -174,7 +178,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     )
   )
 
-  yield* Pretrained.save(out, trainable.model, { dtype: Pretrained.storedDtype(config), companionsFrom: options.modelDir })
+  yield* Pretrained.save(out, trainable.model, { dtype: options.dtype ?? Pretrained.storedDtype(config), companionsFrom: options.modelDir })
   const done = state(true)
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* RunFolder.removeCheckpoint(out)

@@ -2,69 +2,22 @@
  * The offline teacher cache: a teacher's top-k over a packed data set, computed once and read by
  * every distillation run of a cascade (`offlineCache` in layers/Teacher.ts). The teacher is always
  * the root and the students share its tokenizer and data, so one cache serves every generation.
- *
- * The folder holds:
- * - `shard-00000.safetensors`, ...: `rowsPerShard` (R) packed rows each, the last maybe fewer:
- *   `ids` I32 [R, T, K] (our safetensors has no U32) and `logprobs` F16 [R, T, K], the teacher's K
- *   most likely next tokens after each position, largest first, zero at padding; and `lengths`
- *   I32 [R], each row's real length. Packed row i is row i % R of shard floor(i / R).
- * - `manifest.json`: what the cache was made from (teacher path and config hash, sha256 of
- *   tokenizer.json, data path and sha256, seq, top-k, samples, R) and how far it got.
+ * The folder's format (shards and manifest) is src/io/TeacherCacheFormat.ts.
  *
  * A shard is written (atomically) when its last row is done, then the manifest, so a killed run
  * resumes after its last complete shard. Batches never straddle shards, so a resumed run computes
  * exactly the batches an uninterrupted one does and writes the same bytes.
  */
-import { Effect, Schema, Stream } from "effect"
+import { Effect, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Config from "../src/model/Config.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
-import * as Safetensors from "../src/io/Safetensors.ts"
+import { format, type Manifest, manifestName, readManifest, type Shard, tokenizerHash, writeShard } from "../src/io/TeacherCacheFormat.ts"
 import { type Batch, Teacher, TeacherError } from "../src/train/Teacher.ts"
 import type { Tokenizer } from "../src/io/Tokenizer.ts"
-
-export const Manifest = Schema.Struct({
-  format: Schema.Literal("cascade-teacher-cache/1"),
-  teacher: Schema.Struct({ path: Schema.String, configHash: Schema.String, vocab: Schema.Int }),
-  /** sha256 of the teacher's tokenizer.json; null when it has none (data given as token ids). */
-  tokenizerHash: Schema.NullOr(Schema.String),
-  data: Schema.Struct({ path: Schema.String, hash: Schema.String }),
-  seq: Schema.Int,
-  topK: Schema.Int,
-  samples: Schema.NullOr(Schema.Int),
-  rowsPerShard: Schema.Int,
-  /** Rows in the shards written so far. */
-  rows: Schema.Int,
-  shards: Schema.Int,
-  complete: Schema.Boolean
-})
-export type Manifest = typeof Manifest.Type
-
-export const manifestName = "manifest.json"
-export const shardFile = (dir: string, index: number) => path.join(dir, `shard-${String(index).padStart(5, "0")}.safetensors`)
-
-const decodeManifest = Schema.decodeUnknownEffect(Manifest)
-
-/** The manifest in `dir`, if there is one. */
-export const readManifest = Effect.fn("TeacherCache.readManifest")(function*(dir: string) {
-  const file = path.join(dir, manifestName)
-  const json = yield* Files.readJsonIfPresent(file)
-  if (json === undefined) return undefined
-  return yield* decodeManifest(json).pipe(
-    Effect.mapError((error) => new CheckpointError({ file, reason: `is not a teacher cache manifest (${error.message})` }))
-  )
-})
-
-/** sha256 of `dir`/tokenizer.json, null when there is none: what a cache and its readers must agree on. */
-export const tokenizerHash = (dir: string): Effect.Effect<string | null, CheckpointError> => {
-  const file = path.join(dir, "tokenizer.json")
-  return Effect.promise(() => fs.access(file).then(() => true, () => false)).pipe(
-    Effect.flatMap((exists) => (exists ? Files.sha256(file) : Effect.succeed(null)))
-  )
-}
 
 /** Shards of about this many bytes on disk, so that a reader holds a few in memory at little cost. */
 const SHARD_BYTES = 64 * 1024 * 1024
@@ -87,11 +40,8 @@ export interface WriteOptions {
 }
 
 /** The rows of one shard so far. */
-interface ShardBuffer {
+interface ShardBuffer extends Shard {
   readonly index: number
-  readonly ids: Int32Array
-  readonly logProbs: Float32Array
-  readonly lengths: Int32Array
   filled: number
 }
 
@@ -104,7 +54,7 @@ export const writeCache = Effect.fn("TeacherCache.writeCache")(function*(options
   const configFile = path.join(options.teacherDir, "config.json")
   const config = yield* Config.decode(yield* Files.readJsonIfPresent(configFile), configFile)
   const identity = {
-    format: "cascade-teacher-cache/1" as const,
+    format,
     teacher: { path: path.resolve(options.teacherDir), configHash: Config.hash(config), vocab: config.vocabSize },
     tokenizerHash: yield* tokenizerHash(options.teacherDir),
     data: { path: path.resolve(options.data), hash: yield* Files.sha256(options.data) },
@@ -148,14 +98,9 @@ export const writeCache = Effect.fn("TeacherCache.writeCache")(function*(options
       yield* Files.writeJson(path.join(out, manifestName), manifest)
       return manifest
     })
-  const writeShard = (shard: ShardBuffer) =>
+  const finishShard = (shard: ShardBuffer) =>
     Effect.gen(function*() {
-      const size = shard.filled * seq * k
-      yield* Safetensors.write(shardFile(out, shard.index), [
-        { name: "ids", dtype: "I32", shape: [shard.filled, seq, k], data: shard.ids.subarray(0, size) },
-        { name: "logprobs", dtype: "F16", shape: [shard.filled, seq, k], data: shard.logProbs.subarray(0, size) },
-        { name: "lengths", dtype: "I32", shape: [shard.filled], data: shard.lengths.subarray(0, shard.filled) }
-      ])
+      yield* writeShard(out, shard.index, shard, { rows: shard.filled, seq, k })
       shards++
       rows += shard.filled
     })
@@ -192,14 +137,14 @@ export const writeCache = Effect.fn("TeacherCache.writeCache")(function*(options
         current.filled += batch.rows.length
         options.onProgress?.({ rows: rows + current.filled, total: options.samples })
         if (current.filled === rowsPerShard) {
-          yield* writeShard(current)
+          yield* finishShard(current)
           current = undefined
           yield* save(false)
         }
       })
     )
   )
-  if (current !== undefined) yield* writeShard(current)
+  if (current !== undefined) yield* finishShard(current)
   if (rows === 0) return yield* new DataError({ file: options.data, reason: "holds no tokens to cache" })
   return yield* save(true)
 })

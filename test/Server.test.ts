@@ -7,12 +7,16 @@ import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
+import * as Teacher from "../layers/Teacher.ts"
+import { TensorBackend } from "../layers/TensorBackend.ts"
 import * as Generate from "../src/model/Generate.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Server from "../src/serve/Server.ts"
+import type { Teacher as TeacherService } from "../src/train/Teacher.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
-import { onBackend, sharedFixture, take } from "./support.ts"
+import { distill, type StepMetrics } from "../stages/Distill.ts"
+import { localFixture, markovData, onBackend, sharedFixture, take, tempDir } from "./support.ts"
 
 const chatTemplate = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}" +
   "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}" +
@@ -34,6 +38,31 @@ const modelFolder = Effect.gen(function*() {
   })
   return dir
 })
+
+const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
+
+/** `cascade serve --model dir` on a free loopback port, killed when the scope closes; its `/v1` URL and what it printed. */
+const serveCli = (dir: string) =>
+  Effect.gen(function*() {
+    const child = yield* Effect.acquireRelease(
+      Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0"])),
+      (child) => Effect.sync(() => child.kill("SIGKILL"))
+    )
+    const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
+    const started = yield* Effect.promise(() =>
+      new Promise<{ url: string; output: string }>((resolve, reject) => {
+        let output = ""
+        child.stdout.on("data", (chunk) => {
+          output += String(chunk)
+          const match = /http:\/\/\S+\/v1/.exec(output)
+          if (match) resolve({ url: match[0], output })
+        })
+        child.stderr.on("data", (chunk) => (output += String(chunk)))
+        child.on("exit", () => reject(new Error(`serve exited: ${output}`)))
+      })
+    )
+    return { ...started, child, exited }
+  })
 
 interface Fixture {
   readonly model: Model.Model
@@ -335,27 +364,74 @@ describe("Server", () => {
   it.live("cascade serve prints its URL, answers, and stops on SIGINT", () =>
     Effect.gen(function*() {
       const dir = yield* modelFolder
-      const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
-      const child = yield* Effect.acquireRelease(
-        Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0"])),
-        (child) => Effect.sync(() => child.kill("SIGKILL"))
-      )
-      const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
-      const url = yield* Effect.promise(() =>
-        new Promise<string>((resolve, reject) => {
-          let output = ""
-          child.stdout.on("data", (chunk) => {
-            output += String(chunk)
-            const match = /http:\/\/\S+\/v1/.exec(output)
-            if (match) resolve(match[0])
-          })
-          child.on("exit", () => reject(new Error(`serve exited: ${output}`)))
-        })
-      )
+      const { url, child, exited } = yield* serveCli(dir)
       const models = yield* request(`${url}/models`)
       assert.strictEqual(models.status, 200)
       assert.strictEqual(models.json.data[0].id, dir)
       child.kill("SIGINT")
       assert.strictEqual(yield* Effect.promise(() => exited), 130)
+    }).pipe(Effect.scoped))
+
+  it.live("cascade serve of a folder without tokenizer.json serves token-id prompts to a distilling student, and text gets a 400", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const folder = path.join(dir, "model")
+      yield* Effect.promise(async () => {
+        await fs.mkdir(folder)
+        for (const file of ["config.json", "model.safetensors"]) {
+          await fs.copyFile(path.join(sharedFixture("tiny-mistral"), file), path.join(folder, file))
+        }
+      })
+      const { url, output } = yield* serveCli(folder)
+      assert.include(output, "token-id prompts only")
+      const base = url.replace(/\/v1$/, "")
+
+      // Another model distils for two steps from the server, and from the folder run in process: the same losses.
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 16, 24, 5)
+      const distilled = (teacher: Layer.Layer<TeacherService, unknown, TensorBackend>, out: string) =>
+        Effect.gen(function*() {
+          const steps: Array<StepMetrics> = []
+          yield* distill({
+            studentDir: localFixture("mistral-mqa"), data, out: path.join(dir, out), seq: 16, steps: 2, seed: 1, batch: 2, accumulate: 1,
+            learningRate: 1e-3, minLearningRate: 1e-4, warmupSteps: 0, weightDecay: 0, maxGradNorm: 1, saveEvery: 2,
+            loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1 },
+            onStep: (metrics) => steps.push(metrics)
+          }).pipe(Effect.scoped, Effect.provide(Layer.provideMerge(teacher, TensorBackend.layer("wasm"))))
+          return steps
+        })
+      const remote = yield* distilled(Teacher.remote([base], { topK: 8 }), "remote")
+      const local = yield* distilled(Teacher.inProcess(folder, { topK: 8 }), "local")
+      assert.strictEqual(remote.length, 2)
+      remote.forEach((step, i) => assert.closeTo(step.kl, local[i].kl, 1e-4, `step ${i + 1}`))
+
+      // Token ids in, token ids out: empty text, legacy log-probs naming token ids, no decoded tokens.
+      const [expected] = yield* Effect.gen(function*() {
+        const model = yield* Pretrained.load(folder)
+        return yield* Generate.generate(model, [prompts[0]], { maxNewTokens: 4, temperature: 0, stopTokenIds: [2] })
+      }).pipe(Effect.scoped, onBackend("wasm"))
+      const reply = yield* post(`${url}/completions`, { prompt: prompts[0], max_tokens: 4, temperature: 0, logprobs: 1, prompt_logprobs: 1 })
+      assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+      const [choice] = reply.json.choices
+      assert.strictEqual(choice.text, "")
+      assert.deepStrictEqual(choice.logprobs.tokens, expected.tokens.map((id) => `token_id:${id}`))
+      assert.include(Object.keys(choice.logprobs.top_logprobs[0]), `token_id:${expected.tokens[0]}`)
+      assert.isNull(choice.prompt_logprobs[1][String(prompts[0][1])].decoded_token)
+
+      // What needs the tokenizer is a 400 saying that the folder has none; the server goes on serving.
+      const refused: Array<[string, unknown, string]> = [
+        ["completions", { prompt: "What is 2 plus 2?" }, "prompt"],
+        ["completions", { prompt: ["two", "texts"] }, "prompt"],
+        ["completions", { prompt: prompts[0], stop: ["."] }, "stop"],
+        ["completions", { prompt: prompts[0], echo: true }, "echo"],
+        ["chat/completions", { messages: [{ role: "user", content: "hi" }] }, "messages"]
+      ]
+      for (const [endpoint, body, param] of refused) {
+        const answer = yield* post(`${url}/${endpoint}`, body)
+        assert.strictEqual(answer.status, 400, JSON.stringify(body))
+        assert.strictEqual(answer.json.error.param, param)
+        assert.include(answer.json.error.message, `The model folder ${folder} has no tokenizer (tokenizer.json)`)
+      }
+      const after = yield* post(`${url}/completions`, { prompt: prompts[1], max_tokens: 2 })
+      assert.strictEqual(after.status, 200)
     }).pipe(Effect.scoped))
 })

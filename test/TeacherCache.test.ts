@@ -9,6 +9,7 @@ import * as Teachers from "../layers/Teacher.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Safetensors from "../src/io/Safetensors.ts"
+import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 import { type Batch, Teacher, TeacherError } from "../src/train/Teacher.ts"
 import * as TeacherCache from "../stages/TeacherCache.ts"
 import { lcgData, onBackend, sharedFixture } from "./support.ts"
@@ -60,7 +61,7 @@ describe("TeacherCache", () => {
           "shard-00002.safetensors"
         ])
         const last = yield* Effect.scoped(Effect.gen(function*() {
-          const file = yield* Safetensors.open(TeacherCache.shardFile(out, 2))
+          const file = yield* Safetensors.open(TeacherCacheFormat.shardFile(out, 2))
           return {
             ids: yield* file.info("ids"),
             logprobs: yield* file.info("logprobs"),
@@ -138,7 +139,7 @@ describe("TeacherCache", () => {
         ).pipe(Layer.provide(inProcess))
         const killed = yield* Effect.flip(write(data, resumed).pipe(Effect.provide(dying)))
         assert.strictEqual(killed.message, "teacher test: killed")
-        assert.deepInclude(yield* TeacherCache.readManifest(resumed), { rows: 3, shards: 1, complete: false })
+        assert.deepInclude(yield* TeacherCacheFormat.readManifest(resumed), { rows: 3, shards: 1, complete: false })
         // What a kill during a write leaves behind (a failure removes its own temp file).
         yield* Effect.promise(() => fs.writeFile(path.join(resumed, ".shard-00001.safetensors.0000.tmp"), "partial"))
 

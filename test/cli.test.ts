@@ -4,9 +4,14 @@ import { execFile } from "node:child_process"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
+import * as Dataset from "../src/data/Dataset.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import * as Reference from "../src/io/Reference.ts"
-import { localFixture, sharedFixture, tempDir } from "./support.ts"
+import { calibrate } from "../stages/Calibrate.ts"
+import { evaluate } from "../stages/Evaluate.ts"
+import { localFixture, markovData, sharedFixture, tempDir } from "./support.ts"
 
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
@@ -115,5 +120,84 @@ describe("cascade eval", () => {
       const run = yield* cascade("--help")
       assert.strictEqual(run.code, 0)
       assert.include(run.stdout, "eval")
+    }))
+})
+
+/** The dtypes a checkpoint folder's config.json states and its tensors are stored in. */
+const storedDtypes = (dir: string) =>
+  Effect.gen(function*() {
+    const checkpoint = yield* Checkpoint.open(dir)
+    const tensors = new Set(yield* Effect.forEach(checkpoint.names, (name) => Effect.map(checkpoint.info(name), (info) => info.dtype)))
+    return { config: (checkpoint.rawConfig as { dtype: unknown }).dtype, tensors: [...tensors] }
+  }).pipe(Effect.scoped)
+
+describe("--dtype", () => {
+  const bf16Parent = localFixture("mistral-bf16")
+
+  it.effect("prune --dtype float32 rotates a bf16 parent at full width to its held-out NLL within 1e-4; the default bf16 cannot", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const calib = yield* markovData(path.join(dir, "calib.jsonl"), 16, 40, 1)
+      const heldout = yield* markovData(path.join(dir, "heldout.jsonl"), 8, 40, 99)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(bf16Parent), { modelDir: bf16Parent, data: calib, out: stats, seq: 32 }).pipe(Effect.scoped)
+      const nll = (model: string) =>
+        Effect.gen(function*() {
+          return (yield* evaluate(yield* Pretrained.load(model), Dataset.sequences(heldout, { vocabSize: 512 }))).nll
+        }).pipe(Effect.scoped)
+      const pruned = (name: string, ...args: Array<string>) =>
+        Effect.gen(function*() {
+          const out = path.join(dir, name)
+          // The full width (64) is still a rotation: every weight is rewritten in the parent's eigenbasis.
+          const run = yield* cascade("prune", "--model", bf16Parent, "--stats", stats, "--out", out, "--hidden", "64", ...args)
+          assert.strictEqual(run.code, 0, run.stderr)
+          return out
+        })
+      const float32 = yield* pruned("float32", "--dtype", "float32")
+      const bfloat16 = yield* pruned("bfloat16")
+
+      const parent = yield* nll(bf16Parent)
+      const float32Error = Math.abs((yield* nll(float32)) - parent)
+      const bfloat16Error = Math.abs((yield* nll(bfloat16)) - parent)
+      assert.isBelow(float32Error, 1e-4)
+      assert.isAbove(bfloat16Error, 1e-4, "rounded to bf16, the rotated weights lose the parent")
+      assert.deepStrictEqual(yield* storedDtypes(float32), { config: "float32", tensors: ["F32"] })
+      assert.deepStrictEqual(yield* storedDtypes(bfloat16), { config: "bfloat16", tensors: ["BF16"] })
+    }))
+
+  it.effect("distill --dtype float32 saves a bf16 student in float32; by default it stays bf16", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 8, 20, 3)
+      const distilled = (name: string, ...args: Array<string>) =>
+        Effect.gen(function*() {
+          const out = path.join(dir, name)
+          const run = yield* cascade(
+            "distill", "--student", bf16Parent, "--teacher", sharedFixture("tiny-mistral"), "--data", data, "--out", out,
+            "--seq", "16", "--steps", "1", "--batch", "2", ...args
+          )
+          assert.strictEqual(run.code, 0, run.stderr)
+          return out
+        })
+      assert.deepStrictEqual(yield* storedDtypes(yield* distilled("float32", "--dtype", "float32")), { config: "float32", tensors: ["F32"] })
+      assert.deepStrictEqual(yield* storedDtypes(yield* distilled("default")), { config: "bfloat16", tensors: ["BF16"] })
+    }))
+
+  it.effect("an unknown --dtype is a one-line error naming the choices", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const out = path.join(dir, "out")
+      const commands = [
+        ["prune", "--model", bf16Parent, "--stats", dir, "--out", out],
+        ["distill", "--student", bf16Parent, "--teacher", bf16Parent, "--data", path.join(dir, "data.jsonl"), "--out", out, "--steps", "1"]
+      ]
+      for (const command of commands) {
+        const run = yield* cascade(...command, "--dtype", "float64")
+        assert.notStrictEqual(run.code, 0)
+        const lines = run.stderr.trim().split("\n")
+        assert.strictEqual(lines.length, 1, run.stderr)
+        assert.include(lines[0], "float64")
+        assert.include(lines[0], "bfloat16")
+      }
     }))
 })

@@ -1,7 +1,19 @@
-/** The flags the training commands (distill, sft, pwrm train, grpo, odpo) share, and the options they become. */
+/** The flags the training commands (distill, sft, pwrm train, grpo, odpo) share, and the options they become; `--dtype` also serves prune. */
 import { Option } from "effect"
 import { Flag } from "effect/cli"
+import { type DtypeName, dtypeNames } from "../io/Pretrained.ts"
+import type { FloatDtype } from "../io/Safetensors.ts"
 import type { SupervisedOptions } from "../train/Training.ts"
+
+/**
+ * `--dtype` of the commands that write a model (prune, distill, sft, grpo, odpo): what its weights are
+ * stored in; by default the dtype of the model they start from. float32 keeps what a bf16 parent
+ * cannot hold, such as a full-width rotation of it.
+ */
+export const dtypeFlag = Flag.ChoiceWithValue("dtype", Object.entries(dtypeNames) as Array<[DtypeName, FloatDtype]>).pipe(
+  Flag.withDescription("Dtype of the written model: float32, bfloat16 or float16 (default: the starting model's)"),
+  Flag.optional
+)
 
 /** Weight decay, clipping, seed and checkpoint flags, with the defaults and the seed's meaning of the command's kind. */
 const runFlags = (kind: { readonly weightDecay: number; readonly seed: string; readonly saveEvery: number }) => ({
@@ -15,6 +27,7 @@ const runFlags = (kind: { readonly weightDecay: number; readonly seed: string; r
 /** The commands that train on their own samples (grpo, odpo): a constant learning rate; the seed also seeds the sampling. */
 export const onPolicyFlags = {
   lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (constant)"), Flag.withDefault(1e-5)),
+  dtype: dtypeFlag,
   ...runFlags({ weightDecay: 0, seed: "Seed of the prompt order and the sampling", saveEvery: 20 })
 }
 
@@ -33,6 +46,7 @@ export const supervisedFlags = (defaults: { readonly lr: number; readonly batch:
   warmup,
   batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(defaults.batch)),
   accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
+  dtype: dtypeFlag,
   ...dataSetRunFlags
 })
 
@@ -68,7 +82,8 @@ export const supervisedOptions = (flags: TrainingFlagValues & {
   readonly warmup: Option.Option<number>
   readonly batch: number
   readonly accumulate: number
-}): SupervisedOptions => ({
+  readonly dtype: Option.Option<FloatDtype>
+}): SupervisedOptions & { readonly dtype: FloatDtype | undefined } => ({
   ...trainingOptions(flags),
   out: flags.out,
   seq: flags.seq,
@@ -76,5 +91,6 @@ export const supervisedOptions = (flags: TrainingFlagValues & {
   batch: flags.batch,
   accumulate: flags.accumulate,
   minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
-  warmupSteps: warmupSteps(flags)
+  warmupSteps: warmupSteps(flags),
+  dtype: Option.getOrUndefined(flags.dtype)
 })

@@ -6,7 +6,7 @@ import * as path from "node:path"
 import * as Teacher from "../../layers/Teacher.ts"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { distill } from "../../stages/Distill.ts"
-import * as TeacherCache from "../../stages/TeacherCache.ts"
+import * as TeacherCacheFormat from "../io/TeacherCacheFormat.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
 import * as Config from "../model/Config.ts"
 import * as Progress from "./Progress.ts"
@@ -25,9 +25,9 @@ export const teacherLayer = (
     if (/^https?:\/\//.test(source)) {
       return Teacher.remote(source.split(","), { topK: options.topK ?? 20 })
     }
-    const isCache = yield* Effect.promise(() => fs.access(path.join(source, TeacherCache.manifestName)).then(() => true, () => false))
+    const isCache = yield* Effect.promise(() => fs.access(path.join(source, TeacherCacheFormat.manifestName)).then(() => true, () => false))
     if (isCache) {
-      const tokenizerHash = yield* TeacherCache.tokenizerHash(options.studentDir)
+      const tokenizerHash = yield* TeacherCacheFormat.tokenizerHash(options.studentDir)
       return Teacher.offlineCache(source, { data: options.data, seq: options.seq, tokenizerHash })
     }
     return Teacher.inProcess(source, { topK: options.topK })

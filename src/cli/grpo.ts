@@ -38,6 +38,7 @@ export const grpoCommand = Command.make(
     const judge = Option.getOrUndefined(flags.judge)
     const state = yield* grpo({
       ...trainingOptions(flags),
+      dtype: Option.getOrUndefined(flags.dtype),
       modelDir: flags.model,
       prompts: flags.prompts,
       out: flags.out,

@@ -24,11 +24,14 @@ const version = "0.1.0"
 
 const program = cascade.pipe(
   Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand, postTrainCommand]),
-  Command.run({ version }),
+  // The CLI module prints help; its parse errors, like ours, are printed here as one line.
+  Command.run({ version, renderErrors: false }),
   Effect.catch((error) =>
-    // Parse errors were already rendered by the CLI module; our own errors are rendered here.
     error._tag === "ShowHelp" || isCliError(error)
-      ? Effect.failSync(() => (process.exitCode = 2))
+      ? Effect.andThen(
+        error._tag === "ShowHelp" && error.errors.length > 0 ? Console.error(`cascade: ${error.errors.map((e) => e.message).join("; ")}`) : Effect.void,
+        Effect.failSync(() => (process.exitCode = 2))
+      )
       : Console.error(`cascade: ${error.message}`).pipe(Effect.andThen(Effect.failSync(() => (process.exitCode = 1))))
   ),
   Effect.provide(NodeServices.layer)

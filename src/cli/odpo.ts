@@ -29,6 +29,7 @@ export const odpoCommand = Command.make(
     const progress = Progress.bar("odpo", flags.steps)
     const state = yield* odpo({
       ...trainingOptions(flags),
+      dtype: Option.getOrUndefined(flags.dtype),
       modelDir: flags.model,
       prompts: flags.prompts,
       out: flags.out,

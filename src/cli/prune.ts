@@ -4,6 +4,7 @@ import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { prune } from "../../stages/Prune.ts"
 import { cascade } from "./root.ts"
+import { dtypeFlag } from "./TrainingFlags.ts"
 
 export const pruneCommand = Command.make(
   "prune",
@@ -21,9 +22,10 @@ export const pruneCommand = Command.make(
     randomSeed: Flag.Int("random").pipe(
       Flag.withDescription("Choose what to keep at random with this seed instead of by scores (a baseline)"),
       Flag.optional
-    )
+    ),
+    dtype: dtypeFlag
   },
-  Effect.fn("cli.prune")(function*({ model, stats, out, layers, hidden, ffn, tieEmbeddings, randomSeed }) {
+  Effect.fn("cli.prune")(function*({ model, stats, out, layers, hidden, ffn, tieEmbeddings, randomSeed, dtype }) {
     const { backend } = yield* cascade
     const report = yield* prune({
       modelDir: model,
@@ -35,7 +37,8 @@ export const pruneCommand = Command.make(
         ffn: Option.getOrUndefined(ffn),
         tieEmbeddings: tieEmbeddings || undefined
       },
-      selection: Option.match(randomSeed, { onNone: () => ({ kind: "scores" }), onSome: (seed) => ({ kind: "random", seed }) })
+      selection: Option.match(randomSeed, { onNone: () => ({ kind: "scores" }), onSome: (seed) => ({ kind: "random", seed }) }),
+      dtype: Option.getOrUndefined(dtype)
     }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
     const { parent, child } = report
     yield* Console.log(

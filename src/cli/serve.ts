@@ -21,7 +21,7 @@ class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
 export const serveCommand = Command.make(
   "serve",
   {
-    model: Flag.String("model").pipe(Flag.withDescription("Hugging Face checkpoint folder, with its tokenizer")),
+    model: Flag.String("model").pipe(Flag.withDescription("Hugging Face checkpoint folder; without a tokenizer.json it serves token-id prompts only")),
     host: Flag.String("host").pipe(Flag.withDescription("Address to listen on (default 127.0.0.1)"), Flag.withDefault("127.0.0.1")),
     port: Flag.Int("port").pipe(Flag.withDescription("Port to listen on (default 8000; 0: any free port)"), Flag.withDefault(8000)),
     maxLogprobs: Flag.Int("max-logprobs").pipe(
@@ -32,14 +32,15 @@ export const serveCommand = Command.make(
   Effect.fn("cli.serve")(function*({ model, host, port, maxLogprobs }) {
     const { backend } = yield* cascade
     yield* Effect.gen(function*() {
-      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.load(model), name: model, maxLogprobs }
+      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.loadIfPresent(model), name: model, maxLogprobs }
       const services = yield* Layer.build(Server.layer(served, { host, port })).pipe(
         Effect.mapError(({ cause }) =>
           new ListenError({ address: `${host}:${port}`, reason: cause instanceof Error ? cause.message : String(cause) })
         )
       )
       const address = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
-      yield* Console.log(`Serving ${model} at ${address}/v1`)
+      const tokenIdsOnly = served.tokenizer === undefined ? " (no tokenizer.json: token-id prompts only)" : ""
+      yield* Console.log(`Serving ${model} at ${address}/v1${tokenIdsOnly}`)
       return yield* Effect.never
     }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
   })

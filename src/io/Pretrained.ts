@@ -8,7 +8,7 @@
  * Mistral3ForConditionalGeneration (Ministral 3 as released) loads as its text model, and saves as one.
  */
 import * as tf from "@tensorflow/tfjs"
-import { Effect } from "effect"
+import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Checkpoint from "./Checkpoint.ts"
@@ -61,6 +61,12 @@ export const load = Effect.fn("Pretrained.load")(function*(dir: string) {
   }
   return Model.make(config, Model.weightsFromTensors(config, tensors))
 })
+
+/** The dtypes a checkpoint's weights can be saved in, by transformers' names (config.json's `dtype`, the `--dtype` flag). */
+export const dtypeNames = { float32: "F32", bfloat16: "BF16", float16: "F16" } as const satisfies Record<string, FloatDtype>
+/** One of those names, as a config gives it. */
+export const DtypeName = Schema.Literals(Object.keys(dtypeNames) as ReadonlyArray<keyof typeof dtypeNames>)
+export type DtypeName = typeof DtypeName.Type
 
 /** The dtype the checkpoint's config.json says its weights are stored in (transformers' `dtype`, formerly `torch_dtype`). */
 export const storedDtype = (config: Config.ModelConfig): FloatDtype => {

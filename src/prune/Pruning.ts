@@ -66,7 +66,7 @@ const childConfig = (parent: ModelConfig, layers: number, hidden: number, ffn: n
   tieWordEmbeddings: tied
 })
 
-/** Decides what to keep. Targets must already be validated against the parent (see stages/Prune.ts). */
+/** Decides what to keep. Targets must already be validated against the parent (the prune stage does). */
 export const plan = (parent: ModelConfig, stats: Calibration.Statistics, targets: Targets, selection: Selection): Plan => {
   const next = selection.kind === "random" ? Random.uniform(selection.seed) : undefined
   const d = parent.hiddenSize

@@ -13,6 +13,12 @@
  * Bad requests get a 4xx with OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`;
  * a failure of the server's own is a 500 with the same body, and the server goes on serving.
  * Model work is serialised, so that at most one request holds tensors at a time.
+ *
+ * Without a tokenizer (a model folder with no tokenizer.json, like vLLM's `--skip-tokenizer-init`)
+ * it serves token-id prompts, which is all a distillation teacher needs: completions have empty
+ * text, `prompt_logprobs` a null `decoded_token`, and the legacy `logprobs` name tokens
+ * `token_id:ID` (vLLM's `--return-tokens-as-token-ids`). What needs the tokenizer (text prompts,
+ * chat, stop strings, echo) is a 400 saying that the model folder has none.
  */
 import { NodeHttpServer } from "@effect/platform-node"
 import { Effect, Exit, Layer, Schema, SchemaIssue, Semaphore } from "effect"
@@ -24,7 +30,8 @@ import type * as Tokenizer from "../io/Tokenizer.ts"
 
 export interface Served {
   readonly model: Model.Model
-  readonly tokenizer: Tokenizer.Tokenizer
+  /** Undefined for a model folder without one: token-id prompts only. */
+  readonly tokenizer: Tokenizer.Tokenizer | undefined
   /** The name clients give as `model`, and `/v1/models` lists. */
   readonly name: string
   /** The largest `logprobs` / `prompt_logprobs` / `top_logprobs` a request may ask for (vLLM's --max-logprobs, 20 by default). */
@@ -181,9 +188,13 @@ interface Prompt {
 /** The endpoints' work over the served model; `semaphore` serialises model work. */
 const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, semaphore: Semaphore.Semaphore) => {
   const { vocabSize, maxPositionEmbeddings } = model.config
-  const stopTokenIds = [...new Set([tokenizer.eosId, model.config.eosTokenId])].filter((id) => id !== undefined)
+  const stopTokenIds = [...new Set([tokenizer?.eosId, model.config.eosTokenId])].filter((id) => id !== undefined)
   const now = () => Math.floor(Date.now() / 1000)
   const started = now()
+
+  /** A 400 for what cannot be done without a tokenizer. */
+  const withoutTokenizer = (consequence: string, param: string) =>
+    invalid(`The model folder ${name} has no tokenizer (tokenizer.json), so ${consequence}.`, param)
 
   const checkCommon = (request: CompletionRequest | ChatRequest) => {
     if (request.model != null && request.model !== name) {
@@ -197,6 +208,9 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
     }
     if (request.stream === true) return Effect.fail(invalid("Streaming is not supported by this server.", "stream"))
     if (request.n != null && request.n !== 1) return Effect.fail(invalid("Only n = 1 is supported.", "n"))
+    if (tokenizer === undefined && request.stop != null && request.stop.length > 0) {
+      return Effect.fail(withoutTokenizer("stop strings cannot be matched", "stop"))
+    }
     const maxLogprobs = maxCount ?? DEFAULT_MAX_LOGPROBS
     const counts: Array<[string, unknown]> = "messages" in request
       ? [["top_logprobs", request.top_logprobs]]
@@ -240,16 +254,18 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
       seed: request.seed ?? undefined,
       stopTokenIds,
       stopStrings: typeof request.stop === "string" ? [request.stop] : request.stop ?? [],
-      decode: (ids) => tokenizer.decode(ids, { skipSpecialTokens: true }),
+      decode: tokenizer && ((ids) => tokenizer.decode(ids, { skipSpecialTokens: true })),
       batchSize: 8
     }).pipe(semaphore.withPermits(1))
 
-  /** A token's text: the token decoded alone, special tokens included (vLLM's `decoded_token`). */
-  const tokenText = (token: number) => tokenizer.decode([token])
+  /** A token's text: the token decoded alone, special tokens included (vLLM's `decoded_token`); null without a tokenizer. */
+  const tokenText = (token: number) => tokenizer?.decode([token]) ?? null
+  /** A token as the legacy `logprobs` name it: its text, or `token_id:ID` without a tokenizer. */
+  const tokenName = (token: number) => tokenText(token) ?? `token_id:${token}`
 
   /** OpenAI's legacy `logprobs`: the token itself and the top n per position; null where unscored. */
   const legacyLogprobs = (entries: ReadonlyArray<{ token: number; scored: Generate.TokenLogprob | undefined }>, n: number) => {
-    const tokens = entries.map(({ token }) => tokenText(token))
+    const tokens = entries.map(({ token }) => tokenName(token))
     let offset = 0
     return {
       tokens,
@@ -258,7 +274,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
         scored
           ? Object.fromEntries([
             [tokens[i], clamp(scored.logprob)],
-            ...scored.top.slice(0, n).map((candidate) => [tokenText(candidate.token), clamp(candidate.logprob)])
+            ...scored.top.slice(0, n).map((candidate) => [tokenName(candidate.token), clamp(candidate.logprob)])
           ])
           : null
       ),
@@ -288,7 +304,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
   /** The chat API's `logprobs.content`. */
   const chatLogprobs = (scores: ReadonlyArray<Generate.TokenLogprob>, n: number) => {
     const describe = (token: number, logprob: number) => {
-      const text = tokenText(token)
+      const text = tokenName(token)
       return { token: text, logprob: clamp(logprob), bytes: [...new TextEncoder().encode(text)] }
     }
     return scores.map((scored) => ({
@@ -298,19 +314,27 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
   }
 
   /** The request's prompts as token ids; texts go through the tokenizer, which adds BOS. */
-  const prompts = (prompt: CompletionRequest["prompt"]): Array<Prompt> => {
-    const fromText = (text: string): Prompt => ({ ids: tokenizer.encode(text), text })
-    if (typeof prompt === "string") return [fromText(prompt)]
-    if (prompt.every((item) => typeof item === "number")) return [{ ids: prompt, text: undefined }]
-    return prompt.map((item) => (typeof item === "string" ? fromText(item) : { ids: item as ReadonlyArray<number>, text: undefined }))
+  const prompts = (prompt: CompletionRequest["prompt"]): Effect.Effect<Array<Prompt>, ApiError> => {
+    const items: ReadonlyArray<string | ReadonlyArray<number>> = typeof prompt === "string"
+      ? [prompt]
+      : prompt.every((item) => typeof item === "number")
+      ? [prompt as ReadonlyArray<number>]
+      : prompt as ReadonlyArray<string | ReadonlyArray<number>>
+    if (tokenizer === undefined && items.some((item) => typeof item === "string")) {
+      return Effect.fail(withoutTokenizer("prompts must be token ids", "prompt"))
+    }
+    return Effect.succeed(items.map((item) =>
+      typeof item === "string" ? { ids: tokenizer!.encode(item), text: item } : { ids: item, text: undefined }
+    ))
   }
 
   const completions = Effect.fnUntraced(function*(request: CompletionRequest) {
     yield* checkCommon(request)
     const maxTokens = request.max_tokens ?? DEFAULT_MAX_TOKENS
-    const inputs = prompts(request.prompt)
+    const inputs = yield* prompts(request.prompt)
     for (const { ids } of inputs) yield* checkPrompt(ids, maxTokens)
     const echo = request.echo === true
+    if (echo && tokenizer === undefined) return yield* withoutTokenizer("the prompt cannot be echoed as text", "echo")
     const topLogprobs = request.logprobs ?? undefined
     // Echoed log-probs need the prompt scored as well, as in vLLM.
     const promptTop = [request.prompt_logprobs, echo ? topLogprobs : undefined].filter((k) => k != null)
@@ -327,7 +351,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
       ]
       return {
         index,
-        text: (echo ? prompt.text ?? tokenizer.decode(prompt.ids) : "") + (generation.text ?? ""),
+        text: (echo ? prompt.text ?? tokenizer?.decode(prompt.ids) : "") + (generation.text ?? ""),
         logprobs: topLogprobs === undefined ? null : legacyLogprobs(scored, topLogprobs),
         finish_reason: generation.finishReason,
         stop_reason: typeof generation.stopReason === "string" ? generation.stopReason : null,
@@ -348,6 +372,9 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, sema
     yield* checkCommon(request)
     if (request.top_logprobs != null && request.top_logprobs > 0 && request.logprobs !== true) {
       return yield* invalid("top_logprobs requires logprobs to be true.", "top_logprobs")
+    }
+    if (tokenizer === undefined) {
+      return yield* withoutTokenizer("it has no chat template: send token-id prompts to /v1/completions", "messages")
     }
     const messages = request.messages.map(({ role, content }) => ({
       role,
