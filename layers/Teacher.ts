@@ -67,7 +67,7 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
           catch: (cause) => new TeacherError({ source, request: describeBatch(batch), reason: String(cause) })
         }).pipe(Effect.map((teacher): Annotated => ({ batch, teacher })))
       return Teacher.of({
-        describe: source,
+        describe: `${source}, ${topK === undefined ? "full distribution" : `top-${topK}`}`,
         vocab,
         annotate: (batches) => batches.pipe(Stream.mapEffect(annotateBatch), lookAhead(batchAhead))
       })
@@ -389,7 +389,7 @@ export const remote = (urls: ReadonlyArray<string>, options: RemoteOptions) =>
       }
 
       return Teacher.of({
-        describe: source,
+        describe: `${source} (top-${k})`,
         vocab: undefined,
         annotate: (batches) =>
           batches.pipe(

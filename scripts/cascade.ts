@@ -4,7 +4,9 @@
  *
  *   node scripts/cascade.ts [--out runs/scripted]
  *
- * Each stage resumes or skips finished work, so the script can be rerun after a kill.
+ * Each stage resumes or skips finished work, so the script can be rerun after a kill; a stage whose
+ * inputs changed (`replace`, `reuse`: the model it starts from by its weights, the data, the options)
+ * is done again, and so is every stage after it.
  */
 import { NodeRuntime } from "@effect/platform-node"
 import { Console, Effect } from "effect"
@@ -42,7 +44,8 @@ const training = (steps: number, seq: number, learningRate: number) => ({
   maxGradNorm: 1,
   loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 },
   saveEvery: 20,
-  resume: true
+  resume: true,
+  replace: true
 })
 
 const program = Effect.gen(function*() {
@@ -54,9 +57,9 @@ const program = Effect.gen(function*() {
   for (const size of sizes) {
     const dir = path.join(out, size.name)
     yield* Effect.scoped(Effect.gen(function*() {
-      yield* calibrate(yield* Pretrained.load(parent), { modelDir: parent, data: data.calib, out: path.join(dir, "stats"), seq: 128, tokenizer })
+      yield* calibrate(yield* Pretrained.load(parent), { modelDir: parent, data: data.calib, out: path.join(dir, "stats"), seq: 128, tokenizer, replace: true })
     }))
-    yield* Effect.scoped(prune({ modelDir: parent, statsDir: path.join(dir, "stats"), out: path.join(dir, "pruned"), targets: size }))
+    yield* Effect.scoped(prune({ modelDir: parent, statsDir: path.join(dir, "stats"), out: path.join(dir, "pruned"), targets: size, reuse: true }))
     yield* Effect.scoped(distill({ ...training(80, 128, 2e-3), studentDir: path.join(dir, "pruned"), data: data.train, out: path.join(dir, "short"), tokenizer }))
       .pipe(Effect.provide(teacher))
     yield* Effect.scoped(distill({

@@ -3,13 +3,16 @@
  * accumulates the statistics pruning ranks by (src/prune/Calibration.ts).
  *
  * The output folder holds `statistics.safetensors` and `manifest.json` naming the model (its config
- * hash), the data (its hash) and the token count. Partial statistics are saved every few batches,
- * so a killed run resumes where it stopped; a finished one is reused as it is.
+ * hash and the fingerprint of its weights), the data (its hash) and the token count. Partial
+ * statistics are saved every few batches, so a killed run resumes where it stopped; a finished one
+ * is reused as it is. Statistics of another model, data or length are refused, naming what differs,
+ * unless `replace` (a pipeline whose earlier step changed) computes them again.
  */
 import { Effect, Schema, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Calibration from "../src/prune/Calibration.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
@@ -21,6 +24,8 @@ export const Manifest = Schema.Struct({
   format: Schema.Literal("cascade-calibration/1"),
   model: Schema.String,
   configHash: Schema.String,
+  /** `Checkpoint.fingerprint` of the model folder; absent in manifests written before it was recorded. */
+  weights: Schema.optional(Schema.String),
   data: Schema.String,
   dataHash: Schema.String,
   seq: Schema.Int,
@@ -45,6 +50,8 @@ export interface CalibrateOptions {
   readonly tokenizer?: Tokenizer | undefined
   /** Save partial statistics every this many batches. */
   readonly saveEvery?: number
+  /** Compute the statistics again when OUT holds those of another model, data or length, instead of refusing. */
+  readonly replace?: boolean | undefined
   readonly onProgress?: (progress: { readonly rows: number; readonly tokens: number; readonly total: number | undefined }) => void
 }
 
@@ -68,6 +75,7 @@ export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model
     format: "cascade-calibration/1" as const,
     model: path.resolve(options.modelDir),
     configHash: Config.hash(model.config),
+    weights: yield* Checkpoint.fingerprint(options.modelDir),
     data: path.resolve(options.data),
     dataHash: yield* Files.sha256(options.data),
     seq,
@@ -82,18 +90,28 @@ export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model
   const previous = yield* readManifest(out)
   let stats = Calibration.empty(model.config)
   let rows = 0
-  if (previous !== undefined) {
-    const same = previous.configHash === identity.configHash && previous.dataHash === identity.dataHash &&
-      previous.seq === seq && previous.samples === samples
-    if (!same) {
-      return yield* new CheckpointError({
-        file: manifestFile(out),
-        reason: "holds statistics of another model, data set, --seq or --samples; choose another --out or remove it"
-      })
-    }
+  const differences = previous === undefined ? [] : [
+    previous.configHash === identity.configHash ? [] : [`the model's config (${previous.model}, now ${identity.model})`],
+    previous.configHash !== identity.configHash || previous.weights === identity.weights ? [] : [
+      `the model's weights (${previous.weights === undefined ? "not recorded" : previous.weights.slice(0, 12)}, now ${identity.weights.slice(0, 12)})`
+    ],
+    previous.dataHash === identity.dataHash ? [] : [`the data (${previous.data}, now ${identity.data})`],
+    previous.seq === seq ? [] : [`--seq (${previous.seq}, now ${seq})`],
+    previous.samples === samples ? [] : [`--samples (${previous.samples ?? "all"}, now ${samples ?? "all"})`]
+  ].flat()
+  if (differences.length > 0 && !options.replace) {
+    return yield* new CheckpointError({
+      file: manifestFile(out),
+      reason: `holds statistics of other inputs: ${differences.join("; ")}; choose another --out or remove it`
+    })
+  }
+  if (previous !== undefined && differences.length === 0) {
     stats = yield* Calibration.read(statisticsFile(out))
     rows = previous.rows
     if (previous.complete) return { stats, manifest: previous }
+  } else if (previous !== undefined) {
+    // Until new statistics are saved, the folder must not pass for the old ones.
+    yield* Files.remove(manifestFile(out))
   }
 
   const save = (complete: boolean) =>

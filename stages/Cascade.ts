@@ -5,13 +5,17 @@
  * (parameters, shape, held-out NLL, recall and arithmetic accuracy) for the retention report.
  *
  * The run folder holds every step's output and `manifest.json` with the lineage. Each step is
- * skipped when its output is complete, and resumed when it was cut short, so rerunning a killed run
- * continues it; `redo` starts over.
+ * skipped when its output is complete and made of the same inputs (the model it starts from by its
+ * weights, the data, the options), resumed when it was cut short, and done again when its inputs
+ * changed, so rerunning a killed run continues it and a retrained generation redoes every step
+ * after it; `redo` starts over. A measurement is cached until the model's weights change.
  */
 import { Console, Effect, Schema, Stream } from "effect"
+import { createHash } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as TeacherSources from "../layers/Teacher.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError } from "../src/Errors.ts"
@@ -26,6 +30,7 @@ import { calibrate } from "./Calibrate.ts"
 import { distill, type StepMetrics } from "./Distill.ts"
 import { evaluate } from "./Evaluate.ts"
 import { prune } from "./Prune.ts"
+import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 
 const Phase = Schema.Struct({
   seq: Schema.Int,
@@ -102,8 +107,20 @@ export interface CascadeEvents {
 const exists = (file: string) => Effect.promise(() => fs.access(file).then(() => true, () => false))
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
-/** `file`'s sequences tokenized once into `out` as `{"input_ids"}` lines, so no run tokenizes the corpus twice. */
-const tokenizedCopy = Effect.fn("Cascade.tokenizedCopy")(function*(file: string, out: string, vocabSize: number, tokenizer: Tokenizer.Tokenizer | undefined) {
+/**
+ * `file`'s sequences tokenized once into `dir` as `{"input_ids"}` lines, so no run tokenizes the
+ * corpus twice; the copy is named by the data and the tokenizer (`tokenizerDir`'s) it was made of,
+ * so that changed data is never read from a stale copy.
+ */
+const tokenizedCopy = Effect.fn("Cascade.tokenizedCopy")(function*(
+  file: string,
+  dir: string,
+  vocabSize: number,
+  tokenizer: Tokenizer.Tokenizer | undefined,
+  tokenizerDir: string
+) {
+  const made = `${yield* Files.sha256(file)} ${(yield* TeacherCacheFormat.tokenizerHash(tokenizerDir)) ?? "none"}`
+  const out = path.join(dir, `${path.basename(file).replace(/\.jsonl$/, "")}-${createHash("sha256").update(made).digest("hex").slice(0, 16)}.ids.jsonl`)
   if (yield* exists(out)) return out
   const lines = yield* Dataset.sequences(file, { vocabSize, tokenizer }).pipe(
     Stream.map(({ ids }) => JSON.stringify({ input_ids: ids })),
@@ -113,15 +130,26 @@ const tokenizedCopy = Effect.fn("Cascade.tokenizedCopy")(function*(file: string,
   return out
 })
 
-/** Held-out NLL and exact-match accuracies of a checkpoint, cached in the run folder's `evals/`. */
+/**
+ * Held-out NLL and exact-match accuracies of a checkpoint, cached in the run folder's `evals/` under
+ * the identity of what made them: the model's weights, the evaluation data and limits.
+ */
 export const measure = Effect.fn("Cascade.measure")(function*(
   name: string,
   dir: string,
   config: Pick<CascadeConfig, "run" | "data" | "evaluation">
 ) {
   const cache = path.join(config.run, "evals", `${name.replace(/[^A-Za-z0-9._-]+/g, "_")}.json`)
-  const cached = yield* Files.readJsonIfPresent(cache)
-  if (cached !== undefined) return cached as Measurement
+  const hashOf = (file: string | undefined) => (file === undefined ? Effect.succeed(null) : Files.sha256(file))
+  const identity = JSON.stringify({
+    model: yield* Checkpoint.fingerprint(dir),
+    heldout: yield* hashOf(config.data.heldout),
+    recall: yield* hashOf(config.data.recall),
+    arith: yield* hashOf(config.data.arith),
+    evaluation: config.evaluation
+  })
+  const cached = (yield* Files.readJsonIfPresent(cache)) as { identity?: string; measurement?: Measurement } | undefined
+  if (cached?.identity === identity && cached.measurement !== undefined) return cached.measurement
   const measurement = yield* Effect.gen(function*() {
     const model = yield* Pretrained.load(dir)
     const tokenizer = yield* Tokenizer.loadIfPresent(dir)
@@ -157,7 +185,7 @@ export const measure = Effect.fn("Cascade.measure")(function*(
     } satisfies Measurement
   }).pipe(Effect.scoped)
   yield* Effect.tryPromise({ try: () => fs.mkdir(path.dirname(cache), { recursive: true }), catch: io(cache, "cannot create folder") })
-  yield* Files.writeJson(cache, measurement)
+  yield* Files.writeJson(cache, { identity, measurement })
   return measurement
 })
 
@@ -185,7 +213,8 @@ const phaseOptions = (phase: typeof Phase.Type, config: CascadeConfig) => ({
   loss: { temperature: 1, crossEntropyWeight: phase.ceWeight ?? 0, restBucket: false, maxOutsideMass: 1e-3 },
   saveEvery: Math.max(1, Math.floor(phase.steps / 4)),
   resume: true,
-  dtype: config.dtype && Pretrained.dtypeNames[config.dtype]
+  dtype: config.dtype && Pretrained.dtypeNames[config.dtype],
+  replace: true
 })
 
 /** Runs (or resumes) the whole cascade and writes the report; returns the measurements. */
@@ -195,7 +224,7 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
   const root = config.parent
   const rootModel = yield* Effect.scoped(Effect.map(Pretrained.load(root), (m) => m.config))
   const tokenizer = yield* Tokenizer.loadIfPresent(root)
-  const train = yield* tokenizedCopy(config.data.train, path.join(runDir, "data", "train.ids.jsonl"), rootModel.vocabSize, tokenizer)
+  const train = yield* tokenizedCopy(config.data.train, path.join(runDir, "data"), rootModel.vocabSize, tokenizer, root)
 
   const generations: Array<Generation> = []
   let current = root
@@ -223,20 +252,20 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
         data: config.data.calib,
         out: generation.stats,
         seq: config.short.seq,
-        tokenizer: parentTokenizer
+        tokenizer: parentTokenizer,
+        replace: true
       })
     }))
-    if (!(yield* exists(path.join(generation.pruned, "prune-report.json")))) {
-      yield* Console.log(`${label} prune to ${JSON.stringify({ layers: size.layers, hidden: size.hidden, ffn: size.ffn })}`)
-      yield* prune({
-        modelDir: current,
-        statsDir: generation.stats,
-        out: generation.pruned,
-        targets: size,
-        selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i },
-        dtype: config.dtype && Pretrained.dtypeNames[config.dtype]
-      }).pipe(Effect.scoped)
-    }
+    yield* Console.log(`${label} prune to ${JSON.stringify({ layers: size.layers, hidden: size.hidden, ffn: size.ffn })}`)
+    yield* prune({
+      modelDir: current,
+      statsDir: generation.stats,
+      out: generation.pruned,
+      targets: size,
+      selection: config.randomPruning === undefined ? { kind: "scores" } : { kind: "random", seed: config.randomPruning + i },
+      dtype: config.dtype && Pretrained.dtypeNames[config.dtype],
+      reuse: true
+    }).pipe(Effect.scoped)
     const phase = (name: string, student: string, out: string, options: typeof Phase.Type, yarn?: Config.LongContext) =>
       Effect.gen(function*() {
         yield* Console.log(`${label} distill ${name}: ${options.steps} steps at ${options.seq} tokens, teacher ${teacher}`)

@@ -59,7 +59,7 @@ const State = Schema.Struct({
   step: Schema.Int,
   /** Packed rows consumed in the seeded order. */
   rows: Schema.Int,
-  /** What must be the same to resume: data, seed, shapes of the run. */
+  /** What must be the same to resume or to find the run finished: student, data, teacher and every option that shapes the result. */
   identity: Schema.String,
   complete: Schema.Boolean
 })
@@ -99,15 +99,15 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   const loaded = yield* Pretrained.load(options.studentDir)
   const config = options.yarn ? Config.longContext(loaded.config, options.yarn) : loaded.config
   const student = Model.make(config, loaded.weights)
+  const shuffleWindow = options.shuffleWindow ?? 1024
   const identity = JSON.stringify({
     student: yield* Checkpoint.fingerprint(options.studentDir),
     data: yield* Files.sha256(options.data),
     teacher: teacher.describe,
-    seq,
-    seed: options.seed,
-    batch: options.batch,
-    accumulate: options.accumulate,
-    steps: options.steps,
+    ...Training.supervisedIdentity(options),
+    loss: options.loss,
+    yarn: options.yarn,
+    shuffleWindow,
     dtype: options.dtype
   })
 
@@ -136,7 +136,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     tokenizer: options.tokenizer,
     seq,
     seed: options.seed,
-    window: options.shuffleWindow ?? 1024
+    window: shuffleWindow
   }).pipe(
     Stream.drop(rows),
     Stream.grouped(options.batch),

@@ -2,12 +2,15 @@
  * The prune stage: checks a request against the parent and its calibration statistics, prunes
  * (src/prune/Pruning.ts), and writes the child as an ordinary Hugging Face checkpoint with
  * `prune-report.json` beside it. Everything is checked before anything is written, and the folder
- * appears whole or not at all (written aside, then renamed into place).
+ * appears whole or not at all (written aside, then renamed into place). The report records the
+ * inputs (the parent's weights, the statistics, the targets and options), so that a pipeline
+ * keeps a child only while they are the same.
  */
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Calibration from "../src/prune/Calibration.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Config from "../src/model/Config.ts"
 import { CheckpointError, PruneError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
@@ -111,34 +114,63 @@ export interface PruneOptions {
   readonly selection?: Pruning.Selection
   /** Stored dtype of the child; the parent's by default. */
   readonly dtype?: FloatDtype
+  /** Keep OUT when its report records these very inputs (a pipeline's rerun), instead of pruning again. */
+  readonly reuse?: boolean | undefined
 }
+
+const reportName = "prune-report.json"
+
+/**
+ * What a child is made of: the parent's weights, the statistics, and every other option (targets,
+ * selection, dtype, and any option added later) but the folders and `reuse`.
+ */
+const inputsOf = Effect.fnUntraced(function*(options: PruneOptions, selection: Pruning.Selection) {
+  const { modelDir, statsDir, out, reuse, ...settings } = options
+  return {
+    parent: yield* Checkpoint.fingerprint(modelDir),
+    statistics: yield* Files.sha256(Calibrate.statisticsFile(statsDir)),
+    ...settings,
+    selection
+  }
+})
 
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
-/** Loads parent and statistics, prunes and writes OUT. Returns the report. */
+/** Loads parent and statistics, prunes and writes OUT. Returns the report with the inputs it records. */
 export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   const selection = options.selection ?? { kind: "scores" }
-  const parent = yield* Pretrained.load(options.modelDir)
   const calibration = yield* Calibrate.readManifest(options.statsDir)
   if (calibration === undefined || !calibration.complete) {
     return yield* new PruneError({ reason: `${options.statsDir} holds no finished calibration (run cascade calibrate)` })
   }
+  const inputs = yield* inputsOf(options, selection)
+  if (options.reuse) {
+    const previous = yield* Files.readJsonIfPresent(path.join(options.out, reportName))
+    const recorded = typeof previous === "object" && previous !== null ? (previous as { inputs?: unknown }).inputs : undefined
+    if (JSON.stringify(recorded) === JSON.stringify(inputs)) return previous as Report & { readonly inputs: typeof inputs }
+  }
+  const parent = yield* Pretrained.load(options.modelDir)
   const stats = yield* Calibration.read(Calibrate.statisticsFile(options.statsDir))
   yield* validate(parent.config, stats, calibration, options.targets)
+  if (calibration.weights !== undefined && calibration.weights !== inputs.parent) {
+    return yield* new PruneError({
+      reason: `the statistics in ${options.statsDir} were made from other weights (${calibration.weights.slice(0, 12)}) than ${options.modelDir}'s (${inputs.parent.slice(0, 12)}): calibrate this model again`
+    })
+  }
   const existing = yield* Effect.promise(() => fs.readdir(options.out).catch(() => [] as Array<string>))
-  if (existing.length > 0 && !existing.includes("prune-report.json")) {
+  if (existing.length > 0 && !existing.includes(reportName)) {
     return yield* new PruneError({ reason: `${options.out} exists and is not an earlier prune output; choose an empty or new folder` })
   }
 
   const plan = Pruning.plan(parent.config, stats, options.targets, selection)
   const child = yield* Effect.acquireRelease(Effect.sync(() => Pruning.apply(parent, plan)), (child) => Effect.sync(() => Model.dispose(child)))
-  const result = report(parent, plan, stats, calibration, selection)
+  const result = { ...report(parent, plan, stats, calibration, selection), inputs }
 
   // Written aside and renamed into place, so OUT is never half a checkpoint.
   const staging = `${path.resolve(options.out)}.partial-${process.pid}`
   yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
   yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config), companionsFrom: options.modelDir })
-  yield* Files.writeJson(path.join(staging, "prune-report.json"), result)
+  yield* Files.writeJson(path.join(staging, reportName), result)
   yield* Effect.tryPromise({
     try: async () => {
       await fs.rm(options.out, { recursive: true, force: true })

@@ -101,16 +101,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     data: yield* Files.sha256(options.data),
     teacher: teacher?.describe ?? null,
     distillWeight,
-    seq,
-    seed: options.seed,
-    batch: options.batch,
-    accumulate: options.accumulate,
-    steps: options.steps,
-    learningRate: options.learningRate,
-    minLearningRate: options.minLearningRate,
-    warmupSteps: options.warmupSteps,
-    weightDecay: options.weightDecay,
-    maxGradNorm: options.maxGradNorm,
+    ...Training.supervisedIdentity(options),
     dtype: options.dtype
   })
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, {

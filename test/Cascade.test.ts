@@ -49,4 +49,48 @@ describe("Cascade.run", () => {
         assert.include(yield* Effect.promise(() => fs.readFile(path.join(config.run, plot), "utf8")), "<svg")
       }
     }).pipe(onBackend("wasm")), { timeout: 180_000 })
+
+  it.effect("a generation retrained with another learning rate redoes the next generation's calibration, pruning and distillation; with nothing changed, nothing runs again", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 24, 40, 3)
+      const heldout = yield* markovData(path.join(dir, "heldout.jsonl"), 4, 40, 4)
+      const configOf = (lr: number) =>
+        Cascade.decodeConfig({
+          run: path.join(dir, "run"),
+          parent: sharedFixture("tiny-mistral"),
+          data: { train: data, calib: data, heldout },
+          sizes: [{ name: "a", layers: 3 }, { name: "b", layers: 2, ffn: 128 }],
+          short: { seq: 32, steps: 3, batch: 4, lr }
+        })
+      const run = (lr: number) =>
+        Effect.gen(function*() {
+          const labels = new Set<string>()
+          const rows = yield* Cascade.run(yield* configOf(lr), { onStep: (label) => labels.add(label) })
+          return { rows, labels: [...labels].sort() }
+        })
+      const second = path.join(dir, "run", "2-b")
+      const outputs = [
+        path.join(second, "stats", "statistics.safetensors"),
+        path.join(second, "pruned", "model.safetensors"),
+        path.join(second, "short", "model.safetensors"),
+        path.join(dir, "run", "evals", "1-a_short.json")
+      ]
+      const times = Effect.forEach(outputs, mtime)
+      const nllOf = (rows: ReadonlyArray<Cascade.Measurement>, model: string) => rows.find((row) => row.model === model)!.nll
+
+      const first = yield* run(3e-3)
+      const before = yield* times
+
+      const retrained = yield* run(1e-3)
+      assert.deepStrictEqual(retrained.labels, ["[1/2 a] short", "[2/2 b] short"], "both distillations ran again")
+      const after = yield* times
+      outputs.forEach((file, i) => assert.notStrictEqual(after[i], before[i], `${path.relative(dir, file)} was made again`))
+      assert.notStrictEqual(nllOf(retrained.rows, "1-a short"), nllOf(first.rows, "1-a short"), "the retrained model was measured again")
+
+      const unchanged = yield* run(1e-3)
+      assert.deepStrictEqual(unchanged.labels, [], "no distillation ran again")
+      assert.deepStrictEqual(yield* times, after, "no output was made again")
+      assert.deepStrictEqual(unchanged.rows.map((row) => row.nll), retrained.rows.map((row) => row.nll))
+    }).pipe(onBackend("wasm")), { timeout: 180_000 })
 })

@@ -51,7 +51,7 @@ const heldoutNll = (dir: string, data: string) =>
 
 const metrics = (out: string) =>
   Effect.promise(() => fs.readFile(path.join(out, "metrics.jsonl"), "utf8")).pipe(
-    Effect.map((text) => text.trim().split("\n").map((line) => JSON.parse(line) as { step: number; kl: number; loss: number }))
+    Effect.map((text) => text.trim().split("\n").map((line) => JSON.parse(line) as { step: number; kl: number; loss: number; lr: number }))
   )
 
 const withTeacher = Layer.provideMerge(Teacher.inProcess(parentDir), TensorBackend.layer("wasm"))
@@ -100,6 +100,34 @@ describe("distill", () => {
       const error = yield* Effect.flip(distill(options(parentDir, data, out)).pipe(Effect.scoped))
       assert.include(error.message, "pass --resume")
     }).pipe(Effect.provide(withTeacher)))
+
+  it.effect("a finished run is found finished only with the same settings: another learning rate, temperature or teacher top-k is refused, or replaced with replace", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 8, 40, 5)
+      const out = path.join(dir, "run")
+      const base = { ...options(parentDir, data, out), steps: 2, saveEvery: 1 }
+      const run = (opts: DistillOptions, teacher = withTeacher) => {
+        let steps = 0
+        return distill({ ...opts, onStep: () => steps++ }).pipe(Effect.scoped, Effect.provide(teacher), Effect.map((state) => ({ state, steps })))
+      }
+      const done = yield* run(base)
+      assert.strictEqual(done.steps, 2)
+      assert.deepStrictEqual(yield* run(base), { state: done.state, steps: 0 }, "the same run is finished")
+
+      const changes: Array<[string, DistillOptions, typeof withTeacher]> = [
+        ["learningRate", { ...base, learningRate: 1e-3 }, withTeacher],
+        ["loss", { ...base, loss: { ...base.loss, temperature: 2 } }, withTeacher],
+        ["teacher", base, Layer.provideMerge(Teacher.inProcess(parentDir, { topK: 8 }), TensorBackend.layer("wasm"))]
+      ]
+      for (const [field, changed, teacher] of changes) {
+        const refused = yield* Effect.flip(run({ ...changed, resume: true }, teacher))
+        assert.include(refused.message, `holds a finished run whose ${field} differ`)
+      }
+      const replaced = yield* run({ ...base, learningRate: 1e-3, replace: true })
+      assert.strictEqual(replaced.steps, 2, "the run with another learning rate ran")
+      assert.isTrue((yield* metrics(out)).every((m) => m.lr <= 1e-3))
+    }))
 })
 
 describe("cascade distill", () => {

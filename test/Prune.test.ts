@@ -3,7 +3,9 @@ import { Effect } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Calibration from "../src/prune/Calibration.ts"
+import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Training from "../src/train/Training.ts"
 import { calibrate, readManifest } from "../stages/Calibrate.ts"
 import { prune } from "../stages/Prune.ts"
 import { localFixture, onBackend, sharedFixture, tempDir } from "./support.ts"
@@ -26,6 +28,20 @@ const dataFile = (dir: string, rows: number, length: number) => {
 }
 
 const exists = (file: string) => Effect.promise(() => fs.access(file).then(() => true, () => false))
+const mtime = (file: string) => Effect.promise(() => fs.stat(file).then((s) => s.mtimeMs))
+
+/** A checkpoint with tiny-mistral's very config.json and other (seeded random) weights, in `dir`. */
+const otherWeights = (dir: string) =>
+  Effect.gen(function*() {
+    const parent = yield* Pretrained.load(parentDir)
+    yield* Pretrained.save(`${dir}.tmp`, yield* Training.initialise(parent.config, 7), { dtype: "F32" })
+    yield* Effect.promise(async () => {
+      await fs.mkdir(dir)
+      await fs.copyFile(path.join(parentDir, "config.json"), path.join(dir, "config.json"))
+      await fs.copyFile(path.join(`${dir}.tmp`, "model.safetensors"), path.join(dir, "model.safetensors"))
+    })
+    return dir
+  }).pipe(Effect.scoped)
 
 describe("calibrate", () => {
   it.effect("a run stopped midway resumes and ends with the statistics of an uninterrupted run", () =>
@@ -60,6 +76,29 @@ describe("calibrate", () => {
       // What is on disk is what was returned.
       const saved = yield* Calibration.read(path.join(out, "statistics.safetensors"))
       assert.deepStrictEqual(saved.secondMoment, whole.stats.secondMoment)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("statistics of other weights (the same config) are refused naming the weights, and made again with replace", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 8, 32)
+      const other = yield* otherWeights(path.join(dir, "other"))
+      const stats = path.join(dir, "stats")
+      const options = { data, out: stats, seq: 32 }
+      const parents = yield* calibrate(yield* Pretrained.load(parentDir), { ...options, modelDir: parentDir })
+      const model = yield* Pretrained.load(other)
+      const refused = yield* Effect.flip(calibrate(model, { ...options, modelDir: other }))
+      assert.include(refused.message, "holds statistics of other inputs: the model's weights")
+      const child = path.join(dir, "child")
+      const misfit = yield* Effect.flip(prune({ modelDir: other, statsDir: stats, out: child, targets: { layers: 3 } }))
+      assert.include(misfit.message, "were made from other weights")
+      assert.isFalse(yield* exists(child), "nothing written")
+
+      const replaced = yield* calibrate(model, { ...options, modelDir: other, replace: true })
+      assert.strictEqual(replaced.manifest.weights, yield* Checkpoint.fingerprint(other))
+      assert.notDeepEqual(replaced.stats.secondMoment, parents.stats.secondMoment)
+      assert.deepStrictEqual((yield* Calibration.read(path.join(stats, "statistics.safetensors"))).secondMoment, replaced.stats.secondMoment)
+      yield* prune({ modelDir: other, statsDir: stats, out: child, targets: { layers: 3 } })
     }).pipe(onBackend("wasm")))
 })
 
@@ -104,5 +143,25 @@ describe("prune", () => {
         assert.include(error.message, expect)
         assert.isFalse(yield* exists(out), "nothing written")
       }
+    }).pipe(onBackend("wasm")))
+
+  it.effect("with reuse, a child of the same inputs is kept and one of other targets made again", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 8, 32)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const out = path.join(dir, "child")
+      const weights = path.join(out, "model.safetensors")
+      const options = { modelDir: parentDir, statsDir: stats, out, targets: { layers: 3 }, reuse: true }
+      const made = yield* prune(options)
+      const before = yield* mtime(weights)
+      assert.deepStrictEqual(yield* prune(options), JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(out, "prune-report.json"), "utf8"))))
+      assert.strictEqual(yield* mtime(weights), before, "the same inputs keep the child")
+      assert.strictEqual(made.inputs.parent, yield* Checkpoint.fingerprint(parentDir))
+
+      const other = yield* prune({ ...options, targets: { layers: 2 } })
+      assert.strictEqual(other.child.layers, 2)
+      assert.notStrictEqual(yield* mtime(weights), before, "other targets make it again")
     }).pipe(onBackend("wasm")))
 })

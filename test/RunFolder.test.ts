@@ -29,13 +29,19 @@ describe("RunFolder.startingPoint", () => {
       assert.deepStrictEqual(yield* startingPoint(out, "a", false), { finished: undefined, resume: undefined })
     }).pipe(Effect.scoped))
 
-  it.effect("a complete state of the same run is finished; of another run, it is replaced by a fresh run", () =>
+  it.effect("a complete state of the same run is finished; of another run, it is refused naming what differs, or replaced with replace", () =>
     Effect.gen(function*() {
       const out = yield* tempDir
-      const done = { step: 5, identity: "a", complete: true }
+      const identity = (lr: number) => JSON.stringify({ data: "d", learningRate: lr })
+      const done = { step: 5, identity: identity(1), complete: true }
       yield* Files.writeJson(path.join(out, "state.json"), done)
-      assert.deepStrictEqual((yield* startingPoint(out, "a", false)).finished, done)
-      assert.deepStrictEqual(yield* startingPoint(out, "b", false), { finished: undefined, resume: undefined })
+      assert.deepStrictEqual((yield* startingPoint(out, identity(1), false)).finished, done)
+      const refused = yield* Effect.flip(startingPoint(out, identity(2), true))
+      assert.include(refused.message, "holds a finished run whose learningRate differ")
+      assert.include((yield* Effect.flip(startingPoint(out, "b", false))).message, "whose options differ")
+      const replacing = RunFolder.startingPoint(out, State, { identity: identity(2), resume: true, differs: "options", replace: true })
+      assert.deepStrictEqual(yield* replacing, { finished: undefined, resume: undefined })
+      assert.isUndefined(yield* Files.readJsonIfPresent(path.join(out, "state.json")), "the replaced run no longer passes for finished")
     }).pipe(Effect.scoped))
 
   it.effect("a checkpoint resumes only with --resume and only its own run", () =>

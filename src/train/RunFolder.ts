@@ -131,17 +131,47 @@ export const resumePoint = Effect.fn("RunFolder.resumePoint")(function*<S>(
 })
 
 /**
+ * The top-level fields in which two identities written as JSON objects differ, for a message; the
+ * stage's `differs` when either is not one.
+ */
+const differingFields = (previous: string, next: string, differs: string): string => {
+  const parse = (text: string): unknown => {
+    try {
+      return JSON.parse(text)
+    } catch {
+      return undefined
+    }
+  }
+  const [a, b] = [parse(previous), parse(next)]
+  const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null && !Array.isArray(value)
+  if (!isObject(a) || !isObject(b)) return differs
+  const fields = [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((key) => JSON.stringify(a[key]) !== JSON.stringify(b[key]))
+  return fields.length === 0 ? differs : fields.join(", ")
+}
+
+/**
  * Where the run `identity` names stands in OUT, for stages whose final state.json says `complete`:
  * `finished`, that state, when it is this very run's; else `resume`, the checkpoint `resumePoint`
- * gives. A finished run of another identity is no obstacle: the new run replaces it.
+ * gives. A finished run of another identity is refused, naming what differs, unless `replace`: then
+ * its state goes first, so that the folder never passes for a finished run until the new one ends.
  */
 export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S extends { readonly identity: string; readonly complete: boolean }>(
   out: string,
   schema: Schema.Decoder<S>,
   options: { readonly identity: string; readonly resume: boolean | undefined; readonly differs: string; readonly replace?: boolean | undefined }
 ) {
-  const finished = yield* readState(path.join(out, "state.json"), schema)
-  if (finished !== undefined && finished.complete && finished.identity === options.identity) return { finished, resume: undefined }
+  const stateFile = path.join(out, "state.json")
+  const finished = yield* readState(stateFile, schema)
+  if (finished !== undefined && finished.complete) {
+    if (finished.identity === options.identity) return { finished, resume: undefined }
+    if (!options.replace) {
+      return yield* new CheckpointError({
+        file: stateFile,
+        reason: `holds a finished run whose ${differingFields(finished.identity, options.identity, options.differs)} differ; use another --out`
+      })
+    }
+    yield* Files.remove(stateFile)
+  }
   const resume = yield* resumePoint(out, schema, {
     resume: options.resume,
     replace: options.replace,

@@ -97,6 +97,23 @@ export const scheduleOf = (options: SupervisedOptions): Optimizer.Schedule => ({
   totalSteps: options.steps
 })
 
+/**
+ * What of a supervised run's options makes its result: lengths, data order and optimisation, for a
+ * stage's run identity (where it writes, how often it saves and whether it resumes do not count).
+ */
+export const supervisedIdentity = (options: SupervisedOptions) => ({
+  seq: options.seq,
+  seed: options.seed,
+  batch: options.batch,
+  accumulate: options.accumulate,
+  steps: options.steps,
+  learningRate: options.learningRate,
+  minLearningRate: options.minLearningRate,
+  warmupSteps: options.warmupSteps,
+  weightDecay: options.weightDecay,
+  maxGradNorm: options.maxGradNorm
+})
+
 /** What every supervised training run (distillation, SFT) is given: lengths, data order, optimisation, checkpoints. */
 export interface SupervisedOptions extends RunFolder.Options {
   readonly out: string
