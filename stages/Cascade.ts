@@ -24,6 +24,7 @@ import * as Report from "../src/report/Report.ts"
 import * as Generate from "../src/model/Generate.ts"
 import * as Plot from "../src/report/Plot.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Pruning from "../src/prune/Pruning.ts"
 import * as Tasks from "../src/data/Tasks.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { calibrate } from "./Calibrate.ts"
@@ -63,7 +64,9 @@ export const CascadeConfig = Schema.Struct({
     layers: Schema.optional(Schema.Int),
     hidden: Schema.optional(Schema.Int),
     ffn: Schema.optional(Schema.Int),
-    tieEmbeddings: Schema.optional(Schema.Boolean)
+    tieEmbeddings: Schema.optional(Schema.Boolean),
+    /** How the tied matrix is formed when tieEmbeddings ties it (Pruning.TieFrom). */
+    tieFrom: Schema.optional(Schema.Literals(Pruning.tieRules))
   })),
   /** "root" (the recipe), "previous" (each generation's parent), or a checkpoint folder. */
   teacher: Schema.optional(Schema.String),

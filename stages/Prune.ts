@@ -44,6 +44,9 @@ export const validate = (
       if (!Number.isInteger(target) || target <= 0) return yield* fail(`${flag} must be a positive integer, got ${target}`)
       if (target > size) return yield* fail(`${flag} ${target} is larger than the parent's ${what} (${size})`)
     }
+    if (targets.tieFrom !== undefined && !targets.tieEmbeddings) {
+      return yield* fail(`--tie-from ${targets.tieFrom} chooses how a tied child's matrix is formed: add --tie-embeddings`)
+    }
     if (targets.hidden !== undefined && targets.hidden < parent.hiddenSize && stats.tokens < targets.hidden) {
       return yield* fail(
         `too few calibration tokens (${stats.tokens}) for a rank-${targets.hidden} rotation: calibrate on at least ${targets.hidden} tokens`
@@ -59,8 +62,23 @@ const shapeOf = (config: Config.ModelConfig) => ({
   parameters: Config.parameterCount(config)
 })
 
+/** How each rule forms a tied child's matrix, for the report (Pruning.TieFrom says why). */
+const tieRuleText: Record<Pruning.TieFrom, string> = {
+  fit: "the shared matrix is the rotated input embedding, turned by the eigenvectors of the symmetric S minimising ||E Q S - H diag(w_final) Q|| (an exact change of basis), and the final norm weight is S's eigenvalues: inputs exact, outputs off by that fit's residual",
+  embed: "the shared matrix is the rotated input embedding E Q and the final norm weight its column-wise least-squares fit to the parent's lm_head H diag(w_final) Q: inputs exact, outputs approximate",
+  head: "the shared matrix is the parent's lm_head with its final norm folded in, H diag(w_final) Q, and also serves as input embedding: outputs exact, inputs approximate",
+  mean: "the shared matrix is the mean of the rotated input embedding E Q and the parent's folded lm_head H diag(w_final) Q, the final norm weight its column-wise least-squares fit to the latter: both approximate"
+}
+
 /** What a person needs to judge a pruned model: what was kept, at what cost, what is exact. */
-export const report = (parent: Model.Model, plan: Pruning.Plan, stats: Calibration.Statistics, calibration: Calibrate.Manifest, selection: Pruning.Selection) => {
+export const report = (
+  parent: Model.Model,
+  plan: Pruning.Plan,
+  tie: Pruning.TieFit | undefined,
+  stats: Calibration.Statistics,
+  calibration: Calibrate.Manifest,
+  selection: Pruning.Selection
+) => {
   const child = plan.config
   const rotated = plan.rotation !== undefined
   const exact: Array<string> = []
@@ -78,10 +96,10 @@ export const report = (parent: Model.Model, plan: Pruning.Plan, stats: Calibrati
     )
   }
   const tiedBefore = parent.config.tieWordEmbeddings
-  if (child.tieWordEmbeddings && rotated) {
-    approximate.push("tied embeddings: lm_head = E Q; the final norm's weight cannot be folded into a shared matrix, so diag(w_final) is replaced by diag(Q^T diag(w_final) Q), exact only when w_final is constant")
-  } else if (child.tieWordEmbeddings && !tiedBefore) {
-    approximate.push("tied embeddings: the parent's lm_head was dropped and the input embedding serves as output embedding (--tie-embeddings)")
+  if (tie !== undefined) {
+    approximate.push(
+      `tied embeddings (--tie-from ${tie.rule}): ${tieRuleText[tie.rule]}; relative error of the shared matrix as input embedding ${tie.inputError.toFixed(4)}, as lm_head (with the final norm) ${tie.outputError.toFixed(4)}; measure its cost in held-out NLL against the untied child of the same shape (cascade eval)`
+    )
   } else if (!child.tieWordEmbeddings && tiedBefore) {
     exact.push(`embeddings untied: lm_head = E diag(w_final) Q is stored separately, exact, at the cost of ${child.vocabSize * child.hiddenSize} more parameters (pass --tie-embeddings to keep them tied, approximately)`)
   } else {
@@ -97,6 +115,7 @@ export const report = (parent: Model.Model, plan: Pruning.Plan, stats: Calibrati
       removed: layerScores.flatMap((score, index) => (plan.keptLayers.includes(index) ? [] : [{ index, score }]))
     },
     hidden: rotated ? { explainedVariance: plan.explainedVariance } : null,
+    tie: tie ?? null,
     ffn: { retainedImportance: plan.ffnRetained },
     calibration: { model: calibration.model, data: calibration.data, tokens: stats.tokens, seq: calibration.seq },
     exact,
@@ -163,8 +182,11 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   }
 
   const plan = Pruning.plan(parent.config, stats, options.targets, selection)
-  const child = yield* Effect.acquireRelease(Effect.sync(() => Pruning.apply(parent, plan)), (child) => Effect.sync(() => Model.dispose(child)))
-  const result = { ...report(parent, plan, stats, calibration, selection), inputs }
+  const { model: child, tie } = yield* Effect.acquireRelease(
+    Effect.sync(() => Pruning.build(parent, plan)),
+    ({ model }) => Effect.sync(() => Model.dispose(model))
+  )
+  const result = { ...report(parent, plan, tie, stats, calibration, selection), inputs }
 
   // Written aside and renamed into place, so OUT is never half a checkpoint.
   const staging = `${path.resolve(options.out)}.partial-${process.pid}`

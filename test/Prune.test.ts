@@ -125,6 +125,52 @@ describe("prune", () => {
       assert.isTrue(yield* exists(path.join(out, "generation_config.json")))
     }).pipe(onBackend("wasm")))
 
+  it.effect("random pruning: the same seed gives the same child, another seed another choice, and the report says so", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 8, 32)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const targets = { layers: 2, hidden: 40, ffn: 100 }
+      const run = (name: string, seed: number) =>
+        prune({ modelDir: parentDir, statsDir: stats, out: path.join(dir, name), targets, selection: { kind: "random", seed } })
+      const weights = (name: string) => Effect.promise(() => fs.readFile(path.join(dir, name, "model.safetensors")))
+      const first = yield* run("a", 7)
+      const again = yield* run("b", 7)
+      const other = yield* run("c", 8)
+      assert.strictEqual(first.selection, "random (seed 7)")
+      assert.isTrue((yield* weights("a")).equals(yield* weights("b")), "same seed, same child")
+      assert.deepStrictEqual(again.layers, first.layers)
+      assert.isFalse((yield* weights("a")).equals(yield* weights("c")), "another seed, another child")
+      assert.notDeepEqual([other.layers.kept, other.ffn, other.hidden], [first.layers.kept, first.ffn, first.hidden])
+      const child = yield* Pretrained.load(path.join(dir, "a"))
+      assert.deepStrictEqual([child.config.numLayers, child.config.hiddenSize, child.config.intermediateSize], [2, 40, 100])
+      // Random axes keep less of the second moment than the principal directions.
+      const scored = yield* prune({ modelDir: parentDir, statsDir: stats, out: path.join(dir, "s"), targets })
+      assert.strictEqual(scored.selection, "calibration scores")
+      assert.isAbove(scored.hidden!.explainedVariance, first.hidden!.explainedVariance)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("a tied child of an untied parent reports its rule and its errors, and --tie-from needs --tie-embeddings", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* dataFile(dir, 8, 32)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const out = path.join(dir, "child")
+      const report = yield* prune({ modelDir: parentDir, statsDir: stats, out, targets: { hidden: 40, tieEmbeddings: true, tieFrom: "head" } })
+      assert.isTrue(report.child.tiedEmbeddings)
+      assert.strictEqual(report.tie!.rule, "head")
+      assert.isAbove(report.tie!.inputError, 0.1)
+      assert.isAtMost(report.tie!.outputError, 1e-6)
+      assert.isTrue(report.approximate.some((line) => line.startsWith("tied embeddings (--tie-from head)")))
+      const byDefault = yield* prune({ modelDir: parentDir, statsDir: stats, out, targets: { hidden: 40, tieEmbeddings: true } })
+      assert.strictEqual(byDefault.tie!.rule, "fit")
+      const error = yield* Effect.flip(prune({ modelDir: parentDir, statsDir: stats, out: path.join(dir, "none"), targets: { tieFrom: "embed" } }))
+      assert.include(error.message, "--tie-from embed chooses how a tied child's matrix is formed: add --tie-embeddings")
+      assert.isFalse(yield* exists(path.join(dir, "none")))
+    }).pipe(onBackend("wasm")))
+
   it.effect("bad requests fail clearly and write nothing", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

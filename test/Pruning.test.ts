@@ -7,6 +7,7 @@ import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Pruning from "../src/prune/Pruning.ts"
 import * as Random from "../src/Random.ts"
+import { matMul } from "../src/model/MatMul.ts"
 import { localFixture, maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
 
 /** Seeded rows of token ids, with the last row padded. */
@@ -42,6 +43,19 @@ const edited = (model: Model.Model, edit: (tensors: Map<string, tf.Tensor>) => v
 const replace = (tensors: Map<string, tf.Tensor>, name: string, value: tf.Tensor) => {
   tensors.get(name)!.dispose()
   tensors.set(name, value)
+}
+
+/** `count` seeded normal values as a tensor of `shape`. */
+const normalTensor = (seed: number, shape: Array<number>, std: number) =>
+  tf.tensor(Random.normals(Random.uniform(seed), shape.reduce((a, b) => a * b, 1), std), shape)
+
+/** A seeded [D, H] matrix with orthonormal columns. */
+const orthonormal = (seed: number, d: number, h: number) => tf.tidy(() => tf.linalg.qr(normalTensor(seed, [d, h], 1))[0])
+
+/** A copy of `model` with some weights replaced and its config edited. */
+const reconfigured = (model: Model.Model, config: Config.ModelConfig, edit: (tensors: Map<string, tf.Tensor>) => void) => {
+  const copy = edited(model, edit)
+  return Model.make(config, copy.weights)
 }
 
 const Part = Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1000 }))
@@ -88,6 +102,104 @@ describe("Pruning exactness", () => {
       const stats = calibrate(parent)
       assert.isAtMost(logitsDiff(parent, stats, { hidden: parent.config.hiddenSize, tieEmbeddings: false }), 1e-4)
       assert.isAtMost(logitsDiff(parent, stats, {}), 1e-4)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("a tied parent with a varied final norm stays exact through a full rotation into a tied child by the fit rule", () =>
+    Effect.gen(function*() {
+      const loaded = yield* Pretrained.load(localFixture("mistral-tied"))
+      const d = loaded.config.hiddenSize
+      // A final norm far from constant: the rule before --tie-from (diag(Q^T diag(w) Q)) is off here.
+      const parent = edited(loaded, (tensors) => replace(tensors, "model.norm.weight", tf.add(1, normalTensor(5, [d], 0.5))))
+      const stats = calibrate(parent)
+      const targets = { hidden: d, tieEmbeddings: true, tieFrom: "fit" } as const
+      const { model: child, tie } = Pruning.build(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
+      assert.isTrue(child.config.tieWordEmbeddings)
+      assert.isUndefined(child.weights.lmHead)
+      assert.isAtMost(maxAbsDiff(logitsOf(child), logitsOf(parent)), 1e-4)
+      assert.isAtMost(tie!.outputError, 1e-5)
+      Model.dispose(child)
+      Model.dispose(parent)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("an untied parent whose embedding is its folded lm_head is tied exactly by every rule through a full rotation", () =>
+    Effect.gen(function*() {
+      const loaded = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const d = loaded.config.hiddenSize
+      const parent = edited(loaded, (tensors) => {
+        const norm = tf.add(1, normalTensor(6, [d], 0.5))
+        replace(tensors, "model.embed_tokens.weight", tf.mul(tensors.get("lm_head.weight")!, norm))
+        replace(tensors, "model.norm.weight", norm)
+      })
+      const stats = calibrate(parent)
+      const before = tf.memory().numTensors
+      for (const tieFrom of Pruning.tieRules) {
+        assert.isAtMost(logitsDiff(parent, stats, { hidden: d, tieEmbeddings: true, tieFrom }), 1e-4, tieFrom)
+      }
+      assert.strictEqual(tf.memory().numTensors, before)
+      Model.dispose(parent)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("tying an untied parent: each rule forms the shared matrix from the rotated embedding or the folded lm_head", () =>
+    Effect.gen(function*() {
+      const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const stats = calibrate(parent)
+      const [d, h] = [parent.config.hiddenSize, 40]
+      const children = Pruning.tieRules.map((tieFrom) => {
+        const plan = Pruning.plan(parent.config, stats, { hidden: h, tieEmbeddings: true, tieFrom }, { kind: "scores" })
+        return { tieFrom, plan, ...Pruning.build(parent, plan) }
+      })
+      const q = tf.tensor2d(Float32Array.from(children[0].plan.rotation!), [d, h])
+      const rowGram = (m: tf.Tensor) => tf.tidy(() => take(matMul(m, m, false, true)))
+      const rotated = matMul(parent.weights.embed, q)
+      const rotatedEmbedding = rotated.dataSync() as Float32Array
+      const foldedHead = tf.tidy(() => take(matMul(tf.mul(parent.weights.lmHead!, parent.weights.norm), q)))
+      const byRule = Object.fromEntries(children.map((child) => [child.tieFrom, child]))
+      const scale = Math.sqrt(d / h)
+      // embed: inputs are the rotated embedding; head: the matrix is the folded lm_head, the final norm sqrt(D/H).
+      assert.isAtMost(maxAbsDiff(byRule.embed.model.weights.embed.dataSync(), rotatedEmbedding), 1e-5)
+      assert.isAtMost(maxAbsDiff(byRule.head.model.weights.embed.dataSync(), foldedHead), 1e-5)
+      assert.isAtMost(maxAbsDiff(byRule.head.model.weights.norm.dataSync(), new Float32Array(h).fill(scale)), 1e-5)
+      assert.isAtMost(
+        maxAbsDiff(byRule.mean.model.weights.embed.dataSync(), rotatedEmbedding.map((x, i) => (x + foldedHead[i]) / 2)),
+        1e-5
+      )
+      assert.strictEqual(byRule.embed.tie!.inputError, 0)
+      assert.isAtMost(byRule.head.tie!.outputError, 1e-6)
+      // fit keeps the inputs up to a rotation R within the kept subspace: (E Q R)(E Q R)^T = (E Q)(E Q)^T.
+      assert.isAtMost(maxAbsDiff(rowGram(byRule.fit.model.weights.embed), rowGram(rotated)), 1e-4)
+      assert.isAtMost(byRule.fit.tie!.inputError, 1e-6)
+      // A diagonal is a symmetric matrix: fit's output error is at most embed's, and here strictly less.
+      assert.isBelow(byRule.fit.tie!.outputError, byRule.embed.tie!.outputError)
+      for (const { model } of children) {
+        assert.isTrue(model.config.tieWordEmbeddings)
+        assert.isUndefined(model.weights.lmHead)
+        Model.dispose(model)
+      }
+      tf.dispose([q, rotated])
+    }).pipe(onBackend("wasm")))
+
+  it.effect("a parent whose residual stream lies in an H-dimensional subspace is reproduced by pruning the width to H", () =>
+    Effect.gen(function*() {
+      const loaded = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const [d, h] = [loaded.config.hiddenSize, 40]
+      const basis = orthonormal(7, d, h)
+      const projector = matMul(basis, basis, false, true) // [D, D]
+      // The embedding and every writer to the residual stream confined to span(basis); a negligible
+      // eps, since a norm's eps acts at H/D of its strength once the width is H.
+      const parent = reconfigured(loaded, { ...loaded.config, rmsNormEps: 1e-12 }, (tensors) => {
+        replace(tensors, "model.embed_tokens.weight", matMul(tensors.get("model.embed_tokens.weight")!, projector))
+        for (let layer = 0; layer < loaded.config.numLayers; layer++) {
+          for (const name of [`model.layers.${layer}.self_attn.o_proj.weight`, `model.layers.${layer}.mlp.down_proj.weight`]) {
+            replace(tensors, name, matMul(projector, tensors.get(name)!))
+          }
+        }
+      })
+      tf.dispose([basis, projector])
+      const stats = calibrate(parent)
+      assert.isAtMost(logitsDiff(parent, stats, { hidden: h }), 1e-4)
+      const plan = Pruning.plan(parent.config, stats, { hidden: h }, { kind: "scores" })
+      assert.isAtLeast(plan.explainedVariance, 1 - 1e-6)
+      Model.dispose(parent)
     }).pipe(onBackend("wasm")))
 
   it.effect("removing a layer whose o_proj and down_proj are zero changes nothing", () =>

@@ -2,6 +2,7 @@
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
+import { defaultTieFrom, tieRules } from "../prune/Pruning.ts"
 import { prune } from "../../stages/Prune.ts"
 import { cascade } from "./root.ts"
 import { dtypeFlag } from "./TrainingFlags.ts"
@@ -19,13 +20,17 @@ export const pruneCommand = Command.make(
       Flag.withDescription("Make lm_head the input embedding (approximate when the width is rotated)"),
       Flag.withDefault(false)
     ),
+    tieFrom: Flag.Literals("tie-from", tieRules).pipe(
+      Flag.withDescription(`How a tied child's matrix is formed with --tie-embeddings (default ${defaultTieFrom}; see src/prune/Pruning.ts)`),
+      Flag.optional
+    ),
     randomSeed: Flag.Int("random").pipe(
       Flag.withDescription("Choose what to keep at random with this seed instead of by scores (a baseline)"),
       Flag.optional
     ),
     dtype: dtypeFlag
   },
-  Effect.fn("cli.prune")(function*({ model, stats, out, layers, hidden, ffn, tieEmbeddings, randomSeed, dtype }) {
+  Effect.fn("cli.prune")(function*({ model, stats, out, layers, hidden, ffn, tieEmbeddings, tieFrom, randomSeed, dtype }) {
     const { backend } = yield* cascade
     const report = yield* prune({
       modelDir: model,
@@ -35,7 +40,8 @@ export const pruneCommand = Command.make(
         layers: Option.getOrUndefined(layers),
         hidden: Option.getOrUndefined(hidden),
         ffn: Option.getOrUndefined(ffn),
-        tieEmbeddings: tieEmbeddings || undefined
+        tieEmbeddings: tieEmbeddings || undefined,
+        tieFrom: Option.getOrUndefined(tieFrom)
       },
       selection: Option.match(randomSeed, { onNone: () => ({ kind: "scores" }), onSome: (seed) => ({ kind: "random", seed }) }),
       dtype: Option.getOrUndefined(dtype)

@@ -10,8 +10,8 @@
  *   embeddings `E Q`. The norms keep a constant weight sqrt(D / H): with ||Q^T x|| ~ ||x||, that
  *   rescales `x' / rms_H(x')` to `x / rms_D(x)`. With H = D, Q is orthogonal and nothing changes.
  *
- * A tied model's lm_head `E diag(w_final) Q` is not its embedding `E Q`: untying it is exact, keeping
- * it tied replaces diag(w_final) by its best diagonal approximation in the rotated basis.
+ * A tied child's one matrix cannot be both the rotated embedding `E Q` and the exact lm_head
+ * `H diag(w_final) Q` (H = E for a tied parent): untying is exact, tying is a choice (`TieFrom`).
  */
 import * as tf from "@tensorflow/tfjs"
 import type { ModelConfig } from "../model/Config.ts"
@@ -30,7 +30,34 @@ export interface Targets {
   readonly ffn?: number | undefined
   /** Make the child's lm_head its input embedding; by default a tied parent stays tied unless the width is rotated. */
   readonly tieEmbeddings?: boolean | undefined
+  /** How a tied child's matrix is formed when tying approximates; `defaultTieFrom` when undefined. */
+  readonly tieFrom?: TieFrom | undefined
 }
+
+/**
+ * How a tied child's shared matrix T and final norm weight n are formed, in the child's basis, from
+ * A = E Q (the rotated input embedding) and G = H diag(w_final) Q (the untied child's exact lm_head).
+ * The child's logits are T diag(n / s) x' (s = sqrt(D/H), see the norms above), its inputs rows of T.
+ * - embed: T = A (inputs exact); n / s fitted to G column by column by least squares;
+ * - head: T = G, n = s (outputs exact);
+ * - mean: T = (A + G) / 2; n / s fitted as for embed;
+ * - fit: S, the symmetric matrix minimising ||A S - G||_F, is R diag(m) R^T; the child's basis turns
+ *   by R (a rotation, exact with folded norms: Q becomes Q R), T = A R, n / s = m. Inputs are exact
+ *   and outputs are whenever G = A S for a symmetric S: a tied parent's G is A Q^T diag(w) Q, so a
+ *   tied parent stays exact through a full-rank rotation, whatever its final norm.
+ */
+export const tieRules = ["fit", "embed", "head", "mean"] as const
+export type TieFrom = typeof tieRules[number]
+
+/**
+ * Chosen by held-out NLL before distillation on the embedded parent (untied; data/calib.jsonl,
+ * data/heldout.jsonl), nats per token, untied child / fit / embed / head / mean:
+ * full-rank rotation 0.680 / 4.19 / 6.77 / 14.56 / 9.97; 5 layers, hidden 112, FFN 320:
+ * 1.468 / 4.80 / 6.85 / 14.27 / 9.63 (the rule before --tie-from, embed with diag(Q^T diag(w) Q)
+ * as norm and the parent's lm_head dropped: 9.26 and 9.06). Its embedding and lm_head are nearly
+ * unrelated (<E Q, G> / ||E Q||^2 = -0.04), so every tied child needs distillation to recover.
+ */
+export const defaultTieFrom: TieFrom = "fit"
 
 /** How to choose what to keep: by the calibration scores, or at random (the baseline they must beat). */
 export type Selection = { readonly kind: "scores" } | { readonly kind: "random"; readonly seed: number }
@@ -42,6 +69,8 @@ export interface Plan {
   readonly keptNeurons: ReadonlyArray<ReadonlyArray<number>>
   /** Share of each kept layer's total FFN importance that the kept neurons hold. */
   readonly ffnRetained: ReadonlyArray<number>
+  /** How a tied child's matrix is formed; undefined when the child is untied or tied as its unrotated parent is. */
+  readonly tieFrom: TieFrom | undefined
   /** [D, H] row-major, orthonormal columns; undefined when the width is kept. */
   readonly rotation: Float64Array | undefined
   /** Share of the second moment's trace in the kept directions (1 without rotation). */
@@ -103,7 +132,9 @@ export const plan = (parent: ModelConfig, stats: Calibration.Statistics, targets
   }
   // A rotated tied model stays tied only when asked: untying is exact, tying is not.
   const tied = targets.tieEmbeddings ?? (parent.tieWordEmbeddings && h === undefined)
+  const tieApproximates = tied && (h !== undefined || !parent.tieWordEmbeddings)
   return {
+    tieFrom: tieApproximates ? targets.tieFrom ?? defaultTieFrom : undefined,
     keptLayers,
     layerScores,
     keptNeurons,
@@ -122,13 +153,98 @@ const takeColumns = (matrix: tf.Tensor2D, columns: ReadonlyArray<number>) => tf.
 const keepAll = (build: () => Model.Weights): Model.Weights =>
   tf.tidy(() => build() as unknown as tf.TensorContainer) as unknown as Model.Weights
 
-/** Builds the pruned model; its tensors are new and belong to the caller. */
-export const apply = (parent: Model.Model, plan: Plan): Model.Model => {
+/** Row-major product of n x n matrices, `a^T b` when `transposeA`. */
+const product = (a: Float64Array, b: Float64Array, n: number, transposeA = false) => {
+  const out = new Float64Array(n * n)
+  for (let i = 0; i < n; i++) {
+    for (let k = 0; k < n; k++) {
+      const x = transposeA ? a[k * n + i] : a[i * n + k]
+      if (x !== 0) for (let j = 0; j < n; j++) out[i * n + j] += x * b[k * n + j]
+    }
+  }
+  return out
+}
+
+/**
+ * The symmetric S minimising ||A S - G||_F, from `gram` = A^T A and `cross` = A^T G (n x n, row-major):
+ * the normal equations A^T A S + S A^T A = A^T G + G^T A, solved in the eigenbasis U of A^T A, where
+ * they decouple into (k_i + k_j) S~_ij = (U^T (A^T G + G^T A) U)_ij.
+ */
+export const symmetricFit = (gram: Float64Array, cross: Float64Array, n: number): Float64Array => {
+  const { values: k, vectors: u } = symmetricEigen(gram, n)
+  const both = cross.map((x, index) => x + cross[(index % n) * n + Math.floor(index / n)])
+  const inBasis = product(product(u, both, n, true), u, n)
+  const solved = inBasis.map((x, index) => {
+    const sum = k[Math.floor(index / n)] + k[index % n]
+    return sum > 0 ? x / sum : 0
+  })
+  // U S~ U^T
+  const back = product(u, solved, n)
+  const ut = new Float64Array(n * n)
+  for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) ut[i * n + j] = u[j * n + i]
+  return product(back, ut, n)
+}
+
+/** How far a tied child's matrix is from what each side needs (relative Frobenius errors). */
+export interface TieFit {
+  readonly rule: TieFrom
+  /** ||T - A|| / ||A||: the input embedding against the parent's rotated one. */
+  readonly inputError: number
+  /** ||T diag(n / s) - G|| / ||G||: the output embedding against the untied child's exact lm_head. */
+  readonly outputError: number
+}
+
+export interface Pruned {
+  readonly model: Model.Model
+  /** Present when the child is tied by `plan.tieFrom`. */
+  readonly tie: TieFit | undefined
+}
+
+const relativeError = (approximation: tf.Tensor, target: tf.Tensor) =>
+  tf.norm(tf.sub(approximation, target)).dataSync()[0] / tf.norm(target).dataSync()[0]
+
+/** The column scales m minimising ||T diag(m) - G||_F. */
+const columnFit = (t: tf.Tensor2D, g: tf.Tensor2D) => tf.divNoNan(tf.sum(tf.mul(t, g), 0), tf.sum(tf.square(t), 0)) as tf.Tensor1D
+
+/** Builds the pruned model and says how its tie was formed; its tensors are new and belong to the caller. */
+export const build = (parent: Model.Model, plan: Plan): Pruned => {
   const config = plan.config
   const d = parent.config.hiddenSize
   const h = config.hiddenSize
+  const head = parent.weights.lmHead ?? parent.weights.embed
+  let tie: TieFit | undefined
   const weights: Model.Weights = keepAll(() => {
-    const q = plan.rotation ? tf.tensor2d(Float32Array.from(plan.rotation), [d, h]) : undefined // [D, H]
+    let q = plan.rotation ? tf.tensor2d(Float32Array.from(plan.rotation), [d, h]) : undefined // [D, H]
+    let tied: { matrix: tf.Tensor2D; norm: tf.Tensor1D } | undefined
+    const rule = plan.tieFrom
+    if (rule !== undefined) {
+      // Without a rotation the basis is the identity: the norms fold the same way, exactly.
+      let basis = q ?? (tf.eye(d) as tf.Tensor2D)
+      let input = matMul<tf.Rank.R2>(parent.weights.embed, basis) // A [V, H]
+      let output = matMul<tf.Rank.R2>(tf.mul(head, parent.weights.norm), basis) // G [V, H]
+      let matrix: tf.Tensor2D
+      let scales: tf.Tensor1D
+      if (rule === "fit") {
+        const symmetric = symmetricFit(
+          Float64Array.from(matMul(input, input, true, false).dataSync()),
+          Float64Array.from(matMul(input, output, true, false).dataSync()),
+          h
+        )
+        const { values, vectors } = symmetricEigen(symmetric, h)
+        const turn = tf.tensor2d(Float32Array.from(vectors), [h, h])
+        basis = matMul(basis, turn)
+        input = matMul(input, turn)
+        output = matMul(output, turn)
+        matrix = input
+        scales = tf.tensor1d(Float32Array.from(values))
+      } else {
+        matrix = rule === "embed" ? input : rule === "head" ? output : tf.mul(tf.add(input, output), 0.5) as tf.Tensor2D
+        scales = columnFit(matrix, output)
+      }
+      tie = { rule, inputError: relativeError(matrix, input), outputError: relativeError(tf.mul(matrix, scales), output) }
+      q = basis
+      tied = { matrix, norm: tf.mul(scales, Math.sqrt(d / h)) as tf.Tensor1D }
+    }
     const normScale = Math.sqrt(d / h)
     const constantNorm = () => tf.fill([h], normScale) as tf.Tensor1D
     // A linear reading a norm's output: [out, D] -> [out, H] as W diag(w) Q.
@@ -151,20 +267,14 @@ export const apply = (parent: Model.Model, plan: Plan): Model.Model => {
         down: writer(takeColumns(layer.down, neurons))
       }
     })
+    if (tied) return { embed: tied.matrix, layers, norm: tied.norm, lmHead: undefined }
     const embed = (q ? matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
-    const head = parent.weights.lmHead ?? parent.weights.embed
-    let norm: tf.Tensor1D
-    let lmHead: tf.Tensor2D | undefined
-    if (config.tieWordEmbeddings) {
-      // lm_head becomes E Q; diag(w_final) is approximated in the rotated basis by diag(Q^T diag(w) Q).
-      lmHead = undefined
-      norm = q ? tf.mul(matMul(tf.square(q), parent.weights.norm.reshape([d, 1]), true, false).reshape([h]), normScale) as tf.Tensor1D
-        : parent.weights.norm.clone()
-    } else {
-      lmHead = reader(head, parent.weights.norm)
-      norm = q ? constantNorm() : parent.weights.norm.clone()
-    }
-    return { embed, layers, norm, lmHead }
+    // A tied parent kept tied and unrotated: nothing to fold.
+    if (config.tieWordEmbeddings) return { embed, layers, norm: parent.weights.norm.clone(), lmHead: undefined }
+    return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: reader(head, parent.weights.norm) }
   })
-  return Model.make(config, weights)
+  return { model: Model.make(config, weights), tie }
 }
+
+/** The pruned model alone (see `build`). */
+export const apply = (parent: Model.Model, plan: Plan): Model.Model => build(parent, plan).model
