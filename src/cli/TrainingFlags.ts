@@ -1,6 +1,7 @@
 /** The flags the training commands (distill, sft, pwrm train, grpo, odpo) share, and the options they become. */
 import { Option } from "effect"
 import { Flag } from "effect/cli"
+import { documentMaskByDefault } from "../data/Dataset.ts"
 import type { SupervisedOptions } from "../train/Training.ts"
 
 /** Weight decay, clipping, seed and checkpoint flags, with the defaults and the seed's meaning of the command's kind. */
@@ -33,6 +34,10 @@ export const supervisedFlags = (defaults: { readonly lr: number; readonly batch:
   warmup,
   batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(defaults.batch)),
   accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
+  documentMask: Flag.Boolean("document-mask").pipe(
+    Flag.withDescription("Each document of a packed row attends only to itself, positions from 0, for model and teacher (--no-document-mask: rows read whole)"),
+    Flag.withDefault(documentMaskByDefault)
+  ),
   ...dataSetRunFlags
 })
 
