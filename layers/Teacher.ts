@@ -3,7 +3,7 @@
  *
  * - `inProcess(dir)`: a checkpoint run here with `Model.forward`; full log-probs or their top-k.
  * - `offlineCache(dir, ...)`: the top-k that `cascade teacher-cache` wrote (src/io/TeacherCacheFormat.ts),
- *   looked up by packed-row index.
+ *   looked up by packed-row index; made from whole rows, it refuses document-masked batches.
  * - `remote(urls, ...)`: an OpenAI-compatible server as vLLM serves it, through `prompt_logprobs`.
  *
  * They give the same numbers for the same rows, up to the cache's float16 rounding and the server's
@@ -63,7 +63,7 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
       }
       const annotateBatch = (batch: Batch) =>
         Effect.tryPromise({
-          try: () => logProbsOf(model, batch.rows, topK),
+          try: () => logProbsOf(model, batch, topK),
           catch: (cause) => new TeacherError({ source, request: describeBatch(batch), reason: String(cause) })
         }).pipe(Effect.map((teacher): Annotated => ({ batch, teacher })))
       return Teacher.of({
@@ -75,9 +75,10 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
   )
 
 /** The teacher's log-softmax (or its top-k) at every position of the rows, zero at padding. */
-const logProbsOf = async (model: Model.Model, rows: ReadonlyArray<Dataset.PackedRow>, topK: number | undefined): Promise<Output> => {
+const logProbsOf = async (model: Model.Model, batch: Batch, topK: number | undefined): Promise<Output> => {
+  const rows = batch.rows
   const tensors = tf.tidy(() => {
-    const logits = Model.forward(model, rows.map((row) => row.ids), { attentionMask: Dataset.rowMask(rows) }).logits
+    const logits = Model.forward(model, rows.map((row) => row.ids), Dataset.rowMasks(rows, batch.documentMask ?? false)).logits
     const logProbs = tf.logSoftmax(logits)
     if (topK === undefined) return [logProbs]
     const { values, indices } = tf.topk(logProbs, topK)
@@ -158,6 +159,13 @@ export const offlineCache = (dir: string, options: OfflineCacheOptions) =>
       })
 
       const lookUp = Effect.fnUntraced(function*(batch: Batch) {
+        if (batch.documentMask) {
+          return yield* fail(
+            "the cache holds the teacher reading whole packed rows, and this run masks documents (its teacher must read each on its own): " +
+              "run with --no-document-mask, or use the teacher checkpoint or a server",
+            describeBatch(batch)
+          )
+        }
         const ids = new Int32Array(batch.rows.length * seq * k)
         const logProbs = new Float32Array(batch.rows.length * seq * k)
         for (const [r, row] of batch.rows.entries()) {
@@ -241,8 +249,9 @@ const describeCause = (error: Error): string => {
 }
 
 /**
- * A server with vLLM's completions API (vLLM itself, or `cascade serve`). Each row is one request:
- * `prompt` = the row's real token ids plus one more token, `prompt_logprobs: K`, `max_tokens: 1`
+ * A server with vLLM's completions API (vLLM itself, or `cascade serve`). Each row is one request
+ * (with document masking, each document of a row is one, which a server does naturally):
+ * `prompt` = the real token ids plus one more token, `prompt_logprobs: K`, `max_tokens: 1`
  * (vLLM's minimum), `temperature: 0`. vLLM's `prompt_logprobs[j]` maps token ids to the log-prob
  * of the distribution of token j given the tokens before it, holding the top K and the prompt
  * token itself (beyond K with its rank); entry j + 1 is therefore the teacher at position j.
@@ -251,8 +260,8 @@ const describeCause = (error: Error): string => {
  * which is ambiguous (vLLM's `return_tokens_as_token_ids` fixes that, `cascade serve` lacks it);
  * the extra token costs one position of the context instead.
  *
- * Rows of all batches share `concurrency` requests in flight, and batches are pulled only as
- * requests free up, so at most `concurrency` rows run ahead of the batch the consumer holds. Each
+ * Requests of all batches share `concurrency` in flight, and batches are pulled only as
+ * requests free up, so at most `concurrency` requests run ahead of the batch the consumer holds. Each
  * request goes to the endpoint with the fewest in flight. A 429, a 5xx, a failed connection, a timeout, or an answer that
  * cannot be read or has the wrong shape is tried again after an exponential backoff; another 4xx
  * fails at once. A request that never succeeds fails the stream with a TeacherError naming the
@@ -359,12 +368,14 @@ export const remote = (urls: ReadonlyArray<string>, options: RemoteOptions) =>
 
       const retrying = Schedule.exponential(options.backoff ?? "1 second").pipe(Schedule.jittered)
 
-      /** Fills row `r` of `output` with the teacher's top-k for it, or fails naming the row. */
-      const annotateRow = (batch: Batch, r: number, output: { readonly ids: Int32Array; readonly logProbs: Float32Array }) => {
+      /**
+       * Fills positions [from, to) of row `r` of `output` with the teacher's top-k for tokens
+       * [from, to) read alone (the whole row, or one document of it), or fails naming the row.
+       */
+      const annotateSpan = (batch: Batch, r: number, from: number, to: number, output: { readonly ids: Int32Array; readonly logProbs: Float32Array }) => {
         const row = batch.rows[r]
-        if (row.length === 0) return Effect.void
         // Any token serves as the extra one (causality: nothing before it sees it); the last is a valid id.
-        const prompt = [...row.ids.slice(0, row.length), row.ids[row.length - 1]]
+        const prompt = [...row.ids.slice(from, to), row.ids[to - 1]]
         let attempts = 0
         return withEndpoint((endpoint) =>
           Effect.suspend(() => {
@@ -376,16 +387,24 @@ export const remote = (urls: ReadonlyArray<string>, options: RemoteOptions) =>
           Effect.mapError((error) =>
             new TeacherError({
               source: `remote ${error.endpoint}`,
-              request: `row ${batch.indices[r]}, a prompt of ${prompt.length} tokens`,
+              request: `row ${batch.indices[r]}${from === 0 ? "" : ` from token ${from}`}, a prompt of ${prompt.length} tokens`,
               reason: `${error.reason}${attempts > 1 ? ` (after ${attempts} tries)` : ""}`
             })
           ),
           Effect.map(({ ids, logProbs }) => {
-            const at = r * row.ids.length * k
+            const at = (r * row.ids.length + from) * k
             output.ids.set(ids, at)
             output.logProbs.set(logProbs, at)
           })
         )
+      }
+
+      /** The requests of row `r`: the row, or each of its documents on its own with document masking. */
+      const spansOf = (batch: Batch, r: number): Array<{ readonly from: number; readonly to: number }> => {
+        const row = batch.rows[r]
+        if (row.length === 0) return []
+        const starts = batch.documentMask ? row.starts.filter((start) => start < row.length) : [0]
+        return starts.map((from, i) => ({ from, to: starts[i + 1] ?? row.length }))
       }
 
       return Teacher.of({
@@ -393,16 +412,17 @@ export const remote = (urls: ReadonlyArray<string>, options: RemoteOptions) =>
         vocab: undefined,
         annotate: (batches) =>
           batches.pipe(
-            // Rows of consecutive batches share the requests in flight. Results come back in order,
-            // so a batch is complete when its last row is (an empty batch is its own last row).
+            // Requests of consecutive batches share the ones in flight. Results come back in order, so
+            // a batch is complete when its last request is (a batch with none is closed by a no-op).
             Stream.flatMap((batch) => {
               const size = batch.rows.length * (batch.rows[0]?.ids.length ?? 0) * k
               const output = { ids: new Int32Array(size), logProbs: new Float32Array(size) }
-              const rows = batch.rows.length === 0 ? [undefined] : batch.rows.map((_, r) => r)
-              return Stream.fromIterable(rows.map((r) => ({ batch, output, r, last: r === undefined || r === batch.rows.length - 1 })))
+              const requests = batch.rows.flatMap((_, r) => spansOf(batch, r).map((span) => ({ r, ...span })))
+              const work = requests.length === 0 ? [undefined] : requests
+              return Stream.fromIterable(work.map((request, i) => ({ batch, output, request, last: i === work.length - 1 })))
             }),
-            Stream.mapEffect(({ batch, output, r, last }) =>
-              (r === undefined ? Effect.void : annotateRow(batch, r, output)).pipe(
+            Stream.mapEffect(({ batch, output, request, last }) =>
+              (request === undefined ? Effect.void : annotateSpan(batch, request.r, request.from, request.to, output)).pipe(
                 Effect.as({ annotated: { batch, teacher: { _tag: "TopK", k, ...output } } satisfies Annotated, last })
               ), { concurrency }),
             Stream.filter(({ last }) => last),

@@ -44,7 +44,9 @@ const Phase = Schema.Struct({
   /** Teacher candidates per position; the full vocabulary when left out. */
   topK: Schema.optional(Schema.Int),
   /** Weight of the next-token loss added to the KL (0 in the recipe; the ablation sets it). */
-  ceWeight: Schema.optional(Schema.Number)
+  ceWeight: Schema.optional(Schema.Number),
+  /** Each document of a packed row on its own (`Dataset.documentMaskByDefault` when left out). */
+  documentMask: Schema.optional(Schema.Boolean)
 })
 
 export const CascadeConfig = Schema.Struct({
@@ -214,6 +216,7 @@ const phaseOptions = (phase: typeof Phase.Type, config: CascadeConfig) => ({
   weightDecay: 0.01,
   maxGradNorm: 1,
   loss: { temperature: 1, crossEntropyWeight: phase.ceWeight ?? 0, restBucket: false, maxOutsideMass: 1e-3 },
+  documentMask: phase.documentMask,
   saveEvery: Math.max(1, Math.floor(phase.steps / 4)),
   resume: true,
   dtype: config.dtype && Pretrained.dtypeNames[config.dtype],

@@ -37,6 +37,8 @@ export interface DistillOptions extends Training.SupervisedOptions {
   readonly tokenizer?: Tokenizer | undefined
   /** Dtype of the written model; the student's by default. */
   readonly dtype?: FloatDtype | undefined
+  /** Each document of a packed row on its own, for the student and the teacher alike (`Dataset.documentMaskByDefault` when left out). */
+  readonly documentMask?: boolean | undefined
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
   readonly onStep?: (metrics: StepMetrics) => void
@@ -100,6 +102,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   const config = options.yarn ? Config.longContext(loaded.config, options.yarn) : loaded.config
   const student = Model.make(config, loaded.weights)
   const shuffleWindow = options.shuffleWindow ?? 1024
+  const documentMask = options.documentMask ?? Dataset.documentMaskByDefault
   const identity = JSON.stringify({
     student: yield* Checkpoint.fingerprint(options.studentDir),
     data: yield* Files.sha256(options.data),
@@ -108,7 +111,8 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     loss: options.loss,
     yarn: options.yarn,
     shuffleWindow,
-    dtype: options.dtype
+    dtype: options.dtype,
+    documentMask
   })
 
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
@@ -140,7 +144,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   }).pipe(
     Stream.drop(rows),
     Stream.grouped(options.batch),
-    Stream.map((group) => ({ rows: group.map((g) => g.row), indices: group.map((g) => g.index) }))
+    Stream.map((group) => ({ rows: group.map((g) => g.row), indices: group.map((g) => g.index), documentMask }))
   )
 
   yield* teacher.annotate(batches).pipe(
@@ -185,10 +189,16 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
 
 interface MicroBatch {
   readonly ids: Array<Array<number>>
-  /** 1 for real tokens, 0 for padding. */
-  readonly attention: Array<Array<number>>
-  /** Positions the loss counts: real tokens that have a next token in the row (the last has none). */
+  /** How the model reads the rows: padding, and the documents' starts with document masking. */
+  readonly masks: ReturnType<typeof Dataset.rowMasks>
+  /**
+   * Positions the KL counts: every real token. The teacher's distribution after the row's last one
+   * is as valid as any (no next token is needed), and every source gives it: in process from the
+   * logits there, the cache stores it, the remote source asks for one token past the row.
+   */
   readonly mask: Array<Array<number>>
+  /** Positions the cross-entropy counts: real tokens with a next token in the row (the last has none). */
+  readonly crossEntropyMask: Array<Array<number>>
   readonly targets: Array<Array<number>>
   readonly target: Loss.Target
 }
@@ -197,15 +207,16 @@ interface MicroBatch {
 const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, vocab: number, loss: Loss.Options) {
   const t = batch.rows[0].ids.length
   const ids = batch.rows.map((row) => [...row.ids])
-  const attention = Dataset.rowMask(batch.rows)
-  const mask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 ? 1 : 0)))
+  const masks = Dataset.rowMasks(batch.rows, batch.documentMask ?? false)
+  const mask = masks.attentionMask
+  const crossEntropyMask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 ? 1 : 0)))
   const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
   const teacher = toLossTeacher(output, batch.rows.length, t)
   const target = yield* Loss.teacherTarget(teacher, vocab, mask, loss).pipe(
     Effect.ensuring(Effect.sync(() => tf.dispose(teacher._tag === "Full" ? [teacher.logProbs] : [teacher.ids, teacher.logProbs])))
   )
-  return { ids, attention, mask, targets, target } satisfies MicroBatch
+  return { ids, masks, mask, crossEntropyMask, targets, target } satisfies MicroBatch
 })
 
 const lossOf = (options: Loss.Options) => (model: Model.Model, batch: MicroBatch) =>
-  Loss.distillation(Model.forward(model, batch.ids, { attentionMask: batch.attention }).logits, batch.target, batch, options)
+  Loss.distillation(Model.forward(model, batch.ids, batch.masks).logits, batch.target, batch, options)

@@ -44,6 +44,8 @@ export interface SftOptions extends Training.SupervisedOptions {
   readonly distillWeight: number
   /** Dtype of the written model; the starting model's by default. */
   readonly dtype?: FloatDtype | undefined
+  /** Each conversation of a packed row on its own, for the model and the teacher alike (`Dataset.documentMaskByDefault` when left out). */
+  readonly documentMask?: boolean | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
@@ -96,13 +98,15 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
 
   const model = yield* Pretrained.load(options.modelDir)
   const config = model.config
+  const documentMask = options.documentMask ?? Dataset.documentMaskByDefault
   const identity = JSON.stringify({
     model: yield* Checkpoint.fingerprint(options.modelDir),
     data: yield* Files.sha256(options.data),
     teacher: teacher?.describe ?? null,
     distillWeight,
     ...Training.supervisedIdentity(options),
-    dtype: options.dtype
+    dtype: options.dtype,
+    documentMask
   })
   const { finished, resume } = yield* RunFolder.startingPoint(out, State, {
     identity,
@@ -128,7 +132,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   const state = (complete: boolean): State => ({ format: "cascade-sft/1", step, rows: consumed, identity, complete })
   const batches: Stream.Stream<Batch> = Stream.fromIterable(seededOrder(rows.length, options.seed, consumed)).pipe(
     Stream.grouped(options.batch),
-    Stream.map((indices) => ({ rows: indices.map((i) => rows[i]), indices }))
+    Stream.map((indices) => ({ rows: indices.map((i) => rows[i]), indices, documentMask }))
   )
   const annotated: Stream.Stream<{ readonly batch: Batch; readonly teacher: Output | undefined }, TeacherError> = teacher === undefined
     ? batches.pipe(Stream.map((batch) => ({ batch, teacher: undefined })))
@@ -141,7 +145,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
       Effect.gen(function*() {
         const started = performance.now()
         const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) =>
-          microBatch(batch.indices.map((i) => rows[i]), output, config.vocabSize, lossOptions)
+          microBatch(batch.indices.map((i) => rows[i]), documentMask, output, config.vocabSize, lossOptions)
         )
         const result = yield* Training.step(trainable, adam, prepared, objective, {
           learningRate: Optimizer.learningRate(schedule, step),
@@ -202,8 +206,8 @@ function* seededOrder(count: number, seed: number, start: number): Generator<num
 
 interface MicroBatch {
   readonly ids: Array<Array<number>>
-  /** 1 for real tokens, 0 for padding. */
-  readonly attention: Array<Array<number>>
+  /** How the model reads the rows: padding, and the conversations' starts with document masking. */
+  readonly masks: ReturnType<typeof Dataset.rowMasks>
   /** Positions the loss counts: those whose next token is an assistant token. */
   readonly mask: Array<Array<number>>
   readonly targets: Array<Array<number>>
@@ -215,10 +219,16 @@ interface MicroBatch {
  * Without a teacher the target is the data itself, the next token with probability 1, from which
  * the KL is exactly the cross-entropy.
  */
-const microBatch = Effect.fnUntraced(function*(rows: ReadonlyArray<ChatData.Row>, output: Output | undefined, vocab: number, loss: Loss.Options) {
+const microBatch = Effect.fnUntraced(function*(
+  rows: ReadonlyArray<ChatData.Row>,
+  documentMask: boolean,
+  output: Output | undefined,
+  vocab: number,
+  loss: Loss.Options
+) {
   const t = rows[0].ids.length
   const ids = rows.map((row) => [...row.ids])
-  const attention = Dataset.rowMask(rows)
+  const masks = Dataset.rowMasks(rows, documentMask)
   const mask = rows.map(ChatData.lossMask)
   const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
   const teacher: Loss.Teacher = output === undefined
@@ -227,12 +237,12 @@ const microBatch = Effect.fnUntraced(function*(rows: ReadonlyArray<ChatData.Row>
   const target = yield* Loss.teacherTarget(teacher, vocab, mask, loss).pipe(
     Effect.ensuring(Effect.sync(() => tf.dispose(teacher._tag === "Full" ? [teacher.logProbs] : [teacher.ids, teacher.logProbs])))
   )
-  return { ids, attention, mask, targets, target } satisfies MicroBatch
+  return { ids, masks, mask, targets, target } satisfies MicroBatch
 })
 
 /** The objective: the data's cross-entropy alone, or `w` times `KL + ((1 - w) / w) CE` with a teacher. */
 const lossOf = (distillWeight: number | undefined, options: Loss.Options) => (model: Model.Model, batch: MicroBatch): Training.Objective => {
-  const logits = Model.forward(model, batch.ids, { attentionMask: batch.attention }).logits
+  const logits = Model.forward(model, batch.ids, batch.masks).logits
   const { loss, tokens, metrics } = Loss.distillation(logits, batch.target, batch, options)
   return distillWeight === undefined
     ? { loss, tokens, metrics: { ce: metrics.ce } }

@@ -131,7 +131,7 @@ describe("ChatData.read", () => {
 })
 
 describe("ChatData.pack", () => {
-  it("conserves every token and mark, never splits a conversation and cuts only the over-long", () => {
+  it("conserves every token and mark, never splits a conversation, cuts only the over-long and marks where each starts", () => {
     const next = Random.uniform(11)
     const length = 32
     const examples: Array<ChatData.Example> = Array.from({ length: 60 }, (_, line) => {
@@ -152,18 +152,24 @@ describe("ChatData.pack", () => {
     }
     // Whole conversations: the row boundaries fall between conversations, and a row is closed only
     // when the next conversation does not fit in it.
+    // Each conversation's first position is one of the row's document starts, and no other is.
     let at = 0
     for (const [r, row] of rows.entries()) {
       let filled = 0
-      while (at < cut.length && filled + cut[at].ids.length <= row.length) filled += cut[at++].ids.length
+      const starts: Array<number> = []
+      while (at < cut.length && filled + cut[at].ids.length <= row.length) {
+        starts.push(filled)
+        filled += cut[at++].ids.length
+      }
       assert.strictEqual(filled, row.length)
+      assert.deepStrictEqual(row.starts, starts)
       if (r < rows.length - 1) assert.isAbove(row.length + cut[at].ids.length, length)
     }
     assert.strictEqual(at, cut.length)
   })
 
   it("counts a position when the token it predicts is an assistant token", () => {
-    const row: ChatData.Row = { ids: [1, 3, 50, 4, 60, 2, 7, 7], length: 6, assistant: [0, 0, 0, 0, 1, 1, 0, 0] }
+    const row: ChatData.Row = { ids: [1, 3, 50, 4, 60, 2, 7, 7], length: 6, starts: [0], assistant: [0, 0, 0, 0, 1, 1, 0, 0] }
     assert.deepStrictEqual(ChatData.lossMask(row), [0, 0, 0, 1, 1, 0, 0, 0])
   })
 })

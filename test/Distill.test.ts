@@ -12,7 +12,7 @@ import { calibrate } from "../stages/Calibrate.ts"
 import { distill, type DistillOptions } from "../stages/Distill.ts"
 import { evaluate } from "../stages/Evaluate.ts"
 import { prune } from "../stages/Prune.ts"
-import { markovData, sharedFixture, tempDir } from "./support.ts"
+import { localFixture, markovData, sharedFixture, tempDir } from "./support.ts"
 
 const parentDir = sharedFixture("tiny-mistral")
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
@@ -51,7 +51,7 @@ const heldoutNll = (dir: string, data: string) =>
 
 const metrics = (out: string) =>
   Effect.promise(() => fs.readFile(path.join(out, "metrics.jsonl"), "utf8")).pipe(
-    Effect.map((text) => text.trim().split("\n").map((line) => JSON.parse(line) as { step: number; kl: number; loss: number; lr: number }))
+    Effect.map((text) => text.trim().split("\n").map((line) => JSON.parse(line) as { step: number; kl: number; loss: number; lr: number; tokens: number }))
   )
 
 const withTeacher = Layer.provideMerge(Teacher.inProcess(parentDir), TensorBackend.layer("wasm"))
@@ -89,6 +89,39 @@ describe("distill", () => {
       assert.strictEqual(model.config.rope.type, "yarn")
       assert.isTrue((yield* metrics(out)).every((m) => Number.isFinite(m.loss)))
     }).pipe(Effect.scoped, Effect.provide(withTeacher)))
+
+  /** The KL and its token count of a first step on `documents` (rows of ids), before any update. */
+  const firstStep = (dir: string, name: string, documents: ReadonlyArray<ReadonlyArray<number>>, documentMask: boolean) =>
+    Effect.gen(function*() {
+      const data = path.join(dir, `${name}.jsonl`)
+      yield* Effect.promise(() => fs.writeFile(data, documents.map((ids) => JSON.stringify({ input_ids: ids })).join("\n") + "\n"))
+      const out = path.join(dir, name)
+      // Student and teacher differ: the KL is far from 0.
+      yield* distill({ ...options(localFixture("mistral-tied"), data, out), steps: 1, batch: 1, accumulate: 1, documentMask }).pipe(Effect.scoped)
+      return (yield* metrics(out))[0]
+    })
+  const documentA = Array.from({ length: 12 }, (_, i) => (i * 37 + 5) % 512)
+  const documentB = Array.from({ length: 9 }, (_, i) => (i * 91 + 200) % 512)
+
+  it.effect("the KL counts every real token of a row, the last one included (its teacher distribution needs no next token)", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const step = yield* firstStep(dir, "one", [documentA], false)
+      assert.strictEqual(step.tokens, documentA.length)
+    }).pipe(Effect.provide(withTeacher)))
+
+  it.effect("with document masking, a packed row's KL is the token-weighted KL of its documents distilled alone", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const packed = yield* firstStep(dir, "packed", [documentA, documentB], true)
+      const a = yield* firstStep(dir, "a", [documentA], true)
+      const b = yield* firstStep(dir, "b", [documentB], true)
+      assert.strictEqual(packed.tokens, a.tokens + b.tokens)
+      assert.approximately(packed.kl, (a.tokens * a.kl + b.tokens * b.kl) / packed.tokens, 1e-5)
+      // Without it, B reads A: another KL.
+      const whole = yield* firstStep(dir, "whole", [documentA, documentB], false)
+      assert.isAbove(Math.abs(whole.kl - packed.kl), 1e-3)
+    }).pipe(Effect.provide(withTeacher)))
 
   it.effect("a run in OUT is not continued without --resume", () =>
     Effect.gen(function*() {

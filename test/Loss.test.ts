@@ -22,6 +22,7 @@ interface Case {
     | { readonly ids: ReadonlyArray<ReadonlyArray<ReadonlyArray<number>>>; readonly logProbs: ReadonlyArray<ReadonlyArray<ReadonlyArray<number>>> }
   readonly mask?: ReadonlyArray<ReadonlyArray<number>>
   readonly targets?: ReadonlyArray<ReadonlyArray<number>>
+  readonly crossEntropyMask?: ReadonlyArray<ReadonlyArray<number>>
   readonly options?: Partial<Loss.Options>
 }
 
@@ -40,7 +41,7 @@ const run = (c: Case) =>
     const [b, t, v] = [c.student.length, c.student[0].length, c.student[0][0].length]
     const options = { ...Loss.defaultOptions, ...c.options }
     const mask = c.mask ?? Array.from({ length: b }, () => new Array(t).fill(1))
-    const batch = { mask, targets: c.targets ?? Array.from({ length: b }, () => new Array(t).fill(0)) }
+    const batch = { mask, targets: c.targets ?? Array.from({ length: b }, () => new Array(t).fill(0)), crossEntropyMask: c.crossEntropyMask }
     const before = tf.memory().numTensors
     const teacher = teacherOf(c.teacher)
     const logits = tf.tensor3d(c.student as Array<Array<Array<number>>>)
@@ -136,6 +137,25 @@ describe("Loss.distillation", () => {
       const ce = -Math.log(softmax(student)[3])
       close(out.metrics.ce, ce)
       close(out.loss, 4 * kl(softmax(teacher, 2), softmax(student, 2)) + 0.5 * ce)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("the KL runs over the mask and the cross-entropy over its own: a last token has a teacher but no next token", () =>
+    Effect.gen(function*() {
+      const students = [[1, -1, 2, 0.5], [0, 0.3, -0.2, 1]]
+      const teachers = [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]].map((p) => p.map(Math.log))
+      const out = yield* run({
+        student: [students],
+        teacher: { full: [teachers] },
+        targets: [[2, 0]],
+        crossEntropyMask: [[1, 0]],
+        options: { crossEntropyWeight: 0.5 }
+      })
+      const kls = students.map((z, i) => kl(softmax(teachers[i]), softmax(z)))
+      const ce = -Math.log(softmax(students[0])[2])
+      assert.strictEqual(out.tokens, 2)
+      close(out.metrics.kl, (kls[0] + kls[1]) / 2)
+      close(out.metrics.ce, ce)
+      close(out.loss, (kls[0] + kls[1]) / 2 + 0.5 * ce)
     }).pipe(onBackend("wasm")))
 
   it.effect("vocabularies are aligned on their common prefix", () =>

@@ -122,3 +122,39 @@ describe("KV cache", () => {
       assert.isAtMost(maxAbsDiff(incremental, full), 1e-4)
     }).pipe(onBackend("wasm")), { timeout: 120_000, arbitrary: { runs: 15 } })
 })
+
+/** Up to four documents of fixture tokens and some padding, packed into one row. */
+const PackedDocuments = Schema.Struct({
+  documents: Schema.Array(
+    Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 511 }))).check(Schema.isMinLength(1), Schema.isMaxLength(9))
+  ).check(Schema.isMinLength(1), Schema.isMaxLength(4)),
+  padding: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3 }))
+})
+
+describe("document masking", () => {
+  // ministral3-yarn has YaRN and position-based query scaling from position 16 on: positions must restart.
+  for (const name of ["tiny-mistral", "ministral3-yarn"]) {
+    it.effect.prop(`${name}: each document of a packed row gets exactly the logits it gets alone`, { packed: PackedDocuments }, ({ packed }) =>
+      Effect.gen(function*() {
+        const model = yield* Pretrained.load(name === "tiny-mistral" ? sharedFixture(name) : localFixture(name))
+        const v = model.config.vocabSize
+        // Two rows: the documents in order and reversed, so that they sit at other offsets.
+        const layouts = [packed.documents, [...packed.documents].reverse()]
+        const length = packed.documents.reduce((n, ids) => n + ids.length, 0)
+        const t = length + packed.padding
+        const rows = layouts.map((documents) => [...documents.flat(), ...new Array<number>(packed.padding).fill(0)])
+        const starts = layouts.map((documents) => documents.map((_, d) => documents.slice(0, d).reduce((n, ids) => n + ids.length, 0)))
+        const attentionMask = rows.map((row) => row.map((_, i) => (i < length ? 1 : 0)))
+        const before = tf.memory().numTensors
+        const logits = take(Model.forward(model, rows, { attentionMask, documentStarts: starts }).logits)
+        assert.strictEqual(tf.memory().numTensors, before, "forward leaves no tensors behind")
+        layouts.forEach((documents, r) =>
+          documents.forEach((ids, d) => {
+            const alone = take(Model.forward(model, [ids]).logits)
+            const at = (r * t + starts[r][d]) * v
+            assert.isAtMost(maxAbsDiff(logits.subarray(at, at + ids.length * v), alone), 1e-4, `row ${r} document ${d}`)
+          })
+        )
+      }).pipe(onBackend("wasm")), { timeout: 120_000, arbitrary: { runs: 15 } })
+  }
+})

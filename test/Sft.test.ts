@@ -127,6 +127,31 @@ describe("sft", () => {
       for (const m of yield* metrics(pure)) assert.closeTo(m.loss, m.kl!, 1e-6)
     }).pipe(Effect.scoped, withTeacher))
 
+  it.effect("with document masking, the losses of packed conversations are the token-weighted losses of each alone", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const lines = (yield* Effect.promise(() => fs.readFile(instruct, "utf8"))).split("\n").slice(0, 2)
+      const student = yield* perturbedParent(path.join(dir, "student"))
+      /** The first step's metrics (before any update) on `chats`, all in one row of 256 tokens. */
+      const firstStep = (name: string, chats: ReadonlyArray<string>, documentMask: boolean) =>
+        Effect.gen(function*() {
+          const data = path.join(dir, `${name}.jsonl`)
+          yield* Effect.promise(() => fs.writeFile(data, chats.join("\n") + "\n"))
+          const out = path.join(dir, name)
+          yield* sft({ ...options(student, data, out), seq: 256, steps: 1, batch: 2, distillWeight: 0.5, documentMask }).pipe(Effect.scoped)
+          return (yield* metrics(out))[0]
+        })
+      const packed = yield* firstStep("packed", lines, true)
+      const alone = [yield* firstStep("first", lines.slice(0, 1), true), yield* firstStep("second", lines.slice(1), true)]
+      assert.strictEqual(packed.tokens, alone[0].tokens + alone[1].tokens)
+      const weighted = (pick: (m: StepMetrics) => number) => (alone[0].tokens * pick(alone[0]) + alone[1].tokens * pick(alone[1])) / packed.tokens
+      assert.closeTo(packed.ce, weighted((m) => m.ce), 1e-5)
+      assert.closeTo(packed.kl!, weighted((m) => m.kl!), 1e-5)
+      // Without it, the second conversation reads the first: other losses.
+      const whole = yield* firstStep("whole", lines, false)
+      assert.isAbove(Math.abs(whole.ce - packed.ce), 1e-4)
+    }).pipe(Effect.scoped, withTeacher))
+
   it.effect("a run interrupted after a checkpoint and resumed ends with the losses and weights of an uninterrupted run", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

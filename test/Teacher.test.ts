@@ -348,3 +348,44 @@ describe("Teacher.remote", () => {
       })
     ))
 })
+
+describe("Teacher sources with document masking", () => {
+  it.live("in process and remote, each document of a row is read alone; the cache, made from whole rows, refuses", () =>
+    withData(({ dir, data }) =>
+      Effect.gen(function*() {
+        const url = yield* serve
+        const batches = (yield* batchesOf(data, 3)).map((batch): Batch => ({ ...batch, documentMask: true }))
+        assert.isTrue(batches.some((batch) => batch.rows.some((row) => row.starts.length > 1)), "some row holds two documents")
+        const local = yield* annotateWith(Teachers.inProcess(fixture, { topK: 6 }), batches)
+        const remote = yield* annotateWith(Teachers.remote([url], { topK: 6, concurrency: 4 }), batches)
+
+        // Each document alone, as its own row: the teacher's top-6 at its positions.
+        const model = yield* Pretrained.load(fixture)
+        for (const [b, { batch, teacher }] of local.entries()) {
+          const other = remote[b].teacher
+          assert(teacher._tag === "TopK" && other._tag === "TopK")
+          assert.deepStrictEqual(other.ids, teacher.ids)
+          assert.isBelow(maxDiff(Array.from(other.logProbs), Array.from(teacher.logProbs)), 1e-5)
+          for (const [r, row] of batch.rows.entries()) {
+            row.starts.forEach((from, d) => {
+              const to = row.starts[d + 1] ?? row.length
+              const [values, indices] = tf.tidy(() => {
+                const { values, indices } = tf.topk(tf.logSoftmax(Model.forward(model, [row.ids.slice(from, to)]).logits), 6)
+                return [take(values), take(indices)]
+              })
+              const at = (r * SEQ + from) * 6
+              assert.deepStrictEqual(Array.from(teacher.ids.subarray(at, at + (to - from) * 6)), Array.from(indices), `row ${batch.indices[r]} from ${from}`)
+              assert.isBelow(maxDiff(Array.from(teacher.logProbs.subarray(at, at + (to - from) * 6)), Array.from(values)), 1e-4)
+            })
+          }
+        }
+
+        const out = path.join(dir, "cache")
+        yield* TeacherCache.writeCache({ teacherDir: fixture, data, out, seq: SEQ, topK: 6, batchSize: 3 })
+          .pipe(Effect.provide(Teachers.inProcess(fixture, { topK: 6 })))
+        const error = yield* Effect.flip(annotateWith(Teachers.offlineCache(out, { data, seq: SEQ, tokenizerHash: null }), batches))
+        assert.instanceOf(error, TeacherError)
+        assert.include(error.message, "--no-document-mask")
+      }).pipe(Effect.scoped)
+    ))
+})

@@ -3,6 +3,7 @@ import { Option } from "effect"
 import { Flag } from "effect/cli"
 import { type DtypeName, dtypeNames } from "../io/Pretrained.ts"
 import type { FloatDtype } from "../io/Safetensors.ts"
+import { documentMaskByDefault } from "../data/Dataset.ts"
 import type { SupervisedOptions } from "../train/Training.ts"
 
 /**
@@ -47,6 +48,10 @@ export const supervisedFlags = (defaults: { readonly lr: number; readonly batch:
   batch: Flag.Int("batch").pipe(Flag.withDescription("Rows per micro-batch"), Flag.withDefault(defaults.batch)),
   accumulate: Flag.Int("accumulate").pipe(Flag.withDescription("Micro-batches per step"), Flag.withDefault(1)),
   dtype: dtypeFlag,
+  documentMask: Flag.Boolean("document-mask").pipe(
+    Flag.withDescription("Each document of a packed row attends only to itself, positions from 0, for model and teacher (--no-document-mask: rows read whole)"),
+    Flag.withDefault(documentMaskByDefault)
+  ),
   ...dataSetRunFlags
 })
 

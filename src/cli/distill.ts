@@ -65,6 +65,7 @@ export const distillCommand = Command.make(
         ...supervisedOptions(flags),
         studentDir: flags.student,
         data: flags.data,
+        documentMask: flags.documentMask,
         loss: { temperature: flags.temperature, crossEntropyWeight: flags.ceWeight, restBucket: flags.restBucket, maxOutsideMass: 1e-3 },
         yarn: yarnFactor === undefined
           ? undefined

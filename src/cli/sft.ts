@@ -35,6 +35,7 @@ export const sftCommand = Command.make(
       ...supervisedOptions(flags),
       modelDir: flags.model,
       data: flags.data,
+      documentMask: flags.documentMask,
       distillWeight: Option.getOrElse(flags.distillWeight, () => (source === undefined ? 0 : 0.5)),
       onStep: (m) =>
         progress.update(m.step, `loss ${m.loss.toFixed(4)} ce ${m.ce.toFixed(4)}${m.kl === undefined ? "" : ` kl ${m.kl.toFixed(4)}`} ${m.tokens_per_s.toFixed(0)} tok/s`)

@@ -18,8 +18,9 @@
  * Packing: whole conversations go into rows of `length` tokens in order, as many as fit, and the
  * rest of a row is padding. A conversation is never split across rows, so every assistant turn sees
  * its own prompt; one longer than a row is cut to the row (its tail is lost). Conversations sharing
- * a row attend to the ones before them, as documents do in pretraining packing (the model has no
- * per-document mask); each starts with its own BOS, which the parent learned as a boundary.
+ * a row attend to the ones before them, as documents do in pretraining packing, unless the run masks
+ * documents (`PackedRow.starts` marks each conversation); each starts with its own BOS, which the
+ * parent learned as a boundary.
  */
 import { Effect, Schema, Stream } from "effect"
 import { lines, type PackedRow } from "./Dataset.ts"
@@ -115,16 +116,25 @@ export const pack = (examples: ReadonlyArray<Example>, length: number, padId: nu
   const rows: Array<Row> = []
   let ids: Array<number> = []
   let assistant: Array<number> = []
+  let starts: Array<number> = []
   const flush = () => {
     if (ids.length === 0) return
     const padding = length - ids.length
-    rows.push({ ids: [...ids, ...new Array<number>(padding).fill(padId)], length: ids.length, assistant: [...assistant, ...new Array<number>(padding).fill(0)] })
+    rows.push({
+      ids: [...ids, ...new Array<number>(padding).fill(padId)],
+      length: ids.length,
+      starts,
+      assistant: [...assistant, ...new Array<number>(padding).fill(0)]
+    })
     ids = []
     assistant = []
+    starts = []
   }
   for (const example of examples) {
     const size = Math.min(example.ids.length, length)
+    if (size === 0) continue
     if (ids.length + size > length) flush()
+    starts.push(ids.length)
     ids.push(...example.ids.slice(0, size))
     assistant.push(...example.assistant.slice(0, size))
   }

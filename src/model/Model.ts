@@ -63,6 +63,12 @@ export interface LayerTrace {
 export interface ForwardOptions {
   /** [B][T] 1 for tokens, 0 for padding; all ones when left out. */
   readonly attentionMask?: ReadonlyArray<ArrayLike<number>>
+  /**
+   * Document masking of packed rows: [B] the positions where a document starts in each row (0 is
+   * always one). A token attends only to tokens of its own document, and RoPE positions restart at
+   * 0 at each start, so each document gets exactly the logits it gets alone. Not with a cache.
+   */
+  readonly documentStarts?: ReadonlyArray<ReadonlyArray<number>>
   /** Positions already processed; their keys and values are consumed (disposed) by this call. */
   readonly cache?: KVCache
   /** Also return the residual stream entering each layer and the final normed output. */
@@ -173,7 +179,7 @@ export const ffnActivation = (x: tf.Tensor, layer: LayerWeights): tf.Tensor => {
 }
 
 /** Rotates pairs (i, i + E/2) by the position's angle: `x cos + rotate_half(x) sin`. x: [B, heads, T, E]. */
-const applyRope = (x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor4D => {
+const applyRope = (x: tf.Tensor4D, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor4D => {
   const half = x.shape[3] / 2
   const [first, second] = tf.split(x, [half, half], 3)
   const rotated = tf.concat([tf.neg(second), first], 3)
@@ -187,9 +193,11 @@ const splitHeads = (x: tf.Tensor, heads: number, headDim: number): tf.Tensor4D =
 }
 
 interface AttentionContext {
-  readonly cos: tf.Tensor2D // [T, E]
-  readonly sin: tf.Tensor2D // [T, E]
-  readonly queryScales: tf.Tensor2D // [T, 1]
+  /** [T, E] shared by the rows, or [B, 1, T, E] with positions per row (document masking). */
+  readonly cos: tf.Tensor
+  readonly sin: tf.Tensor
+  /** [T, 1], or [B, 1, T, 1] with positions per row. */
+  readonly queryScales: tf.Tensor
   readonly mask: tf.Tensor4D // [B, 1, T, S] additive: 0 or a large negative number
 }
 
@@ -225,22 +233,78 @@ const MASKED = -1e9
 
 /**
  * The additive attention mask [B, 1, T, S]: a query sees keys at or before its position that are
- * not padding and, with a sliding window, fewer than `window` positions back.
+ * not padding, with a sliding window fewer than `window` positions back, and with document masking
+ * (`positions` [B][S], each token's position in its document) only keys of its own document.
  */
-const attentionMask = (keyMask: ReadonlyArray<Uint8Array>, offset: number, t: number, window: number | null) => {
+const attentionMask = (
+  keyMask: ReadonlyArray<Uint8Array>,
+  offset: number,
+  t: number,
+  window: number | null,
+  positions: ReadonlyArray<Int32Array> | undefined
+) => {
   const b = keyMask.length
   const s = offset + t
   const mask = new Float32Array(b * t * s)
   for (let row = 0; row < b; row++) {
     for (let i = 0; i < t; i++) {
       const position = offset + i
+      // The query's document starts here; keys before it belong to earlier documents.
+      const first = positions === undefined ? 0 : position - positions[row][position]
       for (let j = 0; j < s; j++) {
-        const visible = j <= position && keyMask[row][j] === 1 && (window === null || position - j < window)
+        const visible = j >= first && j <= position && keyMask[row][j] === 1 && (window === null || position - j < window)
         mask[(row * t + i) * s + j] = visible ? 0 : MASKED
       }
     }
   }
   return tf.tensor4d(mask, [b, 1, t, s])
+}
+
+/** [B][T] each token's position within its document, from each row's document starts. */
+const documentPositions = (starts: ReadonlyArray<ReadonlyArray<number>>, t: number) =>
+  starts.map((rowStarts) => {
+    const isStart = new Uint8Array(t)
+    for (const start of rowStarts) if (start < t) isStart[start] = 1
+    const positions = new Int32Array(t)
+    for (let i = 1; i < t; i++) positions[i] = isStart[i] === 1 ? 0 : positions[i - 1] + 1
+    return positions
+  })
+
+/** RoPE tables and query scales of positions offset..offset+T-1, the same for every row: [T, E] and [T, 1]. */
+const sharedTables = (model: Model, offset: number, t: number) => {
+  const tables = Rope.tables(model.rope, offset, t)
+  return {
+    cos: tf.tensor2d(tables.cos, [t, model.config.headDim]),
+    sin: tf.tensor2d(tables.sin, [t, model.config.headDim]),
+    queryScales: tf.tensor2d(Rope.queryScales(model.config, offset, t), [t, 1])
+  }
+}
+
+/**
+ * RoPE tables and query scales at each row's own positions, [B, 1, T, E] and [B, 1, T, 1]: rows of
+ * the tables for positions 0..T-1 picked per token.
+ */
+const tablesAt = (model: Model, positions: ReadonlyArray<Int32Array>, t: number) => {
+  const e = model.config.headDim
+  const tables = Rope.tables(model.rope, 0, t)
+  const scales = Rope.queryScales(model.config, 0, t)
+  const b = positions.length
+  const cos = new Float32Array(b * t * e)
+  const sin = new Float32Array(b * t * e)
+  const queryScales = new Float32Array(b * t)
+  positions.forEach((rowPositions, row) =>
+    rowPositions.forEach((position, i) => {
+      const at = (row * t + i) * e
+      cos.set(tables.cos.subarray(position * e, (position + 1) * e), at)
+      sin.set(tables.sin.subarray(position * e, (position + 1) * e), at)
+      queryScales[row * t + i] = scales[position]
+    })
+  )
+  return {
+    cos: tf.tensor4d(cos, [b, 1, t, e]),
+    sin: tf.tensor4d(sin, [b, 1, t, e]),
+    queryScales: tf.tensor4d(queryScales, [b, 1, t, 1])
+  }
 }
 
 /**
@@ -272,13 +336,12 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
   const offset = past?.length ?? 0
   const newMask = ids.map((_, row) => Uint8Array.from(options.attentionMask?.[row] ?? new Array(t).fill(1)))
   const keyMask = newMask.map((mask, row) => past ? concatBytes(past.keyMask[row], mask) : mask)
+  if (past && options.documentStarts) throw new Error("Model.forward: document masking is not supported with a cache")
+  const positions = options.documentStarts && documentPositions(options.documentStarts, t)
   const result = tf.tidy(() => {
-    const tables = Rope.tables(model.rope, offset, t)
     const context: AttentionContext = {
-      cos: tf.tensor2d(tables.cos, [t, config.headDim]),
-      sin: tf.tensor2d(tables.sin, [t, config.headDim]),
-      queryScales: tf.tensor2d(Rope.queryScales(config, offset, t), [t, 1]),
-      mask: attentionMask(keyMask, offset, t, config.slidingWindow)
+      ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
+      mask: attentionMask(keyMask, offset, t, config.slidingWindow, positions)
     }
     let x = embed(weights.embed, ids)
     const hiddenStates: Array<tf.Tensor3D> = []

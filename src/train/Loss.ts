@@ -192,19 +192,28 @@ export interface Distillation extends Objective {
 }
 
 /**
- * The distillation loss of student logits [B, T, Vs] against a target, over the positions `mask`
- * keeps; `targets` are the next tokens for the cross-entropy. Differentiable w.r.t. the logits.
+ * The distillation loss of student logits [B, T, Vs] against a target: the KL over the positions
+ * `mask` keeps, the cross-entropy of the next tokens `targets` over those `crossEntropyMask` keeps
+ * (`mask` when left out): a position may have a teacher distribution but no next token, as the
+ * last token of a packed row has. Both are means over their own positions; `tokens` counts the
+ * KL's. Differentiable w.r.t. the logits.
  */
 export const distillation = (
   logits: tf.Tensor3D,
   target: Target,
-  batch: { readonly mask: ReadonlyArray<ArrayLike<number>>; readonly targets: ReadonlyArray<ArrayLike<number>> },
+  batch: {
+    readonly mask: ReadonlyArray<ArrayLike<number>>
+    readonly targets: ReadonlyArray<ArrayLike<number>>
+    readonly crossEntropyMask?: ReadonlyArray<ArrayLike<number>>
+  },
   options: Options
 ): Distillation => {
   const [b, t, vs] = logits.shape
   const n = b * t
   const mask = flatMask(batch.mask)
   const tokens = mask.reduce((sum, keep) => sum + keep, 0)
+  const ceMask = batch.crossEntropyMask === undefined ? mask : flatMask(batch.crossEntropyMask)
+  const ceTokens = ceMask.reduce((sum, keep) => sum + keep, 0)
   const temperature = options.temperature
   let metrics = new Float32Array(2)
   const loss = tf.tidy(() => {
@@ -217,7 +226,7 @@ export const distillation = (
     const perToken = tf.sub(target.negEntropy, cross) // [N]
     const weights = tf.div(tf.tensor1d(mask), Math.max(tokens, 1)) // [N], sums to 1 over kept tokens
     const kl = tf.sum(tf.mul(perToken, weights))
-    const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, batch.targets), weights))
+    const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, batch.targets), tf.div(tf.tensor1d(ceMask), Math.max(ceTokens, 1))))
     metrics = Float32Array.from(tf.stack([kl, ce]).dataSync())
     const scaled = tf.mul(kl, temperature * temperature)
     return (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar

@@ -9,10 +9,16 @@ import { Context, Schema, type Stream } from "effect"
 import type { PackedRow } from "../data/Dataset.ts"
 import type * as Loss from "./Loss.ts"
 
-/** A training batch: packed rows and their indices in the packed data set (what a cache is keyed by). */
+/**
+ * A training batch: packed rows and their indices in the packed data set (what a cache is keyed by),
+ * and whether the student reads the rows document-masked: the teacher must read them so too, or its
+ * distributions are for another context.
+ */
 export interface Batch {
   readonly rows: ReadonlyArray<PackedRow>
   readonly indices: ReadonlyArray<number>
+  /** Each document of a row on its own (attention and RoPE positions restart at its start); false when left out. */
+  readonly documentMask?: boolean
 }
 
 /**
