@@ -63,6 +63,11 @@ export interface LayerTrace {
 export interface ForwardOptions {
   /** [B][T] 1 for tokens, 0 for padding; all ones when left out. */
   readonly attentionMask?: ReadonlyArray<ArrayLike<number>>
+  /**
+   * [B][T] each token's position for RoPE and Ministral 3's query scale, as transformers'
+   * `position_ids`; offset..offset+T-1 for every row when left out. Attention stays causal by index.
+   */
+  readonly positionIds?: ReadonlyArray<ArrayLike<number>>
   /** Positions already processed; their keys and values are consumed (disposed) by this call. */
   readonly cache?: KVCache
   /** Also return the residual stream entering each layer and the final normed output. */
@@ -173,7 +178,7 @@ export const ffnActivation = (x: tf.Tensor, layer: LayerWeights): tf.Tensor => {
 }
 
 /** Rotates pairs (i, i + E/2) by the position's angle: `x cos + rotate_half(x) sin`. x: [B, heads, T, E]. */
-const applyRope = (x: tf.Tensor4D, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor4D => {
+const applyRope = (x: tf.Tensor4D, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor4D => {
   const half = x.shape[3] / 2
   const [first, second] = tf.split(x, [half, half], 3)
   const rotated = tf.concat([tf.neg(second), first], 3)
@@ -187,9 +192,11 @@ const splitHeads = (x: tf.Tensor, heads: number, headDim: number): tf.Tensor4D =
 }
 
 interface AttentionContext {
-  readonly cos: tf.Tensor2D // [T, E]
-  readonly sin: tf.Tensor2D // [T, E]
-  readonly queryScales: tf.Tensor2D // [T, 1]
+  /** [T, E] shared by the rows, or [B, 1, T, E] with positions per row. */
+  readonly cos: tf.Tensor
+  readonly sin: tf.Tensor
+  /** [T, 1], or [B, 1, T, 1] with positions per row. */
+  readonly queryScales: tf.Tensor
   readonly mask: tf.Tensor4D // [B, 1, T, S] additive: 0 or a large negative number
 }
 
@@ -243,6 +250,44 @@ const attentionMask = (keyMask: ReadonlyArray<Uint8Array>, offset: number, t: nu
   return tf.tensor4d(mask, [b, 1, t, s])
 }
 
+/** RoPE tables and query scales of positions offset..offset+T-1, the same for every row: [T, E] and [T, 1]. */
+const sharedTables = (model: Model, offset: number, t: number) => {
+  const tables = Rope.tables(model.rope, offset, t)
+  return {
+    cos: tf.tensor2d(tables.cos, [t, model.config.headDim]),
+    sin: tf.tensor2d(tables.sin, [t, model.config.headDim]),
+    queryScales: tf.tensor2d(Rope.queryScales(model.config, offset, t), [t, 1])
+  }
+}
+
+/**
+ * RoPE tables and query scales at each row's own positions ([B][T]), [B, 1, T, E] and [B, 1, T, 1]:
+ * rows of the tables for positions 0..max picked per token.
+ */
+const tablesAt = (model: Model, positions: ReadonlyArray<ArrayLike<number>>, t: number) => {
+  const e = model.config.headDim
+  const length = Math.max(...positions.flatMap((row) => Array.from(row))) + 1
+  const tables = Rope.tables(model.rope, 0, length)
+  const scales = Rope.queryScales(model.config, 0, length)
+  const b = positions.length
+  const cos = new Float32Array(b * t * e)
+  const sin = new Float32Array(b * t * e)
+  const queryScales = new Float32Array(b * t)
+  positions.forEach((rowPositions, row) =>
+    Array.from(rowPositions).forEach((position, i) => {
+      const at = (row * t + i) * e
+      cos.set(tables.cos.subarray(position * e, (position + 1) * e), at)
+      sin.set(tables.sin.subarray(position * e, (position + 1) * e), at)
+      queryScales[row * t + i] = scales[position]
+    })
+  )
+  return {
+    cos: tf.tensor4d(cos, [b, 1, t, e]),
+    sin: tf.tensor4d(sin, [b, 1, t, e]),
+    queryScales: tf.tensor4d(queryScales, [b, 1, t, 1])
+  }
+}
+
 /**
  * Token ids [B][T] -> embeddings [B, T, D]. The table's gradient is a scatter-add of the rows'
  * gradients [B*T, D] into [V, D]: tf.gather's own gradient needs UnsortedSegmentSum, which the wasm
@@ -273,11 +318,8 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
   const newMask = ids.map((_, row) => Uint8Array.from(options.attentionMask?.[row] ?? new Array(t).fill(1)))
   const keyMask = newMask.map((mask, row) => past ? concatBytes(past.keyMask[row], mask) : mask)
   const result = tf.tidy(() => {
-    const tables = Rope.tables(model.rope, offset, t)
     const context: AttentionContext = {
-      cos: tf.tensor2d(tables.cos, [t, config.headDim]),
-      sin: tf.tensor2d(tables.sin, [t, config.headDim]),
-      queryScales: tf.tensor2d(Rope.queryScales(config, offset, t), [t, 1]),
+      ...(options.positionIds === undefined ? sharedTables(model, offset, t) : tablesAt(model, options.positionIds, t)),
       mask: attentionMask(keyMask, offset, t, config.slidingWindow)
     }
     let x = embed(weights.embed, ids)
