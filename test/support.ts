@@ -1,5 +1,6 @@
 /** Shared helpers of the test suite: fixture paths, references, comparisons. */
 import { Effect } from "effect"
+import { execFile } from "node:child_process"
 import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
@@ -11,6 +12,16 @@ export const sharedFixture = (name: string) => fileURLToPath(new URL(`../../shar
 
 /** Fixtures this repository keeps (made by scripts/make_references.py). */
 export const localFixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url))
+
+const cliMain = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
+
+/** Runs the command line as a user would, within `timeoutMs`; never fails, returns what happened. */
+export const cascadeCli = (args: ReadonlyArray<string>, timeoutMs = 60_000) =>
+  Effect.callback<{ code: number; stdout: string; stderr: string }>((resume) => {
+    execFile(process.execPath, [cliMain, ...args], { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024 }, (error, stdout, stderr) => {
+      resume(Effect.succeed({ code: error ? (typeof error.code === "number" ? error.code : 1) : 0, stdout, stderr }))
+    })
+  })
 
 export { maxAbsDiff, take } from "../src/io/Reference.ts"
 
