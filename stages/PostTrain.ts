@@ -36,7 +36,7 @@ import * as Preference from "../layers/Preference.ts"
 import * as RewardSources from "../layers/Rewards.ts"
 import { Rewards } from "../src/rewards/Reward.ts"
 import * as TeacherSources from "../layers/Teacher.ts"
-import { CheckpointError, DataError } from "../src/Errors.ts"
+import { CheckpointError, ConfigError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Generate from "../src/model/Generate.ts"
 import * as Checkpoint from "../src/io/Checkpoint.ts"
@@ -99,10 +99,12 @@ export const PostTrainConfig = Schema.Struct({
   start: Schema.String,
   /** The checkpoint SFT distils from. */
   teacher: Schema.String,
-  /** The rubric judge: a checkpoint served in process. */
+  /** The rubric judge: a checkpoint served in process, or an external one at `urls`. */
   judge: Schema.Struct({
-    /** The judge; with `sft`, the checkpoint it is fine-tuned from. */
+    /** The judge; with `sft`, the checkpoint it is fine-tuned from; with `urls`, the name its servers serve it under. */
     model: Schema.String,
+    /** OpenAI-compatible servers (vLLM, `cascade serve`) of an external judge, without `/v1`: asked instead of serving `model`; no `sft`. */
+    urls: Schema.optional(Schema.Array(Schema.String)),
     /** Fine-tunes `model` into the judge first, on chats of judge questions answered "yes" or "no". */
     sft: Schema.optional(SftStep),
     /** Held-out `{"prompt", "response", "item", "verdict", "kind"?}` questions: the judge's accuracy, in the report. */
@@ -196,23 +198,23 @@ const fixed = (x: number | null | undefined, digits = 3) => (x === null || x ===
 /** The judge as the rewards see it: the checkpoint to serve, named by what it is. */
 interface Judge {
   readonly dir: string
-  /** The served model's name, from its config and weights: cached verdicts belong to these weights. */
+  /** The served model's name, from its config and weights (cached verdicts belong to these weights); an external judge's as given. */
   readonly name: string
 }
 
 /**
- * Rewards: verifiers, and for rubrics the judge checkpoint served on a free loopback port for as
- * long as the layer lives (its request log off: it would bury the pipeline's own), its verdicts
- * kept in the run folder.
+ * Rewards: verifiers, and for rubrics the external judge, or else the judge checkpoint served on a
+ * free loopback port for as long as the layer lives (its request log off: it would bury the
+ * pipeline's own), its verdicts kept in the run folder.
  */
 const judgeRewards = (config: PostTrainConfig, judge: Judge) =>
   Layer.unwrap(Effect.gen(function*() {
+    const options = { model: judge.name, cacheDir: path.join(config.run, "judge"), retries: config.judge.retries, maxTokens: config.judge.maxTokens }
+    if (config.judge.urls !== undefined) return RewardSources.layer({ judge: { ...options, urls: config.judge.urls } })
     const served = { model: yield* Pretrained.load(judge.dir), tokenizer: yield* Tokenizer.load(judge.dir), name: judge.name }
     const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0, logRequests: false }))
     const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
-    return RewardSources.layer({
-      judge: { urls: [url], model: served.name, cacheDir: path.join(config.run, "judge"), retries: config.judge.retries, maxTokens: config.judge.maxTokens }
-    })
+    return RewardSources.layer({ judge: { ...options, urls: [url] } })
   }))
 
 /** SFT from `modelDir` into `out`, distilling from the teacher when the step says so. */
@@ -325,13 +327,23 @@ export const run = Effect.fn("PostTrain.run")(function*(
 
   const judgeDir = config.judge.sft === undefined ? config.judge.model : path.join(config.run, "judge-model")
   const judged = chosen.includes("reasoning") || config.evaluation.rubric !== undefined || config.judge.heldout !== undefined
+  if (config.judge.urls !== undefined && config.judge.sft !== undefined) {
+    return yield* new ConfigError({ file: config.run, reason: "judge: an external judge (urls) cannot be fine-tuned (sft)" })
+  }
   const judgeTrained = config.judge.sft !== undefined && judged
   if (config.judge.sft !== undefined && judgeTrained) {
     yield* Console.log(`[judge] fine-tuned from ${config.judge.model}: ${config.judge.sft.steps} steps`)
     const { steps } = config.judge.sft
     yield* runSft(config, config.judge.sft, config.judge.model, judgeDir, (done, _, summary) => events.onStep?.("[judge]", done, steps, summary))
   }
-  const judge: Judge = { dir: judgeDir, name: judged ? `judge-${(yield* Checkpoint.fingerprint(judgeDir)).slice(0, 16)}` : "judge (not used)" }
+  const judge: Judge = {
+    dir: judgeDir,
+    name: config.judge.urls !== undefined
+      ? config.judge.model
+      : judged
+      ? `judge-${(yield* Checkpoint.fingerprint(judgeDir)).slice(0, 16)}`
+      : "judge (not used)"
+  }
 
   const lineage: Array<Lineage> = []
   for (const branch of chosen) {

@@ -1,7 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import { existsSync } from "node:fs"
 import * as path from "node:path"
 import * as Config from "../src/model/Config.ts"
 import * as Model from "../src/model/Model.ts"
@@ -24,9 +23,8 @@ const matchesReference = (dir: string, referencePath: string) =>
     assert.strictEqual(tf.memory().numTensors, before, "forward leaves no tensors behind")
   })
 
-/** Variants made with transformers by scripts/make_references.py. */
+/** Variants made with transformers by scripts/make_references.py, kept in the repository: a missing one fails. */
 const variants = ["mistral-bf16", "mistral-tied", "mistral-headdim", "mistral-mqa", "ministral3-yarn", "ministral3-yarn-legacy"]
-  .filter((name) => existsSync(localFixture(name)))
 
 for (const backend of ["wasm", "cpu"] as const) {
   describe(`Model on ${backend}`, () => {
@@ -38,23 +36,29 @@ for (const backend of ["wasm", "cpu"] as const) {
     it.effect("tiny-mistral with a right-padded batch matches transformers", () =>
       matchesReference(sharedFixture("tiny-mistral"), localFixture("tiny-mistral-padded/reference-padded.safetensors")).pipe(
         onBackend(backend)
-      ), { skip: !existsSync(localFixture("tiny-mistral-padded")) })
+      ))
 
     for (const name of variants) {
       for (const file of ["reference.safetensors", "reference-padded.safetensors"]) {
         it.effect(`${name} (${file}) matches transformers`, () =>
           matchesReference(localFixture(name), localFixture(`${name}/${file}`)).pipe(
             onBackend(backend)
-          ), { skip: !existsSync(localFixture(`${name}/${file}`)) })
+          ))
       }
     }
+
+    it.effect("ministral3-yarn given explicit position ids (8..55) matches transformers, RoPE and query scales at those positions", () =>
+      Effect.gen(function*() {
+        const shifted = localFixture("ministral3-yarn/reference-shifted-positions.safetensors")
+        const reference = yield* Reference.open(shifted)
+        assert.deepStrictEqual(reference.positionIds, reference.ids.map((row) => row.map((_, t) => t + 8)))
+        yield* matchesReference(localFixture("ministral3-yarn"), shifted)
+      }).pipe(onBackend(backend)))
   })
 }
 
 /** tiny-mistral after the long-context phase's conversion (scripts/make_long_phase_fixture.ts), references by transformers. */
 const longPhaseDir = localFixture("mistral-long-phase")
-/** How the GPU machine makes the missing references (test/fixtures/README.md). */
-const makeLongPhaseReferences = "python3 scripts/make_references.py --out OUT --existing test/fixtures/mistral-long-phase --only mistral-long-phase"
 
 describe("The long-context phase's model", () => {
   it.effect("mistral-long-phase holds what the long-context phase makes of tiny-mistral", () =>
@@ -70,12 +74,7 @@ describe("The long-context phase's model", () => {
 
   for (const backend of ["wasm", "cpu"] as const) {
     for (const file of ["reference.safetensors", "reference-padded.safetensors"]) {
-      const title = `mistral-long-phase (${file}) on ${backend} matches transformers past the original window`
-      if (!existsSync(path.join(longPhaseDir, file))) {
-        it.skip(`${title}: SKIPPED, ${file} is missing (make it on the GPU machine: ${makeLongPhaseReferences})`, () => {})
-        continue
-      }
-      it.effect(title, () =>
+      it.effect(`mistral-long-phase (${file}) on ${backend} matches transformers past the original window`, () =>
         Effect.gen(function*() {
           const reference = yield* Reference.open(path.join(longPhaseDir, file))
           assert.isAbove(reference.ids[0].length, 2 * longPhase.originalMax, "the reference reaches past the original window")

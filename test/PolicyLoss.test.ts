@@ -86,6 +86,35 @@ describe("PolicyLoss.grpo", () => {
       assert.isAtMost(maxAbsDiff(out.grad, [0, -0.5 / 6, 0, 0, 0, 0, -2 / 6, -2.2 / 6, 0]), 1e-6)
     }).pipe(onBackend("wasm")))
 
+  it.effect("normalises tokens per group, not over the batch: a short group weighs as much as a long one", () =>
+    Effect.sync(() => {
+      // Group 0 has 2 tokens: row 0 (A = +1, ratio 1.1), row 1 (A = -1, ratio 0.9).
+      // Group 1 has 6 tokens: row 2 (A = 1/2, ratios 1, 1, 1.2, 1.2), row 3 (A = -1/2, ratios 1, 1).
+      // No ratio leaves [0.8, 1.28]: each token's term is -A rho.
+      //   group 0: (-1.1 + 0.9) / 2 = -0.1;  group 1: (-0.5 * 4.4 + 0.5 * 2) / 6 = -0.2
+      //   per group: (-0.1 - 0.2) / 2 = -0.15 (batch normalisation would give (-0.2 - 1.2) / 8 = -0.175)
+      // Gradient -A rho w, w = 1 / (2 groups * the group's tokens): 1/4 in group 0, 1/12 in group 1.
+      const unequal = [[1.1], [0.9], [1, 1, 1.2, 1.2], [1, 1]]
+      const unequalRows: Array<PolicyLoss.GrpoRow> = [
+        { group: 0, advantage: 1, oldLogProbs: [-1] },
+        { group: 0, advantage: -1, oldLogProbs: [-1] },
+        { group: 1, advantage: 0.5, oldLogProbs: [-1, -1, -1, -1] },
+        { group: 1, advantage: -0.5, oldLogProbs: [-1, -1] }
+      ]
+      const logProbs = unequal.map((row) => [...row.map((rho) => -1 + Math.log(rho)), 0, 0, 0].slice(0, 4))
+      const out = grpoCase(logProbs, unequalRows, options)
+      assert.approximately(out.loss, -0.15, 1e-6)
+      assert.strictEqual(out.tokens, 2)
+      assert.strictEqual(out.metrics.clip_fraction, 0)
+      const expected = [
+        [-1.1 / 4, 0, 0, 0],
+        [0.9 / 4, 0, 0, 0],
+        [-0.5 / 12, -0.5 / 12, -0.6 / 12, -0.6 / 12],
+        [0.5 / 12, 0.5 / 12, 0, 0]
+      ]
+      assert.isAtMost(maxAbsDiff(out.grad, expected.flat()), 1e-6)
+    }).pipe(onBackend("wasm")))
+
   it.effect("adds k3 = exp(ref - logp) - (ref - logp) - 1 per token, weighted as the rest", () =>
     Effect.sync(() => {
       // ref = logp + ln 2 on every token: k3 = 2 - ln 2 - 1 everywhere, and the weights sum to 1.

@@ -5,7 +5,10 @@ import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import * as Report from "../src/report/Report.ts"
 import * as PostTrain from "../stages/PostTrain.ts"
-import { onBackend, tempDir } from "./support.ts"
+import * as Model from "../src/model/Model.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import type { GrpoMetrics } from "../stages/Grpo.ts"
+import { maxAbsDiff, onBackend, ruleVerdict, standInJudge, take, tempDir } from "./support.ts"
 
 const parent = fileURLToPath(new URL("../assets/parent", import.meta.url))
 const post = (file: string) => fileURLToPath(new URL(`../data/post/${file}`, import.meta.url))
@@ -135,10 +138,51 @@ describe("PostTrain.run", () => {
 
       // Another learning rate for SFT on traces: that step and every step after it run again,
       // replacing what they wrote, since each starts from the model the one before it wrote.
-      const changed = { ...config, reasoning: { ...config.reasoning, sft: { ...config.reasoning.sft, lr: 5e-4 } } }
+      // This time the judge is an external service that decides: a stand-in on loopback that
+      // answers by a rule, so that the rubric step gets rewards and updates the policy.
+      const external = yield* standInJudge
+      const changed = {
+        ...config,
+        judge: { model: "stand-in", urls: [external.url], retries: 0, heldout: config.judge.heldout },
+        reasoning: { ...config.reasoning, sft: { ...config.reasoning.sft, lr: 5e-4 } }
+      }
       const rerun: Array<string> = []
-      yield* PostTrain.run(changed, { branches: ["reasoning"], events: { onStep: (label) => rerun.includes(label) || rerun.push(label) } })
+      let rubricVerdicts = -1
+      const rerunReport = yield* PostTrain.run(changed, {
+        branches: ["reasoning"],
+        events: {
+          onStep: (label) => {
+            rerun.includes(label) || rerun.push(label)
+            // The rubric step has one step: the verdicts so far are its own.
+            if (label.includes("grpo-rubrics")) rubricVerdicts = external.verdicts.length
+          }
+        }
+      })
       assert.deepStrictEqual(rerun, ["[reasoning 1/4 sft-cot]", "[reasoning 2/4 grpo-verifiers]", "[reasoning 3/4 grpo-rubrics]", "[reasoning 4/4 odpo]"])
+      const rubricStep = path.join(changed.run, "reasoning", "3-grpo-rubrics")
+      const judged = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(rubricStep, "metrics.jsonl"), "utf8"))) as GrpoMetrics
+      // One prompt, a group of two: each sample's reward is the share of its rubric items the rules say are satisfied.
+      const { items } = JSON.parse((yield* Effect.promise(() => fs.readFile(changed.reasoning.grpoRubrics.prompts, "utf8"))).split("\n")[0]).task
+      assert.strictEqual(rubricVerdicts, 2 * items.length, "every item of both samples was asked")
+      const asked = external.verdicts.slice(0, rubricVerdicts)
+      const responses = [...new Set(asked.map((v) => v.response))]
+      assert.strictEqual(responses.length, 2, "two different responses")
+      const rewards = responses.map((response) => items.filter((item: string) => ruleVerdict(response, item)).length / items.length)
+      assert.deepStrictEqual(asked.map((v) => v.passed), asked.map((v) => ruleVerdict(v.response, v.item)))
+      assert.strictEqual(judged.unscored, 0, "the judge decided every sample")
+      assert.approximately(judged.reward_mean!, (rewards[0] + rewards[1]) / 2, 1e-12)
+      assert.notStrictEqual(rewards[0], rewards[1], "the group's rewards differ")
+      assert.strictEqual(judged.groups, 1, "the group is kept")
+      assert.isAbove(judged.grad_norm!, 0)
+      // The update moved the policy away from the model the step started from.
+      const startModel = yield* Pretrained.load(path.join(changed.run, "reasoning", "2-grpo-verifiers"))
+      const endModel = yield* Pretrained.load(rubricStep)
+      const moved = [...Model.tensorsOfWeights(startModel.config, startModel.weights)].map(([name, tensor]) =>
+        maxAbsDiff(take(tensor.clone()), take(Model.tensorsOfWeights(endModel.config, endModel.weights).get(name)!.clone()))
+      )
+      assert.isAbove(Math.max(...moved), 0, "the rubric step changed the weights")
+      // The judge decides the held-out rubric prompts too: every model gets a rubric score.
+      for (const row of rerunReport.rows) assert.isTrue(row.rubric! >= 0 && row.rubric! <= 1, row.model)
 
       // The instruct branch alone, with no judged evaluation, has no use for a judge: none is trained.
       const unjudged = {

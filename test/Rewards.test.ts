@@ -7,6 +7,9 @@ import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as Rewards from "../layers/Rewards.ts"
+import * as tf from "@tensorflow/tfjs"
+import type { ModelConfig } from "../src/model/Config.ts"
+import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import { Rewards as RewardsService, type Sample, type Score, type Task } from "../src/rewards/Reward.ts"
 import * as Server from "../src/serve/Server.ts"
@@ -329,23 +332,72 @@ const modelFolder = Effect.gen(function*() {
   return dir
 })
 
+/**
+ * A judge checkpoint whose verdicts are known by construction: it answers "Yes" when the question
+ * it is asked holds a "%" and "No" otherwise, then stops. The fixture's shape, its weights zero
+ * but for one attention head and a bigram table:
+ * - embeddings one-hot: [/INST] in dimension 0, "%" in 1, "Y" "es" "N" "o" in 2-5, the rest in 6;
+ * - layer 0's head 0 queries from [/INST] and keys from "%" in the slowest RoPE pair (rotated by
+ *   under 2e-3 rad here), scores 40 against 0: at [/INST] it reads "%"'s value (8) into dimension 7
+ *   when the question has one, and nothing otherwise; every other output projection is zero;
+ * - the LM head, after the final norm: "Y" from dimension 7, "N" from dimension 0, then
+ *   "Y" -> "es" -> EOS and "N" -> "o" -> EOS.
+ */
+const percentJudge = (config: ModelConfig, tokenizer: Tokenizer.Tokenizer) => {
+  const id = (token: string) => {
+    const ids = tokenizer.encode(token, { addSpecialTokens: false })
+    assert.strictEqual(ids.length, 1, token)
+    return ids[0]
+  }
+  const [endOfPrompt, percent, Y, es, N, o] = ["[/INST]", "%", "Y", "es", "N", "o"].map(id)
+  const eos = tokenizer.eosId!
+  const { hiddenSize: d, headDim: e } = config
+  const values = new Map(Model.tensorShapes(config).map(({ name, shape }) => [name, { shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) }]))
+  const set = (name: string, row: number, column: number, value: number) => {
+    const { shape, data } = values.get(name)!
+    data[shape.length === 1 ? row : row * shape[1] + column] = value
+  }
+  const own = new Map([[endOfPrompt, 0], [percent, 1], [Y, 2], [es, 3], [N, 4], [o, 5]])
+  for (let token = 0; token < config.vocabSize; token++) set("model.embed_tokens.weight", token, own.get(token) ?? 6, 1)
+  for (let i = 0; i < config.numLayers; i++) {
+    for (let j = 0; j < d; j++) {
+      set(`model.layers.${i}.input_layernorm.weight`, j, 0, 1)
+      set(`model.layers.${i}.post_attention_layernorm.weight`, j, 0, 1)
+    }
+  }
+  for (let j = 0; j < d; j++) set("model.norm.weight", j, 0, 1)
+  const slowest = e / 2 - 1
+  set("model.layers.0.self_attn.q_proj.weight", slowest, 0, Math.sqrt(2.5))
+  set("model.layers.0.self_attn.k_proj.weight", slowest, 1, Math.sqrt(2.5))
+  set("model.layers.0.self_attn.v_proj.weight", 0, 1, 1)
+  set("model.layers.0.self_attn.o_proj.weight", 7, 0, 1)
+  for (const [row, column] of [[Y, 7], [N, 0], [es, 2], [eos, 3], [o, 4], [eos, 5]]) {
+    set("lm_head.weight", row, column, row === N ? 2 : 4)
+  }
+  const tensors = new Map([...values].map(([name, { shape, data }]) => [name, tf.tensor(data, shape)]))
+  return Model.make(config, Model.weightsFromTensors(config, tensors))
+}
+
 describe("Rewards.judge through cascade serve", () => {
-  it.live("asks the served model about each item over the chat API; its answers are its own", () =>
+  it.live("asks the served model about each item over the chat API: the reward is the share of items its verdicts satisfy", () =>
     Effect.gen(function*() {
       const dir = yield* modelFolder
-      const served = { model: yield* Pretrained.load(dir), tokenizer: yield* Tokenizer.load(dir), name: "tiny" }
-      const services = yield* Layer.build(Server.layer(served, { host: "127.0.0.1", port: 0 }))
-      const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
-      const items = ["mentions an apple", "is polite", "is short"]
-      const result = yield* score(
-        Rewards.judge({ urls: [url], model: "tiny", retries: 1, backoff: "5 millis", timeout: "30 seconds", maxTokens: 4 }),
-        rubric(items, "[THINK]fruit[/THINK]An apple, please.")
+      const tokenizer = yield* Tokenizer.load(dir)
+      const model = yield* Effect.acquireRelease(
+        Effect.map(Pretrained.load(dir), (fixture) => percentJudge(fixture.config, tokenizer)),
+        (judge) => Effect.sync(() => Model.dispose(judge))
       )
-      assert.deepStrictEqual(result.checks.map(({ name }) => name), items)
-      assert.isTrue(result.reward === undefined || (result.reward >= 0 && result.reward <= 1))
-      for (const { passed, note } of result.checks) {
-        // The tiny model's answers are arbitrary: a verdict, or an answer that is neither yes nor no.
-        if (passed === undefined) assert.match(note!, /neither yes nor no \(after 2 tries\)$/)
-      }
+      const services = yield* Layer.build(Server.layer({ model, tokenizer, name: "percent" }, { host: "127.0.0.1", port: 0 }))
+      const url = HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)
+      const judge = Rewards.judge({ urls: [url], model: "percent", retries: 0, timeout: "30 seconds", maxTokens: 4 })
+      const items = ["uses the % sign", "is polite", "is short"]
+      // The "%" of the thinking is not shown to the judge: only the item's own.
+      const without = yield* score(judge, rubric(items, "[THINK]50%[/THINK]An apple, please."))
+      assert.deepStrictEqual(without, {
+        reward: 1 / 3,
+        checks: [{ name: items[0], passed: true }, { name: items[1], passed: false }, { name: items[2], passed: false }]
+      })
+      const withPercent = yield* score(judge, rubric(items, "Apples are 90% water."))
+      assert.deepStrictEqual(withPercent, { reward: 1, checks: items.map((name) => ({ name, passed: true })) })
     }).pipe(onBackend("wasm"), Effect.provide(Logger.layer([]))))
 })

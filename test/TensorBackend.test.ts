@@ -26,13 +26,30 @@ describe("TensorBackend", () => {
       assert.include(error.message, "@tensorflow/tfjs-node")
     }))
 
-  it.effect("webgpu without a GPU adapter is a typed error (runs on the GPU machine otherwise)", () =>
+  it.effect("webgpu: where Dawn finds no GPU adapter (the CPU machines), the typed error saying so; where it finds one, a working backend", () =>
     Effect.gen(function*() {
-      const exit = yield* Effect.exit(Effect.provide(Effect.succeed(tf.getBackend()), TensorBackend.layer("webgpu")))
-      if (exit._tag === "Success") {
-        assert.strictEqual(exit.value, "webgpu")
+      // Asked of Dawn directly, not through the layer: whether this machine has an adapter.
+      const adapter = yield* Effect.promise(() => import("webgpu").then(({ create }) => create([]).requestAdapter()))
+      const exit = yield* Effect.exit(
+        Effect.gen(function*() {
+          const backend = yield* TensorBackend
+          const product = tf.tidy(() => tf.matMul(tf.ones([2, 3]), tf.ones([3, 2])))
+          return { backend, tfBackend: tf.getBackend(), values: Array.from(yield* Effect.promise(() => product.data())) }
+        }).pipe(Effect.provide(TensorBackend.layer("webgpu")))
+      )
+      if (adapter === null) {
+        assert.strictEqual(exit._tag, "Failure", "no adapter: the layer must fail")
+        const error = yield* Effect.flip(exit)
+        assert.strictEqual(error._tag, "BackendUnavailable")
+        assert.strictEqual(error.backend, "webgpu")
+        assert.strictEqual(error.reason, "Dawn found no GPU adapter")
+        assert.include(error.remedy, "Vulkan")
       } else {
-        assert.include(String(exit.cause), "BackendUnavailable")
+        assert.strictEqual(exit._tag, "Success", `an adapter: the layer must work (${exit._tag === "Failure" ? String(exit.cause) : ""})`)
+        const { backend, tfBackend, values } = yield* exit
+        assert.strictEqual(backend.name, "webgpu")
+        assert.strictEqual(tfBackend, "webgpu")
+        assert.deepStrictEqual(values, [3, 3, 3, 3])
       }
     }))
 })

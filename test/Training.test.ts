@@ -102,7 +102,7 @@ describe("Training.step", () => {
       assert.isBelow(a[2], a[0])
     }).pipe(onBackend("wasm")))
 
-  it.effect("micro-batches are weighted by tokens: their step equals one step over the whole batch", () =>
+  it.effect("micro-batches are weighted by tokens: their step's gradients equal those of one step over the whole batch, tensor by tensor", () =>
     Effect.gen(function*() {
       const teacher = yield* Pretrained.load(fixture)
       const [whole] = yield* microBatches(teacher, 1, 3, Loss.defaultOptions)
@@ -116,17 +116,25 @@ describe("Training.step", () => {
           logProbs.dispose()
           return { ids: whole.ids.slice(from, to), mask: whole.mask.slice(from, to), targets: whole.targets.slice(from, to), target }
         }))
+      // With beta1 = 0, Adam's first moment after one step is the step's gradient.
       const stepWith = (batches: ReadonlyArray<MicroBatch>) =>
         Effect.gen(function*() {
           const student = yield* Training.trainable(yield* Training.initialise(teacher.config, 1))
-          const adam = yield* Optimizer.make(student.variables, Optimizer.defaultConfig)
-          return yield* Training.step(student, adam, batches, lossOf(Loss.defaultOptions), { learningRate: 0, maxGradNorm: undefined })
+          const adam = yield* Optimizer.make(student.variables, { ...Optimizer.defaultConfig, beta1: 0 })
+          const result = yield* Training.step(student, adam, batches, lossOf(Loss.defaultOptions), { learningRate: 0, maxGradNorm: undefined })
+          return { result, grads: Optimizer.exportState(adam).expAvg }
         }).pipe(Effect.scoped)
       const one = yield* stepWith([whole])
       const split = yield* stepWith(parts)
-      assert.strictEqual(split.tokens, one.tokens)
-      assert.approximately(split.metrics.kl, one.metrics.kl, 1e-6)
-      assert.approximately(split.gradNorm / one.gradNorm, 1, 1e-4)
+      assert.strictEqual(split.result.tokens, one.result.tokens)
+      assert.approximately(split.result.metrics.kl, one.result.metrics.kl, 1e-6)
+      assert.approximately(split.result.gradNorm / one.result.gradNorm, 1, 1e-4)
+      assert.strictEqual(one.grads.size, Model.tensorShapes(teacher.config).length)
+      for (const [name, grad] of one.grads) {
+        const scale = Math.max(...grad.map(Math.abs))
+        assert.isAbove(scale, 0, name)
+        assert.isAtMost(maxAbsDiff(split.grads.get(name)!, grad), 1e-4 * scale, name)
+      }
     }).pipe(onBackend("wasm")))
 })
 

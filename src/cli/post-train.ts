@@ -23,7 +23,7 @@ const resolvePaths = (config: PostTrain.PostTrainConfig, file: string): PostTrai
     teacher: at(config.teacher),
     judge: {
       ...judge,
-      model: at(judge.model),
+      model: judge.urls === undefined ? at(judge.model) : judge.model,
       sft: judge.sft === undefined ? undefined : sft(judge.sft),
       heldout: optional(judge.heldout)
     },

@@ -10,11 +10,13 @@ import * as Safetensors from "./Safetensors.ts"
 export interface Reference {
   readonly ids: Array<Array<number>>
   readonly mask: Array<Array<number>> | undefined
+  /** transformers' `position_ids`, where the reference was made with explicit ones. */
+  readonly positionIds: Array<Array<number>> | undefined
   readonly tensor: (name: string) => Effect.Effect<Float32Array, unknown>
   readonly has: (name: string) => boolean
 }
 
-/** Opens a reference file (scoped): ids and mask as rows, other tensors as f32 on demand. */
+/** Opens a reference file (scoped): ids, mask and position ids as rows, other tensors as f32 on demand. */
 export const open = Effect.fn("Reference.open")(function*(path: string) {
   const file = yield* Safetensors.open(path)
   const rows = Effect.fnUntraced(function*(name: string) {
@@ -24,9 +26,11 @@ export const open = Effect.fn("Reference.open")(function*(path: string) {
   })
   const ids = yield* rows("input_ids")
   const mask = file.names.includes("attention_mask") ? yield* rows("attention_mask") : undefined
+  const positionIds = file.names.includes("position_ids") ? yield* rows("position_ids") : undefined
   return {
     ids,
     mask,
+    positionIds,
     tensor: (name: string) => file.readFloat32(name),
     has: (name: string) => file.names.includes(name)
   } satisfies Reference
@@ -63,7 +67,11 @@ export interface Comparison {
 
 /** The model's largest differences from the reference, leaving out padded positions. */
 export const compare = Effect.fn("Reference.compare")(function*(model: Model.Model, reference: Reference) {
-  const out = Model.forward(model, reference.ids, { attentionMask: reference.mask, hiddenStates: true })
+  const out = Model.forward(model, reference.ids, {
+    attentionMask: reference.mask,
+    positionIds: reference.positionIds,
+    hiddenStates: true
+  })
   const t = reference.ids[0].length
   const real = (width: number) => (i: number) =>
     reference.mask === undefined || reference.mask[Math.floor(i / (t * width))][Math.floor(i / width) % t] === 1

@@ -69,6 +69,10 @@ export interface ForwardOptions {
    * 0 at each start, so each document gets exactly the logits it gets alone. Not with a cache.
    */
   readonly documentStarts?: ReadonlyArray<ReadonlyArray<number>>
+   * [B][T] each token's position for RoPE and Ministral 3's query scale, as transformers'
+   * `position_ids`; offset..offset+T-1 for every row when left out. Attention stays causal by index.
+   */
+  readonly positionIds?: ReadonlyArray<ArrayLike<number>>
   /** Positions already processed; their keys and values are consumed (disposed) by this call. */
   readonly cache?: KVCache
   /** Also return the residual stream entering each layer and the final normed output. */
@@ -193,7 +197,7 @@ const splitHeads = (x: tf.Tensor, heads: number, headDim: number): tf.Tensor4D =
 }
 
 interface AttentionContext {
-  /** [T, E] shared by the rows, or [B, 1, T, E] with positions per row (document masking). */
+  /** [T, E] shared by the rows, or [B, 1, T, E] with positions per row. */
   readonly cos: tf.Tensor
   readonly sin: tf.Tensor
   /** [T, 1], or [B, 1, T, 1] with positions per row. */
@@ -281,19 +285,21 @@ const sharedTables = (model: Model, offset: number, t: number) => {
 }
 
 /**
- * RoPE tables and query scales at each row's own positions, [B, 1, T, E] and [B, 1, T, 1]: rows of
- * the tables for positions 0..T-1 picked per token.
+ * RoPE tables and query scales at each row's own positions ([B][T]), [B, 1, T, E] and [B, 1, T, 1]:
+ * rows of the tables for positions 0..max picked per token.
  */
-const tablesAt = (model: Model, positions: ReadonlyArray<Int32Array>, t: number) => {
+const tablesAt = (model: Model, positions: ReadonlyArray<ArrayLike<number>>, t: number) => {
   const e = model.config.headDim
-  const tables = Rope.tables(model.rope, 0, t)
-  const scales = Rope.queryScales(model.config, 0, t)
+  let length = 0
+  for (const row of positions) for (let i = 0; i < row.length; i++) length = Math.max(length, row[i] + 1)
+  const tables = Rope.tables(model.rope, 0, length)
+  const scales = Rope.queryScales(model.config, 0, length)
   const b = positions.length
   const cos = new Float32Array(b * t * e)
   const sin = new Float32Array(b * t * e)
   const queryScales = new Float32Array(b * t)
   positions.forEach((rowPositions, row) =>
-    rowPositions.forEach((position, i) => {
+    Array.from(rowPositions).forEach((position, i) => {
       const at = (row * t + i) * e
       cos.set(tables.cos.subarray(position * e, (position + 1) * e), at)
       sin.set(tables.sin.subarray(position * e, (position + 1) * e), at)
@@ -337,11 +343,13 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
   const newMask = ids.map((_, row) => Uint8Array.from(options.attentionMask?.[row] ?? new Array(t).fill(1)))
   const keyMask = newMask.map((mask, row) => past ? concatBytes(past.keyMask[row], mask) : mask)
   if (past && options.documentStarts) throw new Error("Model.forward: document masking is not supported with a cache")
-  const positions = options.documentStarts && documentPositions(options.documentStarts, t)
+  if (options.documentStarts && options.positionIds) throw new Error("Model.forward: give document starts or position ids, not both")
+  const documents = options.documentStarts && documentPositions(options.documentStarts, t)
+  const positions = documents ?? options.positionIds
   const result = tf.tidy(() => {
     const context: AttentionContext = {
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
-      mask: attentionMask(keyMask, offset, t, config.slidingWindow, positions)
+      mask: attentionMask(keyMask, offset, t, config.slidingWindow, documents)
     }
     let x = embed(weights.embed, ids)
     const hiddenStates: Array<tf.Tensor3D> = []
