@@ -69,6 +69,7 @@ export interface ForwardOptions {
    * 0 at each start, so each document gets exactly the logits it gets alone. Not with a cache.
    */
   readonly documentStarts?: ReadonlyArray<ReadonlyArray<number>>
+  /**
    * [B][T] each token's position for RoPE and Ministral 3's query scale, as transformers'
    * `position_ids`; offset..offset+T-1 for every row when left out. Attention stays causal by index.
    */
