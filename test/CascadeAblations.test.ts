@@ -40,8 +40,8 @@ const teacherOf = (dir: string) =>
     return JSON.parse(state.identity).teacher as string
   })
 
-/** How the in-process teacher of `dir` describes itself. */
-const inProcess = (dir: string) => Effect.map(Checkpoint.fingerprint(dir), (fingerprint) => `in-process ${dir} (weights ${fingerprint.slice(0, 16)})`)
+/** How the in-process teacher of `dir` describes itself (the cascade gives it the full distribution). */
+const inProcess = (dir: string) => Effect.map(Checkpoint.fingerprint(dir), (fingerprint) => `in-process ${dir} (weights ${fingerprint.slice(0, 16)}), full distribution`)
 
 const metricsOf = (dir: string) =>
   Effect.promise(() => fs.readFile(path.join(dir, "metrics.jsonl"), "utf8")).pipe(
