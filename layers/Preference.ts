@@ -20,8 +20,8 @@ export const fromPwrm = (dir: string) =>
       return PairwisePreference.of({
         describe: `pwrm ${[yield* Checkpoint.fingerprint(dir), ...files].join(":")}`,
         probability: (prompt, a, b) =>
-          Effect.try({
-            try: () => Pwrm.probabilities(pwrm, [{ prompt, a, b }])[0],
+          Effect.tryPromise({
+            try: async () => (await Pwrm.probabilities(pwrm, [{ prompt, a, b }]))[0],
             catch: (cause) => new PreferenceError({ reason: `${dir}: ${String(cause)}` })
           })
       })

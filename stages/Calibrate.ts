@@ -130,7 +130,7 @@ export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model
     Stream.grouped(batchSize),
     Stream.runForEach((batch) =>
       Effect.gen(function*() {
-        stats = Calibration.merge(stats, Calibration.observe(model, batch.map((row) => row.ids), Dataset.rowMask(batch)))
+        stats = Calibration.merge(stats, yield* Calibration.observe(model, batch.map((row) => row.ids), Dataset.rowMask(batch)))
         rows += batch.length
         batches++
         options.onProgress?.({ rows, tokens: stats.tokens, total: samples ?? undefined })

@@ -139,17 +139,14 @@ const bothOrders = (tokenizer: Tokenizer.Tokenizer, seq: number, pairs: Readonly
 })
 
 /** Binary cross-entropy of the rows' scores, softplus(z) - y z, with the share of rows on the label's side. */
-const lossOf = (padId: number) => (model: Model.Model, rows: Rows): Training.Objective => {
-  let accuracy = 0
-  const loss = tf.tidy(() => {
+const lossOf = (padId: number) => (model: Model.Model, rows: Rows): Training.Objective =>
+  tf.tidy(() => {
     const z = Pwrm.logits(model, rows.ids, padId)
     const y = tf.tensor1d(rows.labels)
-    const values = z.dataSync()
-    accuracy = rows.labels.reduce((sum, label, i) => sum + (values[i] === 0 ? 0.5 : (values[i] > 0) === (label === 1) ? 1 : 0), 0) / rows.labels.length
-    return tf.mean(tf.sub(tf.softplus(z), tf.mul(z, y))) as tf.Scalar
+    // On the label's side: sign(z) agrees with 2y - 1; a score of exactly 0 counts half.
+    const accuracy = tf.mean(tf.div(tf.add(1, tf.mul(tf.sign(z), tf.sub(tf.mul(y, 2), 1))), 2)) as tf.Scalar
+    return { loss: tf.mean(tf.sub(tf.softplus(z), tf.mul(z, y))) as tf.Scalar, tokens: rows.labels.length, metrics: { accuracy } }
   })
-  return { loss, tokens: rows.labels.length, metrics: { accuracy } }
-}
 
 /** Held-out metrics at temperature 1 and at the fitted one, and the fit checked across halves. */
 const heldoutMetrics = (judged: ReadonlyArray<Pwrm.Judged>) => {
@@ -262,7 +259,7 @@ export const train = Effect.fn("PwrmTrain.train")(function*(options: TrainOption
     yield* RunFolder.recordStep(out, options, step, metrics, { adam, state: () => ({ step, identity }), writeWeights: save })
   }
 
-  const scores = Pwrm.scores(trainable.model, tokenizer, seq, heldout)
+  const scores = yield* Effect.promise(() => Pwrm.scores(trainable.model, tokenizer, seq, heldout))
   const { temperature, metrics } = heldoutMetrics(scores.map((s, i) => ({ ...s, aWins: heldout[i].preferred === "a" })))
   yield* save(out)
   const card: Card = {

@@ -2,7 +2,7 @@ import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import * as Loss from "../src/train/Loss.ts"
-import { maxAbsDiff, onBackend } from "./support.ts"
+import { keepMetrics, maxAbsDiff, onBackend, readMetrics } from "./support.ts"
 
 // Float64 references, written out as a reader would check them by hand.
 const softmax = (logits: ReadonlyArray<number>, temperature = 1) => {
@@ -50,9 +50,10 @@ const run = (c: Case) =>
       let metrics: Loss.Distillation | undefined
       const { value, grads } = tf.valueAndGrads((z) => {
         metrics = Loss.distillation(z as tf.Tensor3D, target, batch, options)
+        keepMetrics(metrics.metrics)
         return metrics.loss
       })([logits])
-      const result = { ...metrics!, loss: value.dataSync()[0], grad: Array.from(grads[0].dataSync()) }
+      const result = { tokens: metrics!.tokens, metrics: readMetrics(metrics!.metrics), loss: value.dataSync()[0], grad: Array.from(grads[0].dataSync()) }
       tf.dispose([value, ...grads])
       return result
     })).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([logits, ...Object.values(teacher).filter((x) => x instanceof tf.Tensor)]))))

@@ -78,18 +78,18 @@ describe("Optimizer.update (AdamW)", () => {
       const adam = yield* Optimizer.make(params, config)
       applyStep(adam, 0)
       applyStep(adam, 1)
-      const state = Optimizer.exportState(adam)
+      const state = yield* Optimizer.exportState(adam)
       assert.strictEqual(state.step, 2)
       // Resume on copies of the parameters; both then take the same third step.
       const copies = new Map([...params].map(([name, p]) => [name, tf.variable(tf.tensor(p.dataSync(), p.shape))]))
       const resumed = yield* Optimizer.make(copies, config, state)
-      assert.deepStrictEqual(Optimizer.exportState(resumed), state)
+      assert.deepStrictEqual(yield* Optimizer.exportState(resumed), state)
       applyStep(adam, 2)
       applyStep(resumed, 2)
       for (const name of params.keys()) {
         assert.deepStrictEqual(values(copies.get(name)!), values(params.get(name)!), name)
       }
-      assert.deepStrictEqual(Optimizer.exportState(resumed), Optimizer.exportState(adam))
+      assert.deepStrictEqual(yield* Optimizer.exportState(resumed), yield* Optimizer.exportState(adam))
       tf.dispose([...params.values(), ...copies.values()])
     }).pipe(onBackend("wasm")))
 

@@ -5,7 +5,7 @@ import * as Model from "../src/model/Model.ts"
 import * as PolicyLoss from "../src/train/PolicyLoss.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Training from "../src/train/Training.ts"
-import { maxAbsDiff, onBackend, sharedFixture, take } from "./support.ts"
+import { keepMetrics, maxAbsDiff, onBackend, readMetrics, sharedFixture, take } from "./support.ts"
 
 const softplus = (x: number) => Math.max(x, 0) + Math.log1p(Math.exp(-Math.abs(x)))
 const sigmoid = (x: number) => 1 / (1 + Math.exp(-x))
@@ -70,9 +70,10 @@ const grpoCase = (logProbs: Array<Array<number>>, grpoRows: ReadonlyArray<Policy
     let result: PolicyLoss.Grpo | undefined
     const { value, grads } = tf.valueAndGrads((lp: tf.Tensor) => {
       result = PolicyLoss.grpo(lp as tf.Tensor2D, grpoRows, grpoOptions)
+      keepMetrics(result.metrics)
       return result.loss
     })([x])
-    return { loss: value.dataSync()[0], grad: Array.from(grads[0].dataSync()), tokens: result!.tokens, metrics: result!.metrics }
+    return { loss: value.dataSync()[0], grad: Array.from(grads[0].dataSync()), tokens: result!.tokens, metrics: readMetrics(result!.metrics) }
   })
 
 describe("PolicyLoss.grpo", () => {
@@ -137,9 +138,10 @@ const odpoCase = (a: ReadonlyArray<number>, b: ReadonlyArray<number>, pairs: Rea
     let result: PolicyLoss.Odpo | undefined
     const { value, grads } = tf.valueAndGrads((x: tf.Tensor, y: tf.Tensor) => {
       result = PolicyLoss.odpo(x as tf.Tensor1D, y as tf.Tensor1D, pairs, beta)
+      keepMetrics(result.metrics)
       return result.loss
     })([tf.tensor1d([...a]), tf.tensor1d([...b])])
-    return { loss: value.dataSync()[0], gradA: Array.from(grads[0].dataSync()), gradB: Array.from(grads[1].dataSync()), metrics: result!.metrics }
+    return { loss: value.dataSync()[0], gradA: Array.from(grads[0].dataSync()), gradB: Array.from(grads[1].dataSync()), metrics: readMetrics(result!.metrics) }
   })
 
 const Unit = Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 }))

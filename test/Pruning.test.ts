@@ -66,8 +66,8 @@ describe("Calibration statistics", () => {
       const model = yield* Pretrained.load(sharedFixture("tiny-mistral"))
       const first = rows(a, 3, 10, 512)
       const second = rows(b, 2, 10, 512)
-      const whole = Calibration.observe(model, [...first.ids, ...second.ids], [...first.mask, ...second.mask])
-      const parts = Calibration.merge(Calibration.observe(model, first.ids, first.mask), Calibration.observe(model, second.ids, second.mask))
+      const whole = yield* Calibration.observe(model, [...first.ids, ...second.ids], [...first.mask, ...second.mask])
+      const parts = Calibration.merge(yield* Calibration.observe(model, first.ids, first.mask), yield* Calibration.observe(model, second.ids, second.mask))
       assert.strictEqual(parts.tokens, whole.tokens)
       const close = (x: Float64Array, y: Float64Array) => {
         const scale = Math.max(...Array.from(y, Math.abs))
@@ -76,7 +76,7 @@ describe("Calibration statistics", () => {
       close(parts.layerRatioSum, whole.layerRatioSum)
       close(parts.secondMoment, whole.secondMoment)
       close(parts.ffnAbsSum, whole.ffnAbsSum)
-      const c = calibrate(model, a + b)
+      const c = yield* calibrate(model, a + b)
       const left = Calibration.merge(Calibration.merge(whole, parts), c)
       const right = Calibration.merge(whole, Calibration.merge(parts, c))
       close(left.secondMoment, right.secondMoment)
@@ -88,7 +88,7 @@ describe("Pruning exactness", () => {
   it.effect("pruning nothing, and a full-rank rotation, reproduce the parent's logits", () =>
     Effect.gen(function*() {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       const before = tf.memory().numTensors
       assert.isAtMost(logitsDiff(parent, stats, {}), 1e-4)
       assert.isAtMost(logitsDiff(parent, stats, { hidden: 64 }), 1e-4)
@@ -99,7 +99,7 @@ describe("Pruning exactness", () => {
   it.effect("a tied parent keeps its logits through a full rotation, tied or untied", () =>
     Effect.gen(function*() {
       const parent = yield* Pretrained.load(localFixture("mistral-tied"))
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       assert.isAtMost(logitsDiff(parent, stats, { hidden: parent.config.hiddenSize, tieEmbeddings: false }), 1e-4)
       assert.isAtMost(logitsDiff(parent, stats, {}), 1e-4)
     }).pipe(onBackend("wasm")))
@@ -110,7 +110,7 @@ describe("Pruning exactness", () => {
       const d = loaded.config.hiddenSize
       // A final norm far from constant: the rule before --tie-from (diag(Q^T diag(w) Q)) is off here.
       const parent = edited(loaded, (tensors) => replace(tensors, "model.norm.weight", tf.add(1, normalTensor(5, [d], 0.5))))
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       const targets = { hidden: d, tieEmbeddings: true, tieFrom: "fit" } as const
       const { model: child, tie } = Pruning.build(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
       assert.isTrue(child.config.tieWordEmbeddings)
@@ -130,7 +130,7 @@ describe("Pruning exactness", () => {
         replace(tensors, "model.embed_tokens.weight", tf.mul(tensors.get("lm_head.weight")!, norm))
         replace(tensors, "model.norm.weight", norm)
       })
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       const before = tf.memory().numTensors
       for (const tieFrom of Pruning.tieRules) {
         assert.isAtMost(logitsDiff(parent, stats, { hidden: d, tieEmbeddings: true, tieFrom }), 1e-4, tieFrom)
@@ -142,7 +142,7 @@ describe("Pruning exactness", () => {
   it.effect("tying an untied parent: each rule forms the shared matrix from the rotated embedding or the folded lm_head", () =>
     Effect.gen(function*() {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       const [d, h] = [parent.config.hiddenSize, 40]
       const children = Pruning.tieRules.map((tieFrom) => {
         const plan = Pruning.plan(parent.config, stats, { hidden: h, tieEmbeddings: true, tieFrom }, { kind: "scores" })
@@ -195,7 +195,7 @@ describe("Pruning exactness", () => {
         }
       })
       tf.dispose([basis, projector])
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       assert.isAtMost(logitsDiff(parent, stats, { hidden: h }), 1e-4)
       const plan = Pruning.plan(parent.config, stats, { hidden: h }, { kind: "scores" })
       assert.isAtLeast(plan.explainedVariance, 1 - 1e-6)
@@ -210,7 +210,7 @@ describe("Pruning exactness", () => {
           replace(tensors, name, tf.zerosLike(tensors.get(name)!))
         }
       })
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       // A block that adds nothing has ratio exactly 1, the lowest score here: it is the one removed.
       const plan = Pruning.plan(parent.config, stats, { layers: 3 }, { kind: "scores" })
       assert.deepStrictEqual(plan.keptLayers, [0, 1, 3])
@@ -234,7 +234,7 @@ describe("Pruning exactness", () => {
           replace(tensors, up, tf.mul(tensors.get(up)!, scale))
         }
       })
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       assert.isAtMost(logitsDiff(parent, stats, { ffn: 192 - dead }), 1e-5)
       Model.dispose(parent)
     }).pipe(onBackend("wasm")))
@@ -242,7 +242,7 @@ describe("Pruning exactness", () => {
   it.effect("parameter counts equal the formula", () =>
     Effect.gen(function*() {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
-      const stats = calibrate(parent)
+      const stats = yield* calibrate(parent)
       const targets = { layers: 3, hidden: 48, ffn: 100 }
       const child = Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
       const counted = [...Model.tensorsOfWeights(child.config, child.weights).values()].reduce((n, t) => n + t.size, 0)

@@ -76,9 +76,9 @@ describe("Pwrm", () => {
       )
       const pwrm: Pwrm.Pwrm = { scorer: Pwrm.scorer(backbone, head), tokenizer, seq: 40, temperature: 0.7 }
       const before = tf.memory().numTensors
-      const forward = Pwrm.probabilities(pwrm, pairs)
-      const backward = Pwrm.probabilities(pwrm, pairs.map(({ prompt, a, b }) => ({ prompt, a: b, b: a })))
-      const same = Pwrm.probabilities(pwrm, pairs.map(({ prompt, a }) => ({ prompt, a, b: a })))
+      const forward = yield* Effect.promise(() => Pwrm.probabilities(pwrm, pairs))
+      const backward = yield* Effect.promise(() => Pwrm.probabilities(pwrm, pairs.map(({ prompt, a, b }) => ({ prompt, a: b, b: a }))))
+      const same = yield* Effect.promise(() => Pwrm.probabilities(pwrm, pairs.map(({ prompt, a }) => ({ prompt, a, b: a }))))
       assert.strictEqual(tf.memory().numTensors, before, "scoring leaves no tensors behind")
       pairs.forEach((_, i) => {
         assert.isTrue(forward[i] >= 0 && forward[i] <= 1)
@@ -189,8 +189,10 @@ layer(trainedLayer, { timeout: 120_000 })("a trained PWRM", (it) => {
       // Held-out labels with a fifth reversed: no model should be sure of any of them.
       const heldout = pairs(32, 9, 0.2)
       const judge = (scorer: Model.Model) =>
-        Pwrm.scores(scorer, pwrm.tokenizer, pwrm.seq, heldout).map((s, i) => ({ ...s, aWins: heldout[i].preferred === "a" }))
-      const [plain, confident] = [judge(pwrm.scorer), judge(overConfident)]
+        Effect.promise(() => Pwrm.scores(scorer, pwrm.tokenizer, pwrm.seq, heldout)).pipe(
+          Effect.map((scores) => scores.map((s, i) => ({ ...s, aWins: heldout[i].preferred === "a" })))
+        )
+      const [plain, confident] = [yield* judge(pwrm.scorer), yield* judge(overConfident)]
       const tau = Pwrm.fitTemperature(confident)
       assert.approximately(tau / Pwrm.fitTemperature(plain), 8, 8e-3, "scores 8 times larger need a temperature 8 times higher")
       const [before, after] = [Pwrm.calibration(confident, 1), Pwrm.calibration(confident, tau)]

@@ -17,7 +17,7 @@ import { type Annotated, type Batch, Teacher, TeacherError, toLossTeacher } from
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import * as Training from "../src/train/Training.ts"
 import * as TeacherCache from "../stages/TeacherCache.ts"
-import { lcgData, onBackend, sharedFixture, take } from "./support.ts"
+import { lcgData, onBackend, readMetrics, sharedFixture, take } from "./support.ts"
 
 const fixture = sharedFixture("tiny-mistral")
 const SEQ = 16
@@ -54,9 +54,9 @@ const losses = (student: Model.Model, annotated: ReadonlyArray<Annotated>) =>
       tf.dispose(lossTeacher._tag === "Full" ? [lossTeacher.logProbs] : [lossTeacher.ids, lossTeacher.logProbs])
       const logits = Model.forward(student, batch.rows.map((row) => row.ids), { attentionMask: mask }).logits
       const targets = batch.rows.map((row) => [...row.ids.slice(1), 0])
-      const { loss, metrics: { kl } } = Loss.distillation(logits, target, { mask, targets }, Loss.defaultOptions)
+      const { loss, metrics } = Loss.distillation(logits, target, { mask, targets }, Loss.defaultOptions)
       tf.dispose([logits, loss])
-      return kl
+      return readMetrics(metrics).kl
     })))
 
 const maxDiff = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) => Math.max(...a.map((x, i) => Math.abs(x - b[i])))

@@ -1,4 +1,5 @@
 /** Shared helpers of the test suite: fixture paths, references, comparisons. */
+import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import { createServer } from "node:http"
@@ -23,6 +24,8 @@ export const cascadeCli = (args: ReadonlyArray<string>, timeoutMs = 60_000) =>
       resume(Effect.succeed({ code: error ? (typeof error.code === "number" ? error.code : 1) : 0, stdout, stderr }))
     })
   })
+
+import { take } from "../src/io/Reference.ts"
 
 export { maxAbsDiff, take } from "../src/io/Reference.ts"
 
@@ -128,3 +131,16 @@ export const standInJudge = Effect.acquireRelease(
   }),
   (judge) => Effect.promise(judge.close)
 )
+
+/**
+ * Keeps an objective's metric tensors past the tidy of a gradient tape (`tf.valueAndGrads`), which
+ * would dispose them; read them afterwards with `readMetrics`.
+ */
+export const keepMetrics = <M extends Readonly<Record<string, tf.Scalar | undefined>>>(metrics: M): M => {
+  for (const metric of Object.values(metrics)) if (metric !== undefined) tf.keep(metric)
+  return metrics
+}
+
+/** The values of metric tensors, disposing them (synchronous: CPU backends only). */
+export const readMetrics = <M extends Readonly<Record<string, tf.Scalar | undefined>>>(metrics: M): { [K in keyof M]: M[K] extends tf.Scalar ? number : number | undefined } =>
+  Object.fromEntries(Object.entries(metrics).map(([name, metric]) => [name, metric === undefined ? undefined : take(metric)[0]])) as never

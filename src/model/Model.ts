@@ -50,7 +50,7 @@ export interface KVCache {
 
 /**
  * What one decoder layer saw, for statistics (calibration). The tensors live only during the call:
- * read them (dataSync) or derive tensors from them inside it.
+ * derive tensors from them inside it (keep what must outlive the call).
  */
 export interface LayerTrace {
   readonly index: number

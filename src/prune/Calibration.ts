@@ -62,30 +62,51 @@ export const layerScores = (stats: Statistics): Array<number> => Array.from(stat
 export const ffnScores = (stats: Statistics, layer: number): Array<number> =>
   Array.from(stats.ffnAbsSum.subarray(layer * stats.intermediateSize, (layer + 1) * stats.intermediateSize), (x) => x / stats.tokens)
 
-/** Statistics of one batch: rows of token ids with their mask (1 token, 0 padding). */
-export const observe = (model: Model.Model, ids: ReadonlyArray<ReadonlyArray<number>>, mask: ReadonlyArray<ReadonlyArray<number>>): Statistics => {
+/**
+ * Statistics of one batch: rows of token ids with their mask (1 token, 0 padding). The batch's sums
+ * are made on the backend (the second moments of every layer added up there, in float32) and read
+ * in one transfer after the pass; batches are added up in float64.
+ */
+export const observe = Effect.fn("Calibration.observe")(function*(
+  model: Model.Model,
+  ids: ReadonlyArray<ReadonlyArray<number>>,
+  mask: ReadonlyArray<ReadonlyArray<number>>
+) {
   const stats = empty(model.config)
-  const { hiddenSize: d, intermediateSize: f } = model.config
+  const { hiddenSize: d, intermediateSize: f, numLayers } = model.config
+  const ratioSums: Array<tf.Tensor> = [] // [1] per layer
+  const ffnSums: Array<tf.Tensor> = [] // [F] per layer
+  let moment: tf.Tensor = tf.zeros([d * d]) // [D * D], both RMSNorm inputs of every layer
   const weights = tf.tensor2d(mask.flat(), [mask.length * mask[0].length, 1]) // [N, 1]
   const { logits } = Model.forward(model, ids, {
     attentionMask: mask,
     trace: (layer) => {
-      const input = layer.input.reshape([-1, d]) // [N, D]
-      const middle = layer.middle.reshape([-1, d])
-      const output = layer.output.reshape([-1, d])
-      const ratio = tf.divNoNan(tf.norm(output, "euclidean", 1, true), tf.norm(input, "euclidean", 1, true)) // [N, 1]
-      stats.layerRatioSum[layer.index] = tf.sum(tf.mul(ratio, weights)).dataSync()[0]
-      for (const x of [input, middle]) {
-        const moment = matMul(tf.mul(x, weights), x, true, false).dataSync() // [D, D]
-        for (let i = 0; i < moment.length; i++) stats.secondMoment[i] += moment[i]
-      }
-      const activation = tf.sum(tf.mul(tf.abs(layer.ffn.reshape([-1, f])), weights), 0).dataSync() // [F]
-      stats.ffnAbsSum.set(activation, layer.index * f)
+      const [ratioSum, ffnSum, nextMoment] = tf.tidy(() => {
+        const input = layer.input.reshape([-1, d]) // [N, D]
+        const middle = layer.middle.reshape([-1, d])
+        const output = layer.output.reshape([-1, d])
+        const ratio = tf.divNoNan(tf.norm(output, "euclidean", 1, true), tf.norm(input, "euclidean", 1, true)) // [N, 1]
+        const moments = [input, middle].map((x) => matMul(tf.mul(x, weights), x, true, false).reshape([-1]))
+        return [
+          tf.sum(tf.mul(ratio, weights)).reshape([1]),
+          tf.sum(tf.mul(tf.abs(layer.ffn.reshape([-1, f])), weights), 0),
+          tf.addN([moment, ...moments])
+        ].map((t) => tf.keep(t))
+      })
+      moment.dispose()
+      moment = nextMoment
+      ratioSums[layer.index] = ratioSum
+      ffnSums[layer.index] = ffnSum
     }
   })
-  tf.dispose([logits, weights])
+  const all = tf.concat([...ratioSums, ...ffnSums, moment])
+  tf.dispose([logits, weights, moment, ...ratioSums, ...ffnSums])
+  const values = yield* Effect.promise(() => all.data()).pipe(Effect.ensuring(Effect.sync(() => all.dispose())))
+  stats.layerRatioSum.set(values.subarray(0, numLayers))
+  stats.ffnAbsSum.set(values.subarray(numLayers, numLayers * (1 + f)))
+  stats.secondMoment.set(values.subarray(numLayers * (1 + f)))
   return { ...stats, tokens: mask.flat().reduce((a, b) => a + b, 0) }
-}
+})
 
 /** Statistics as safetensors (F64) tensors, plus the scalar fields for a manifest. */
 export const write = (path: string, stats: Statistics) =>

@@ -142,13 +142,13 @@ export interface Scores {
  * two rows in the same order whichever way round it is asked (the responses sorted), so that the
  * scores of (A, B) are exactly those of (B, A) swapped.
  */
-export const scores = (
+export const scores = async (
   scorer: Model.Model,
   tokenizer: Tokenizer.Tokenizer,
   seq: number,
   pairs: ReadonlyArray<Pair>,
   batch = 16
-): Array<Scores> => {
+): Promise<Array<Scores>> => {
   const out: Array<Scores> = []
   for (let start = 0; start < pairs.length; start += batch) {
     const group = pairs.slice(start, start + batch)
@@ -157,8 +157,7 @@ export const scores = (
       return [encode(tokenizer, seq, { prompt, a: first, b: second }), encode(tokenizer, seq, { prompt, a: second, b: first })]
     })
     const z = logits(scorer, rows, padId(tokenizer))
-    const values = z.dataSync()
-    z.dispose()
+    const values = await z.data().finally(() => z.dispose())
     group.forEach(({ a, b }, i) => {
       const [first, second] = [values[2 * i], values[2 * i + 1]]
       out.push(a <= b ? { ab: first, ba: second } : { ab: second, ba: first })
@@ -259,7 +258,7 @@ export const fitTemperature = (judged: ReadonlyArray<Judged>): number => {
 export const saveHead = (dir: string, scorer: Model.Model) => {
   const weight = head(scorer)
   return Safetensors.write(path.join(dir, headFile), [
-    { name: headTensor, dtype: "F32", shape: weight.shape, data: weight.dataSync() as Float32Array }
+    { name: headTensor, dtype: "F32", shape: weight.shape, data: Effect.promise(() => weight.data() as Promise<Float32Array>) }
   ])
 }
 
@@ -301,5 +300,5 @@ export const load = Effect.fn("Pwrm.load")(function*(dir: string) {
 })
 
 /** P(A beats B) for each pair, symmetrised and at the model's temperature. */
-export const probabilities = (pwrm: Pwrm, pairs: ReadonlyArray<Pair>): Array<number> =>
-  scores(pwrm.scorer, pwrm.tokenizer, pwrm.seq, pairs).map((s) => preference(s, pwrm.temperature))
+export const probabilities = async (pwrm: Pwrm, pairs: ReadonlyArray<Pair>): Promise<Array<number>> =>
+  (await scores(pwrm.scorer, pwrm.tokenizer, pwrm.seq, pairs)).map((s) => preference(s, pwrm.temperature))

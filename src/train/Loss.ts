@@ -98,11 +98,19 @@ export const teacherTarget = Effect.fn("Loss.teacherTarget")(function*(
   mask: ReadonlyArray<ArrayLike<number>>,
   options: Options
 ) {
-  const outside = tf.tidy(() => {
-    const mass = teacher._tag === "Full"
-      ? fullOutsideMass(teacher.logProbs, studentVocab)
-      : topKOutsideMass(teacher, studentVocab)
-    return tf.max(tf.mul(mass, tf.tensor1d(flatMask(mask)))).dataSync()[0]
+  // A full teacher no wider than the student puts no mass outside it, and needs no read of the GPU.
+  const outside = teacher._tag === "Full" && teacher.logProbs.shape[2] <= studentVocab ? 0 : yield* Effect.promise(async () => {
+    const largest = tf.tidy(() => {
+      const mass = teacher._tag === "Full"
+        ? fullOutsideMass(teacher.logProbs, studentVocab)
+        : topKOutsideMass(teacher, studentVocab)
+      return tf.max(tf.mul(mass, tf.tensor1d(flatMask(mask))))
+    })
+    try {
+      return (await largest.data())[0]
+    } finally {
+      largest.dispose()
+    }
   })
   if (outside > options.maxOutsideMass) {
     return yield* new TeacherVocabularyError({ studentVocab, mass: outside, maxMass: options.maxOutsideMass })
@@ -185,10 +193,10 @@ const topKTarget = (
   }
 }
 
-/** The loss to minimise (a scalar tensor, the caller's) and float metrics, means over `tokens`. */
+/** The loss to minimise and its metrics, means over `tokens`: scalar tensors, the caller's. */
 export interface Distillation extends Objective {
   /** `kl`: KL(teacher || student) at the temperature; `ce`: the student's next-token cross-entropy at T = 1; nats per token. */
-  readonly metrics: { readonly kl: number; readonly ce: number }
+  readonly metrics: { readonly kl: tf.Scalar; readonly ce: tf.Scalar }
 }
 
 /**
@@ -215,8 +223,7 @@ export const distillation = (
   const ceMask = batch.crossEntropyMask === undefined ? mask : flatMask(batch.crossEntropyMask)
   const ceTokens = ceMask.reduce((sum, keep) => sum + keep, 0)
   const temperature = options.temperature
-  let metrics = new Float32Array(2)
-  const loss = tf.tidy(() => {
+  return tf.tidy(() => {
     const z = logits.reshape([n, vs]) as tf.Tensor2D
     const v = target.probs.shape[1]
     // Per token: KL = sum q log q - sum q log s, the second term the cross term.
@@ -227,11 +234,10 @@ export const distillation = (
     const weights = tf.div(tf.tensor1d(mask), Math.max(tokens, 1)) // [N], sums to 1 over kept tokens
     const kl = tf.sum(tf.mul(perToken, weights))
     const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, batch.targets), tf.div(tf.tensor1d(ceMask), Math.max(ceTokens, 1))))
-    metrics = Float32Array.from(tf.stack([kl, ce]).dataSync())
     const scaled = tf.mul(kl, temperature * temperature)
-    return (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
+    const loss = (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
+    return { loss, tokens, metrics: { kl: kl as tf.Scalar, ce: ce as tf.Scalar } }
   })
-  return { loss, tokens, metrics: { kl: metrics[0], ce: metrics[1] } }
 }
 
 /**

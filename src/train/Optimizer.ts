@@ -137,9 +137,10 @@ export const update = (adam: AdamW, grads: ReadonlyMap<string, tf.Tensor>, lr: n
   }
 }
 
-/** The state as plain arrays, for a checkpoint. */
-export const exportState = (adam: AdamW): State => {
-  const read = (moments: ReadonlyMap<string, tf.Variable>) =>
-    new Map([...moments].map(([name, moment]) => [name, Float32Array.from(moment.dataSync() as Float32Array)]))
-  return { step: adam.step, expAvg: read(adam.expAvg), expAvgSq: read(adam.expAvgSq) }
-}
+/** The state as plain arrays, read asynchronously (as a GPU backend requires). */
+export const exportState = (adam: AdamW): Effect.Effect<State> =>
+  Effect.promise(async () => {
+    const read = async (moments: ReadonlyMap<string, tf.Variable>) =>
+      new Map(await Promise.all([...moments].map(async ([name, moment]) => [name, Float32Array.from(await moment.data() as Float32Array)] as const)))
+    return { step: adam.step, expAvg: await read(adam.expAvg), expAvgSq: await read(adam.expAvgSq) }
+  })

@@ -150,7 +150,7 @@ export interface Grpo extends Objective {
    * `kl`: the k3 estimate, when the rows have reference log-probs. Token means within each group,
    * averaged over groups, as the loss.
    */
-  readonly metrics: { readonly clip_fraction: number; readonly kl?: number }
+  readonly metrics: { readonly clip_fraction: tf.Scalar; readonly kl?: tf.Scalar }
 }
 
 /** GRPO's clipped objective of the policy's `logProbs` [N, R] (from `responseLogProbs`) over `rows`. */
@@ -174,28 +174,21 @@ export const grpo = (logProbs: tf.Tensor2D, rows: ReadonlyArray<GrpoRow>, option
       advantage[i * r + t] = row.advantage
     })
   )
-  let metrics: Grpo["metrics"] = { clip_fraction: 0 }
-  const loss = tf.tidy(() => {
+  return tf.tidy(() => {
     const w = tf.tensor2d(weight, [n, r])
     const a = tf.tensor2d(advantage, [n, r])
     const ratio = tf.exp(tf.sub(logProbs, tf.tensor2d(old, [n, r])))
     const unclipped = tf.mul(ratio, a)
     const clipped = tf.mul(tf.clipByValue(ratio, 1 - options.epsLow, 1 + options.epsHigh), a)
     let perToken = tf.neg(tf.minimum(unclipped, clipped))
-    const clipFraction = tf.sum(tf.mul(w, tf.cast(tf.less(clipped, unclipped), "float32")))
-    if (!withKl) {
-      metrics = { clip_fraction: clipFraction.dataSync()[0] }
-      return tf.sum(tf.mul(w, perToken)) as tf.Scalar
-    }
+    const clipFraction = tf.sum(tf.mul(w, tf.cast(tf.less(clipped, unclipped), "float32"))) as tf.Scalar
+    if (!withKl) return { loss: tf.sum(tf.mul(w, perToken)) as tf.Scalar, tokens: groups, metrics: { clip_fraction: clipFraction } }
     const logRatio = tf.sub(tf.tensor2d(ref, [n, r]), logProbs)
     const k3 = tf.sub(tf.sub(tf.exp(logRatio), logRatio), 1)
-    const kl = tf.sum(tf.mul(w, k3))
-    const [clipValue, klValue] = tf.stack([clipFraction, kl]).dataSync()
-    metrics = { clip_fraction: clipValue, kl: klValue }
+    const kl = tf.sum(tf.mul(w, k3)) as tf.Scalar
     if (options.klCoef > 0) perToken = tf.add(perToken, tf.mul(k3, options.klCoef))
-    return tf.sum(tf.mul(w, perToken)) as tf.Scalar
+    return { loss: tf.sum(tf.mul(w, perToken)) as tf.Scalar, tokens: groups, metrics: { clip_fraction: clipFraction, kl } }
   })
-  return { loss, tokens: groups, metrics }
 }
 
 /** A pair of responses to one prompt as online DPO's loss sees it. */
@@ -214,7 +207,7 @@ export interface Odpo extends Objective {
    * `log pi(y) - log ref(y)` over the 2N responses, their KL to the reference when they are the
    * policy's samples (in expectation, at temperature 1).
    */
-  readonly metrics: { readonly margin: number; readonly agreement: number; readonly kl: number }
+  readonly metrics: { readonly margin: tf.Scalar; readonly agreement: tf.Scalar; readonly kl: tf.Scalar }
 }
 
 /**
@@ -224,21 +217,18 @@ export interface Odpo extends Objective {
 export const odpo = (logProbsA: tf.Tensor1D, logProbsB: tf.Tensor1D, pairs: ReadonlyArray<PreferencePair>, beta: number): Odpo => {
   if (!(beta > 0)) throw new Error(`PolicyLoss.odpo: beta must be positive, got ${beta}`)
   const n = pairs.length
-  let margins = new Float32Array(n)
-  let kl = 0
-  const loss = tf.tidy(() => {
+  return tf.tidy(() => {
     const p = tf.tensor1d(pairs.map((pair) => pair.p))
     const ratioA = tf.sub(logProbsA, tf.tensor1d(pairs.map((pair) => pair.refA)))
     const ratioB = tf.sub(logProbsB, tf.tensor1d(pairs.map((pair) => pair.refB)))
     const d = tf.sub(ratioA, ratioB)
-    margins = Float32Array.from(d.dataSync())
-    kl = tf.mean(tf.concat([ratioA, ratioB])).dataSync()[0]
     // -log sigmoid(x) = softplus(-x), stable for any x.
     const x = tf.mul(d, beta)
     const soft = tf.add(tf.mul(p, tf.softplus(tf.neg(x))), tf.mul(tf.sub(1, p), tf.softplus(x)))
-    return tf.div(tf.mean(tf.sub(soft, Math.LN2)), beta) as tf.Scalar
+    const loss = tf.div(tf.mean(tf.sub(soft, Math.LN2)), beta) as tf.Scalar
+    // p [D > 0] + (1 - p) [D < 0] + 1/2 [D = 0]: (1 + sign(D)) / 2 weighs p, (1 - sign(D)) / 2 weighs 1 - p.
+    const sign = tf.sign(d)
+    const agreement = tf.mean(tf.div(tf.add(tf.mul(p, tf.add(1, sign)), tf.mul(tf.sub(1, p), tf.sub(1, sign))), 2)) as tf.Scalar
+    return { loss, tokens: n, metrics: { margin: tf.mean(d) as tf.Scalar, agreement, kl: tf.mean(tf.concat([ratioA, ratioB])) as tf.Scalar } }
   })
-  const agreement = pairs.reduce((sum, { p }, i) => sum + (margins[i] > 0 ? p : margins[i] < 0 ? 1 - p : 0.5), 0) / n
-  const margin = margins.reduce((a, b) => a + b, 0) / n
-  return { loss, tokens: n, metrics: { margin, agreement, kl } }
 }

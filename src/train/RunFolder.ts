@@ -6,6 +6,7 @@
  * Every training stage (distillation, SFT, PWRM, GRPO, ODPO) keeps its run this way; each decides
  * what its state holds and how its weights are written.
  */
+import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
@@ -32,13 +33,21 @@ export const metricsFile = (out: string) => path.join(out, "metrics.jsonl")
 
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
-/** The optimizer's moments as F32 tensors `exp_avg.NAME` / `exp_avg_sq.NAME`, its step in the metadata. */
+/**
+ * The optimizer's moments as F32 tensors `exp_avg.NAME` / `exp_avg_sq.NAME`, its step in the
+ * metadata; each read from the backend as it is written, so no copy of all of them is held.
+ */
 const writeMoments = (file: string, adam: Optimizer.AdamW) => {
-  const moments = Optimizer.exportState(adam)
-  return Safetensors.write(file, [...moments.expAvg.keys()].flatMap((name) => [
-    { name: `exp_avg.${name}`, dtype: "F32" as const, shape: [moments.expAvg.get(name)!.length], data: moments.expAvg.get(name)! },
-    { name: `exp_avg_sq.${name}`, dtype: "F32" as const, shape: [moments.expAvgSq.get(name)!.length], data: moments.expAvgSq.get(name)! }
-  ]), { format: "cascade-adamw", step: String(moments.step) })
+  const entry = (prefix: string, name: string, moment: tf.Variable) => ({
+    name: `${prefix}.${name}`,
+    dtype: "F32" as const,
+    shape: [moment.size],
+    data: Effect.promise(() => moment.data() as Promise<Float32Array>)
+  })
+  return Safetensors.write(file, [...adam.expAvg.keys()].flatMap((name) => [
+    entry("exp_avg", name, adam.expAvg.get(name)!),
+    entry("exp_avg_sq", name, adam.expAvgSq.get(name)!)
+  ]), { format: "cascade-adamw", step: String(adam.step) })
 }
 
 const readMoments = Effect.fn("RunFolder.readMoments")(function*(file: string) {

@@ -38,40 +38,36 @@ export const trainable = Effect.fn("Training.trainable")(function*(model: Model.
   )
 })
 
-/** The L2 norm of all the gradients together, summed in float64. */
-const globalNorm = (grads: ReadonlyMap<string, tf.Tensor>): number => {
-  const squares = tf.tidy(() => {
-    const perTensor = tf.stack([...grads.values()].map((grad) => tf.sum(tf.square(grad))))
-    return Array.from(perTensor.dataSync())
-  })
-  return Math.sqrt(squares.reduce((sum, square) => sum + square, 0))
-}
+/** The L2 norm of all the gradients together, a scalar on the backend (read with the step's other scalars). */
+const globalNorm = (grads: ReadonlyMap<string, tf.Tensor>): tf.Scalar =>
+  tf.tidy(() => tf.sqrt(tf.addN([...grads.values()].map((grad) => tf.sum(tf.square(grad))))))
 
 /**
  * Scales `grads` so that their global L2 norm is at most `maxNorm`, as torch's clip_grad_norm_:
- * by `maxNorm / (norm + 1e-6)` when that is below 1. Returns the norm before clipping; the input
- * tensors are disposed when replaced.
+ * by `min(1, maxNorm / (norm + 1e-6))`, computed on the backend so that the step need not wait for
+ * the norm (a factor of exactly 1 leaves every gradient bit-identical). Returns the norm before
+ * clipping, a scalar the caller disposes; the input tensors are disposed when replaced.
  */
-export const clipByGlobalNorm = (grads: Map<string, tf.Tensor>, maxNorm: number): number => {
+export const clipByGlobalNorm = (grads: Map<string, tf.Tensor>, maxNorm: number): tf.Scalar => {
   const norm = globalNorm(grads)
-  const scale = maxNorm / (norm + 1e-6)
-  if (scale < 1) {
-    for (const [name, grad] of grads) {
-      grads.set(name, tf.tidy(() => tf.mul(grad, scale)))
-      grad.dispose()
-    }
+  const scale = tf.tidy(() => tf.minimum(tf.div(maxNorm, tf.add(norm, 1e-6)), 1))
+  for (const [name, grad] of grads) {
+    grads.set(name, tf.mul(grad, scale))
+    grad.dispose()
   }
+  scale.dispose()
   return norm
 }
 
 /**
  * What a loss function gives the training step: the scalar to minimise (a mean over `tokens`) and
- * float metrics, also means over `tokens`.
+ * scalar metrics, also means over `tokens`. All are tensors the caller owns: the step reads them
+ * together with its other scalars, so that a GPU is waited for once a step.
  */
 export interface Objective {
   readonly loss: tf.Scalar
   readonly tokens: number
-  readonly metrics: Readonly<Record<string, number>>
+  readonly metrics: Readonly<Record<string, tf.Scalar>>
 }
 
 /**
@@ -162,43 +158,55 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
   const nameOf = new Map([...trainable.variables].map(([name, variable]) => [variable.name, name]))
   const variables = [...trainable.variables.values()]
   const sums = new Map<string, tf.Tensor>()
-  const totals = { loss: 0, tokens: 0 }
-  const metricSums: Record<string, number> = {}
+  // Token-weighted sums of the loss and metrics stay on the backend until the step's one read.
+  const scalarSums = new Map<string, tf.Scalar>()
+  let tokens = 0
+  const addWeighted = (name: string, value: tf.Scalar, weight: number) => {
+    const previous = scalarSums.get(name)
+    scalarSums.set(name, tf.tidy(() => (previous === undefined ? tf.mul(value, weight) : tf.add(previous, tf.mul(value, weight)))))
+    previous?.dispose()
+    value.dispose()
+  }
   for (const batch of microBatches) {
     let result: Objective | undefined
     const { value, grads } = tf.variableGrads(() => {
       result = lossOf(trainable.model, batch)
+      for (const metric of Object.values(result.metrics)) tf.keep(metric)
       return result.loss
     }, variables)
-    const { metrics, tokens } = result!
-    totals.loss += value.dataSync()[0] * tokens
-    totals.tokens += tokens
-    for (const [name, metric] of Object.entries(metrics)) metricSums[name] = (metricSums[name] ?? 0) + metric * tokens
-    value.dispose()
+    const { metrics, tokens: batchTokens } = result!
+    tokens += batchTokens
+    addWeighted("loss", value, batchTokens)
+    for (const [name, metric] of Object.entries(metrics)) addWeighted(`metric.${name}`, metric, batchTokens)
     for (const [id, grad] of Object.entries(grads)) {
       const name = nameOf.get(id)!
       const previous = sums.get(name)
       sums.set(name, tf.tidy(() => {
-        const weighted = tf.mul(grad, tokens)
+        const weighted = tf.mul(grad, batchTokens)
         return previous === undefined ? weighted : tf.add(previous, weighted)
       }))
       grad.dispose()
       previous?.dispose()
     }
   }
-  const divisor = Math.max(totals.tokens, 1)
+  const divisor = Math.max(tokens, 1)
   for (const [name, sum] of sums) {
     sums.set(name, tf.tidy(() => tf.div(sum, divisor)))
     sum.dispose()
   }
-  const gradNorm = options.maxGradNorm === undefined ? globalNorm(sums) : clipByGlobalNorm(sums, options.maxGradNorm)
+  const norm = options.maxGradNorm === undefined ? globalNorm(sums) : clipByGlobalNorm(sums, options.maxGradNorm)
   Optimizer.update(optimizer, sums, options.learningRate)
   tf.dispose([...sums.values()])
+  const names = [...scalarSums.keys()]
+  const read = tf.stack([...scalarSums.values(), norm])
+  tf.dispose([...scalarSums.values(), norm])
+  const values = yield* Effect.promise(() => read.data()).pipe(Effect.ensuring(Effect.sync(() => read.dispose())))
+  const mean = (name: string) => values[names.indexOf(name)] / divisor
   return {
-    loss: totals.loss / divisor,
-    metrics: Object.fromEntries(Object.entries(metricSums).map(([name, sum]) => [name, sum / divisor])),
-    tokens: totals.tokens,
-    gradNorm,
+    loss: mean("loss"),
+    metrics: Object.fromEntries(names.filter((name) => name.startsWith("metric.")).map((name) => [name.slice("metric.".length), mean(name)])),
+    tokens,
+    gradNorm: values[names.length],
     learningRate: options.learningRate
   } satisfies StepResult
 })
