@@ -1,0 +1,193 @@
+/**
+ * `npm run test:gpu`: what must hold on a GPU (the webgpu backend), checked against the CPU in the
+ * same process. Without a GPU adapter every check is skipped, with the reason. The GPU machine has
+ * no Node, so the same checks also run from a bundle (`scripts/gpu.ts test`, see ../shared/gpu/).
+ *
+ * - every fixture of test/fixtures (made with transformers) within 1e-4 of its reference logits (the
+ *   shared tiny-mistral's padded references through it: CASCADE_TINY_MISTRAL names its folder where
+ *   ../shared is not beside the repository);
+ * - calibration and pruning of a fixture on the GPU give the CPU's child;
+ * - a 30-step distillation of that child gives the CPU's per-step losses within 1e-4 relative;
+ * - a run killed at step 15 and resumed ends with the losses of the uninterrupted one;
+ * - greedy generation with the KV cache gives the CPU's tokens.
+ *
+ * `--backend B` checks another backend than webgpu the same way (e.g. wasm, to try the suite on a CPU).
+ * Prints a line per check and `N passed, N failed, N skipped`; exits 1 when a check failed.
+ */
+import { NodeRuntime } from "@effect/platform-node"
+import { Cause, Console, Effect, Exit, Layer } from "effect"
+import * as fs from "node:fs/promises"
+import * as os from "node:os"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import { parseArgs } from "node:util"
+import * as Teacher from "../layers/Teacher.ts"
+import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
+import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Reference from "../src/io/Reference.ts"
+import * as Generate from "../src/model/Generate.ts"
+import { calibrate } from "../stages/Calibrate.ts"
+import { distill, type DistillOptions } from "../stages/Distill.ts"
+import { prune } from "../stages/Prune.ts"
+
+const underTest = (parseArgs({ options: { backend: { type: "string", default: "webgpu" } } }).values.backend) as BackendName
+const fixtures = fileURLToPath(new URL("../test/fixtures/", import.meta.url))
+/** The model of fixtures that hold only references (tiny-mistral-padded): the shared tiny-mistral. */
+const tinyMistral = process.env.CASCADE_TINY_MISTRAL ?? fileURLToPath(new URL("../../shared/fixtures/tiny-mistral", import.meta.url))
+const parent = path.join(fixtures, "mistral-headdim")
+
+class CheckFailed extends Error {}
+const expect = (ok: boolean, message: string) => (ok ? Effect.void : Effect.die(new CheckFailed(message)))
+
+const onBackend = (name: BackendName) => <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  effect.pipe(Effect.scoped, Effect.provide(TensorBackend.layer(name)))
+
+/** A JSONL file of token ids from a seeded Markov chain over 512 ids (the fixtures' vocabulary). */
+const markovData = (file: string, rows: number, length: number, seed: number) => {
+  let state = seed
+  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
+  const lines = Array.from({ length: rows }, () => {
+    const ids = [next()]
+    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
+    return JSON.stringify({ input_ids: ids })
+  })
+  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
+}
+
+const losses = (out: string) =>
+  Effect.promise(() => fs.readFile(path.join(out, "metrics.jsonl"), "utf8")).pipe(
+    Effect.map((text) => text.trim().split("\n").map((line) => (JSON.parse(line) as { loss: number }).loss))
+  )
+
+const worstRelative = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) =>
+  Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.max(Math.abs(b[i]), 1e-12)))
+
+const fixtureParity = Effect.gen(function*() {
+  const lines: Array<string> = []
+  for (const name of (yield* Effect.promise(() => fs.readdir(fixtures, { withFileTypes: true }))).filter((e) => e.isDirectory()).map((e) => e.name).sort()) {
+    const dir = path.join(fixtures, name)
+    const modelDir = (yield* Effect.promise(() => fs.access(path.join(dir, "config.json")).then(() => true, () => false))) ? dir : tinyMistral
+    const references = (yield* Effect.promise(() => fs.readdir(dir))).filter((file) => /^reference.*\.safetensors$/.test(file)).sort()
+    for (const file of references) {
+      const diff = yield* Effect.scoped(Effect.gen(function*() {
+        return yield* Reference.compare(yield* Pretrained.load(modelDir), yield* Reference.open(path.join(dir, file)))
+      }))
+      lines.push(`${name}/${file} ${diff.logits.toExponential(2)}`)
+      yield* expect(diff.logits <= 1e-4, `${name}/${file}: max |Δlogits| ${diff.logits} > 1e-4`)
+    }
+  }
+  return lines.join(", ")
+}).pipe(onBackend(underTest))
+
+/** Calibration statistics and a pruned child of `parent` made on `backend` into `dir`. */
+const prunedChild = (dir: string, data: string, backend: BackendName) =>
+  Effect.gen(function*() {
+    yield* calibrate(yield* Pretrained.load(parent), { modelDir: parent, data, out: path.join(dir, "stats"), seq: 32 })
+    yield* prune({ modelDir: parent, statsDir: path.join(dir, "stats"), out: path.join(dir, "child"), targets: { layers: 2, hidden: 48, ffn: 128 } })
+    return path.join(dir, "child")
+  }).pipe(onBackend(backend))
+
+const distillOptions = (student: string, data: string, out: string): DistillOptions => ({
+  studentDir: student,
+  data,
+  out,
+  seq: 32,
+  steps: 30,
+  seed: 3,
+  batch: 4,
+  accumulate: 2,
+  learningRate: 3e-3,
+  minLearningRate: 3e-4,
+  warmupSteps: 3,
+  weightDecay: 0.01,
+  maxGradNorm: 1,
+  loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 },
+  saveEvery: 5
+})
+
+const distillOn = (backend: BackendName, options: DistillOptions) =>
+  distill(options).pipe(Effect.scoped, Effect.provide(Layer.provideMerge(Teacher.inProcess(parent, { topK: 32 }), TensorBackend.layer(backend))))
+
+const training = (dir: string) =>
+  Effect.gen(function*() {
+    const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
+    const cpuChild = yield* prunedChild(path.join(dir, "cpu"), data, "cpu")
+    const gpuChild = yield* prunedChild(path.join(dir, "gpu"), data, underTest)
+    const childDiff = yield* Effect.promise(async () => {
+      const [a, b] = await Promise.all([cpuChild, gpuChild].map((child) => fs.readFile(path.join(child, "prune-report.json"), "utf8")))
+      const kept = (report: string) => JSON.stringify((JSON.parse(report) as { layers: { kept: Array<{ index: number }> } }).layers.kept.map((layer) => layer.index))
+      return kept(a) === kept(b)
+    })
+    yield* expect(childDiff, "the GPU's calibration kept other layers than the CPU's")
+    yield* distillOn("cpu", distillOptions(cpuChild, data, path.join(dir, "distill-cpu")))
+    yield* distillOn(underTest, distillOptions(cpuChild, data, path.join(dir, "distill-gpu")))
+    const cpu = yield* losses(path.join(dir, "distill-cpu"))
+    const gpu = yield* losses(path.join(dir, "distill-gpu"))
+    yield* expect(cpu.length === 30 && gpu.length === 30, `steps: cpu ${cpu.length}, gpu ${gpu.length}`)
+    const relative = worstRelative(gpu, cpu)
+    yield* expect(relative <= 1e-4, `per-step losses differ by ${relative} relative`)
+    return { cpuChild, data, gpu, summary: `30 steps, losses ${gpu[0].toFixed(4)} -> ${gpu[29].toFixed(4)}, worst relative difference to cpu ${relative.toExponential(2)}` }
+  })
+
+const resume = (dir: string, student: string, data: string, uninterrupted: ReadonlyArray<number>) =>
+  Effect.gen(function*() {
+    const out = path.join(dir, "distill-killed")
+    const stop = new Error("stopped at step 15")
+    const killed = yield* Effect.exit(distillOn(underTest, { ...distillOptions(student, data, out), onStep: (m) => { if (m.step === 15) throw stop } }))
+    yield* expect(Exit.isFailure(killed), "the run was not stopped")
+    yield* distillOn(underTest, { ...distillOptions(student, data, out), resume: true })
+    const resumed = yield* losses(out)
+    const relative = worstRelative(resumed, uninterrupted)
+    yield* expect(resumed.length === 30 && relative <= 1e-6, `resumed losses differ by ${relative} relative (${resumed.length} steps)`)
+    return `killed at 15, resumed from the checkpoint of step 15: worst relative difference ${relative.toExponential(2)}`
+  })
+
+const generation = Effect.gen(function*() {
+  const greedy = (backend: BackendName) =>
+    Effect.gen(function*() {
+      const model = yield* Pretrained.load(parent)
+      const out = yield* Generate.generate(model, [[1, 17, 300, 42], [1, 5]], { maxNewTokens: 24, temperature: 0, batchSize: 2 })
+      return out.map((g) => g.tokens.join(" "))
+    }).pipe(onBackend(backend))
+  const [cpu, gpu] = [yield* greedy("cpu"), yield* greedy(underTest)]
+  yield* expect(JSON.stringify(cpu) === JSON.stringify(gpu), `${underTest} ${JSON.stringify(gpu)} != cpu ${JSON.stringify(cpu)}`)
+  return `2 prompts x 24 tokens equal`
+})
+
+/** Whether this machine has a GPU adapter, and if not why. */
+const adapter = TensorBackend.layer(underTest).pipe(Layer.build, Effect.scoped, Effect.as(undefined), Effect.catch((error) => Effect.succeed(error.message)))
+
+const program = Effect.gen(function*() {
+  const counts = { passed: 0, failed: 0, skipped: 0 }
+  const missing = yield* adapter
+  const dir = yield* Effect.promise(() => fs.mkdtemp(path.join(os.tmpdir(), "cascade-gpu-")))
+  let trained: { cpuChild: string; data: string; gpu: ReadonlyArray<number> } | undefined
+  const checks: Array<[string, () => Effect.Effect<string, unknown>]> = [
+    ["fixture parity", () => fixtureParity],
+    ["calibration, pruning and 30 distillation steps equal the CPU's", () => Effect.map(training(dir), (t) => ((trained = t), t.summary))],
+    ["a killed run resumes to the same losses", () => (trained ? resume(dir, trained.cpuChild, trained.data, trained.gpu) : Effect.die(new CheckFailed("needs the training check")))],
+    ["greedy generation equals the CPU's", () => generation]
+  ]
+  for (const [name, check] of checks) {
+    if (missing !== undefined) {
+      counts.skipped++
+      yield* Console.log(`- ${name}: skipped (${missing})`)
+      continue
+    }
+    const started = performance.now()
+    const exit = yield* Effect.exit(check())
+    const seconds = ((performance.now() - started) / 1000).toFixed(1)
+    if (Exit.isSuccess(exit)) {
+      counts.passed++
+      yield* Console.log(`✓ ${name} (${seconds} s): ${exit.value}`)
+    } else {
+      counts.failed++
+      yield* Console.log(`× ${name} (${seconds} s): ${Cause.pretty(exit.cause).split("\n").slice(0, 6).join("\n  ")}`)
+    }
+  }
+  yield* Effect.promise(() => fs.rm(dir, { recursive: true, force: true }))
+  yield* Console.log(`${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped`)
+  if (counts.failed > 0) process.exitCode = 1
+})
+
+NodeRuntime.runMain(program)
