@@ -29,6 +29,7 @@ import * as Generate from "../src/model/Generate.ts"
 import { calibrate } from "../stages/Calibrate.ts"
 import { distill, type DistillOptions } from "../stages/Distill.ts"
 import { prune } from "../stages/Prune.ts"
+import { markovData } from "../test/support.ts"
 
 const underTest = (parseArgs({ options: { backend: { type: "string", default: "webgpu" } } }).values.backend) as BackendName
 const fixtures = fileURLToPath(new URL("../test/fixtures/", import.meta.url))
@@ -41,18 +42,6 @@ const expect = (ok: boolean, message: string) => (ok ? Effect.void : Effect.die(
 
 const onBackend = (name: BackendName) => <A, E, R>(effect: Effect.Effect<A, E, R>) =>
   effect.pipe(Effect.scoped, Effect.provide(TensorBackend.layer(name)))
-
-/** A JSONL file of token ids from a seeded Markov chain over 512 ids (the fixtures' vocabulary). */
-const markovData = (file: string, rows: number, length: number, seed: number) => {
-  let state = seed
-  const next = () => (state = (state * 1103515245 + 12345) % 2147483648) % 512
-  const lines = Array.from({ length: rows }, () => {
-    const ids = [next()]
-    while (ids.length < length) ids.push(next() % 4 === 0 ? next() : (ids[ids.length - 1] * 7 + 3) % 512)
-    return JSON.stringify({ input_ids: ids })
-  })
-  return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
-}
 
 const losses = (out: string) =>
   Effect.promise(() => fs.readFile(path.join(out, "metrics.jsonl"), "utf8")).pipe(

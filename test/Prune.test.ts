@@ -27,6 +27,15 @@ const dataFile = (dir: string, rows: number, length: number) => {
   return Effect.promise(() => fs.writeFile(file, lines.join("\n") + "\n")).pipe(Effect.as(file))
 }
 
+/** The parent's statistics, calibrated in `dir`/stats on `rows` rows of `length` ids; returns their folder. */
+const parentStats = (dir: string, rows: number, length: number) =>
+  Effect.gen(function*() {
+    const data = yield* dataFile(dir, rows, length)
+    const stats = path.join(dir, "stats")
+    yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: length })
+    return stats
+  })
+
 const exists = (file: string) => Effect.promise(() => fs.access(file).then(() => true, () => false))
 const mtime = (file: string) => Effect.promise(() => fs.stat(file).then((s) => s.mtimeMs))
 
@@ -106,9 +115,7 @@ describe("prune", () => {
   it.effect("writes a checkpoint of the same architecture, its tokenizer files and a report", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(dir, 8, 32)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const stats = yield* parentStats(dir, 8, 32)
       const out = path.join(dir, "child")
       const report = yield* prune({ modelDir: parentDir, statsDir: stats, out, targets: { layers: 3, hidden: 40, ffn: 100 } })
       const child = yield* Pretrained.load(out)
@@ -128,9 +135,7 @@ describe("prune", () => {
   it.effect("random pruning: the same seed gives the same child, another seed another choice, and the report says so", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(dir, 8, 32)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const stats = yield* parentStats(dir, 8, 32)
       const targets = { layers: 2, hidden: 40, ffn: 100 }
       const run = (name: string, seed: number) =>
         prune({ modelDir: parentDir, statsDir: stats, out: path.join(dir, name), targets, selection: { kind: "random", seed } })
@@ -154,9 +159,7 @@ describe("prune", () => {
   it.effect("a tied child of an untied parent reports its rule and its errors, and --tie-from needs --tie-embeddings", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(dir, 8, 32)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const stats = yield* parentStats(dir, 8, 32)
       const out = path.join(dir, "child")
       const report = yield* prune({ modelDir: parentDir, statsDir: stats, out, targets: { hidden: 40, tieEmbeddings: true, tieFrom: "head" } })
       assert.isTrue(report.child.tiedEmbeddings)
@@ -174,9 +177,7 @@ describe("prune", () => {
   it.effect("bad requests fail clearly and write nothing", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(dir, 1, 8)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 8 })
+      const stats = yield* parentStats(dir, 1, 8)
       const out = path.join(dir, "child")
       const cases = [
         { modelDir: parentDir, targets: { layers: 5 }, expect: "--layers 5 is larger than the parent's layers (4)" },
@@ -194,9 +195,7 @@ describe("prune", () => {
   it.effect("with reuse, a child of the same inputs is kept and one of other targets made again", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
-      const data = yield* dataFile(dir, 8, 32)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const stats = yield* parentStats(dir, 8, 32)
       const out = path.join(dir, "child")
       const weights = path.join(out, "model.safetensors")
       const options = { modelDir: parentDir, statsDir: stats, out, targets: { layers: 3 }, reuse: true }
