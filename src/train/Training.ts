@@ -38,9 +38,13 @@ export const trainable = Effect.fn("Training.trainable")(function*(model: Model.
   )
 })
 
-/** The L2 norm of all the gradients together, a scalar on the backend (read with the step's other scalars). */
+/**
+ * The L2 norm of all the gradients together, a scalar on the backend (read with the step's other
+ * scalars). Summed pairwise: WebGPU's AddN binds every input at once, past the 16 storage buffers a
+ * shader may have.
+ */
 const globalNorm = (grads: ReadonlyMap<string, tf.Tensor>): tf.Scalar =>
-  tf.tidy(() => tf.sqrt(tf.addN([...grads.values()].map((grad) => tf.sum(tf.square(grad))))))
+  tf.tidy(() => tf.sqrt([...grads.values()].map((grad) => tf.sum(tf.square(grad))).reduce((sum, square) => tf.add(sum, square))) as tf.Scalar)
 
 /**
  * Scales `grads` so that their global L2 norm is at most `maxNorm`, as torch's clip_grad_norm_:
