@@ -1,12 +1,14 @@
 /**
  * One entry for the GPU machine's bundle (../shared/gpu/prepare.sh scripts/gpu.ts), which has no
- * Node of its own: `bash .gpu/run.sh test|bench|cli ARGS...` runs the GPU suite
- * (scripts/gpu-suite.ts), the benchmark (scripts/bench.ts) or the `cascade` command line with ARGS.
+ * Node of its own: `bash .gpu/run.sh test|bench|cli|big ARGS...` runs the GPU suite
+ * (scripts/gpu-suite.ts), the benchmark (scripts/bench.ts), the `cascade` command line or the 1B
+ * parent's stages (scripts/gpu-big.ts) with ARGS.
  */
 const entries = {
   test: () => import("./gpu-suite.ts"),
   bench: () => import("./bench.ts"),
-  cli: () => import("../src/cli/main.ts")
+  cli: () => import("../src/cli/main.ts"),
+  big: () => import("./gpu-big.ts")
 }
 const [what] = process.argv.splice(2, 1)
 if (!(what in entries)) {
