@@ -43,6 +43,12 @@ describe("Cascade.run", () => {
       const manifest = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "manifest.json"), "utf8")))
       assert.strictEqual(manifest.generations[1].parent, path.join(config.run, "1-a", "short"), "each generation is pruned from the previous short model")
       assert.strictEqual(manifest.generations[1].teacher, sharedFixture("tiny-mistral"), "the teacher is the root parent")
+      // The long phase makes a Ministral 3: YaRN over the short context, queries scaled by position.
+      const longConfig = JSON.parse(yield* Effect.promise(() => fs.readFile(path.join(config.run, "1-a", "long", "config.json"), "utf8")))
+      assert.deepStrictEqual(
+        [longConfig.model_type, longConfig.architectures, longConfig.rope_parameters.rope_type, longConfig.rope_parameters.original_max_position_embeddings, longConfig.rope_parameters.llama_4_scaling_beta],
+        ["ministral3", ["Ministral3ForCausalLM"], "yarn", 32, 0.1]
+      )
       const report = yield* Effect.promise(() => fs.readFile(path.join(config.run, "report.md"), "utf8"))
       assert.include(report, "| 2-b short |")
       for (const plot of ["loss-curves.svg", "retention-accuracy.svg", "retention-nll.svg"]) {
