@@ -49,7 +49,7 @@ const program = Effect.gen(function*() {
   const seeds = Array.from({ length: Number(values.seeds) }, (_, i) => i + 1)
   const pruned = (targets: Pruning.Targets, selection: Pruning.Selection) =>
     Effect.acquireUseRelease(
-      Effect.sync(() => Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, selection))),
+      Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, selection)),
       nll,
       (child) => Effect.sync(() => Model.dispose(child))
     )

@@ -183,7 +183,7 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
 
   const plan = Pruning.plan(parent.config, stats, options.targets, selection)
   const { model: child, tie } = yield* Effect.acquireRelease(
-    Effect.sync(() => Pruning.build(parent, plan)),
+    Pruning.build(parent, plan),
     ({ model }) => Effect.sync(() => Model.dispose(model))
   )
   const result = { ...report(parent, plan, tie, stats, calibration, selection), inputs }

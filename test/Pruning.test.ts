@@ -26,12 +26,12 @@ const calibrate = (model: Model.Model, seed = 1) => {
 const logitsOf = (model: Model.Model) => take(Model.forward(model, rows(99, 2, 12, model.config.vocabSize).ids).logits)
 
 /** Prunes, compares the child's logits with the parent's, disposes the child. */
-const logitsDiff = (parent: Model.Model, stats: Calibration.Statistics, targets: Pruning.Targets) => {
-  const child = Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
+const logitsDiff = Effect.fnUntraced(function*(parent: Model.Model, stats: Calibration.Statistics, targets: Pruning.Targets) {
+  const child = yield* Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
   const diff = maxAbsDiff(logitsOf(child), logitsOf(parent))
   Model.dispose(child)
   return diff
-}
+})
 
 /** A copy of `model` with some weights replaced (the rest cloned). */
 const edited = (model: Model.Model, edit: (tensors: Map<string, tf.Tensor>) => void) => {
@@ -90,9 +90,9 @@ describe("Pruning exactness", () => {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
       const stats = yield* calibrate(parent)
       const before = tf.memory().numTensors
-      assert.isAtMost(logitsDiff(parent, stats, {}), 1e-4)
-      assert.isAtMost(logitsDiff(parent, stats, { hidden: 64 }), 1e-4)
-      assert.isAtMost(logitsDiff(parent, stats, { hidden: 64, layers: 4, ffn: 192 }), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, {}), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { hidden: 64 }), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { hidden: 64, layers: 4, ffn: 192 }), 1e-4)
       assert.strictEqual(tf.memory().numTensors, before)
     }).pipe(onBackend("wasm")))
 
@@ -100,8 +100,8 @@ describe("Pruning exactness", () => {
     Effect.gen(function*() {
       const parent = yield* Pretrained.load(localFixture("mistral-tied"))
       const stats = yield* calibrate(parent)
-      assert.isAtMost(logitsDiff(parent, stats, { hidden: parent.config.hiddenSize, tieEmbeddings: false }), 1e-4)
-      assert.isAtMost(logitsDiff(parent, stats, {}), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { hidden: parent.config.hiddenSize, tieEmbeddings: false }), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, {}), 1e-4)
     }).pipe(onBackend("wasm")))
 
   it.effect("a tied parent with a varied final norm stays exact through a full rotation into a tied child by the fit rule", () =>
@@ -112,7 +112,7 @@ describe("Pruning exactness", () => {
       const parent = edited(loaded, (tensors) => replace(tensors, "model.norm.weight", tf.add(1, normalTensor(5, [d], 0.5))))
       const stats = yield* calibrate(parent)
       const targets = { hidden: d, tieEmbeddings: true, tieFrom: "fit" } as const
-      const { model: child, tie } = Pruning.build(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
+      const { model: child, tie } = yield* Pruning.build(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
       assert.isTrue(child.config.tieWordEmbeddings)
       assert.isUndefined(child.weights.lmHead)
       assert.isAtMost(maxAbsDiff(logitsOf(child), logitsOf(parent)), 1e-4)
@@ -133,7 +133,7 @@ describe("Pruning exactness", () => {
       const stats = yield* calibrate(parent)
       const before = tf.memory().numTensors
       for (const tieFrom of Pruning.tieRules) {
-        assert.isAtMost(logitsDiff(parent, stats, { hidden: d, tieEmbeddings: true, tieFrom }), 1e-4, tieFrom)
+        assert.isAtMost(yield* logitsDiff(parent, stats, { hidden: d, tieEmbeddings: true, tieFrom }), 1e-4, tieFrom)
       }
       assert.strictEqual(tf.memory().numTensors, before)
       Model.dispose(parent)
@@ -144,9 +144,9 @@ describe("Pruning exactness", () => {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
       const stats = yield* calibrate(parent)
       const [d, h] = [parent.config.hiddenSize, 40]
-      const children = Pruning.tieRules.map((tieFrom) => {
+      const children = yield* Effect.forEach(Pruning.tieRules, (tieFrom) => {
         const plan = Pruning.plan(parent.config, stats, { hidden: h, tieEmbeddings: true, tieFrom }, { kind: "scores" })
-        return { tieFrom, plan, ...Pruning.build(parent, plan) }
+        return Effect.map(Pruning.build(parent, plan), (pruned) => ({ tieFrom, plan, ...pruned }))
       })
       const q = tf.tensor2d(Float32Array.from(children[0].plan.rotation!), [d, h])
       const rowGram = (m: tf.Tensor) => tf.tidy(() => take(matMul(m, m, false, true)))
@@ -196,7 +196,7 @@ describe("Pruning exactness", () => {
       })
       tf.dispose([basis, projector])
       const stats = yield* calibrate(parent)
-      assert.isAtMost(logitsDiff(parent, stats, { hidden: h }), 1e-4)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { hidden: h }), 1e-4)
       const plan = Pruning.plan(parent.config, stats, { hidden: h }, { kind: "scores" })
       assert.isAtLeast(plan.explainedVariance, 1 - 1e-6)
       Model.dispose(parent)
@@ -214,7 +214,7 @@ describe("Pruning exactness", () => {
       // A block that adds nothing has ratio exactly 1, the lowest score here: it is the one removed.
       const plan = Pruning.plan(parent.config, stats, { layers: 3 }, { kind: "scores" })
       assert.deepStrictEqual(plan.keptLayers, [0, 1, 3])
-      assert.isAtMost(logitsDiff(parent, stats, { layers: 3 }), 1e-5)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { layers: 3 }), 1e-5)
       Model.dispose(parent)
     }).pipe(onBackend("wasm")))
 
@@ -235,7 +235,7 @@ describe("Pruning exactness", () => {
         }
       })
       const stats = yield* calibrate(parent)
-      assert.isAtMost(logitsDiff(parent, stats, { ffn: 192 - dead }), 1e-5)
+      assert.isAtMost(yield* logitsDiff(parent, stats, { ffn: 192 - dead }), 1e-5)
       Model.dispose(parent)
     }).pipe(onBackend("wasm")))
 
@@ -244,7 +244,7 @@ describe("Pruning exactness", () => {
       const parent = yield* Pretrained.load(sharedFixture("tiny-mistral"))
       const stats = yield* calibrate(parent)
       const targets = { layers: 3, hidden: 48, ffn: 100 }
-      const child = Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
+      const child = yield* Pruning.apply(parent, Pruning.plan(parent.config, stats, targets, { kind: "scores" }))
       const counted = [...Model.tensorsOfWeights(child.config, child.weights).values()].reduce((n, t) => n + t.size, 0)
       // embeddings 2*V*H, per layer 2*H*E*(Hq+Hkv) + 3*H*F + 2*H, final norm H
       const expected = 2 * 512 * 48 + 3 * (2 * 48 * 16 * (4 + 2) + 3 * 48 * 100 + 2 * 48) + 48

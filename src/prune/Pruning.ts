@@ -14,6 +14,7 @@
  * `H diag(w_final) Q` (H = E for a tied parent): untying is exact, tying is a choice (`TieFrom`).
  */
 import * as tf from "@tensorflow/tfjs"
+import { Effect } from "effect"
 import type { ModelConfig } from "../model/Config.ts"
 import * as Calibration from "./Calibration.ts"
 import { symmetricEigen } from "./Eigen.ts"
@@ -149,10 +150,6 @@ export const plan = (parent: ModelConfig, stats: Calibration.Statistics, targets
 const takeRows = (matrix: tf.Tensor2D, rows: ReadonlyArray<number>) => tf.gather(matrix, tf.tensor1d(rows as Array<number>, "int32"), 0)
 const takeColumns = (matrix: tf.Tensor2D, columns: ReadonlyArray<number>) => tf.gather(matrix, tf.tensor1d(columns as Array<number>, "int32"), 1)
 
-/** Runs `build` in a tidy scope that keeps every tensor of the weights it returns. */
-const keepAll = (build: () => Model.Weights): Model.Weights =>
-  tf.tidy(() => build() as unknown as tf.TensorContainer) as unknown as Model.Weights
-
 /** Row-major product of n x n matrices, `a^T b` when `transposeA`. */
 const product = (a: Float64Array, b: Float64Array, n: number, transposeA = false) => {
   const out = new Float64Array(n * n)
@@ -200,51 +197,68 @@ export interface Pruned {
   readonly tie: TieFit | undefined
 }
 
-const relativeError = (approximation: tf.Tensor, target: tf.Tensor) =>
-  tf.norm(tf.sub(approximation, target)).dataSync()[0] / tf.norm(target).dataSync()[0]
+/** ||approximation - target|| and ||target||, as one [2] tensor: read later, with the other errors. */
+const errorTerms = (approximation: tf.Tensor, target: tf.Tensor) => tf.stack([tf.norm(tf.sub(approximation, target)), tf.norm(target)])
 
 /** The column scales m minimising ||T diag(m) - G||_F. */
 const columnFit = (t: tf.Tensor2D, g: tf.Tensor2D) => tf.divNoNan(tf.sum(tf.mul(t, g), 0), tf.sum(tf.square(t), 0)) as tf.Tensor1D
 
+/** The rotation's basis [D, H] (the identity without one: the norms then fold the same way, exactly). */
+const basisOf = (plan: Plan, d: number, h: number) =>
+  (plan.rotation ? tf.tensor2d(Float32Array.from(plan.rotation), [d, h]) : tf.eye(d)) as tf.Tensor2D
+
+/** A and G of the tie rules: the rotated embedding [V, H] and the rotated lm_head with the final norm folded in. */
+const tieSides = (parent: Model.Model, basis: tf.Tensor2D) => ({
+  input: matMul<tf.Rank.R2>(parent.weights.embed, basis),
+  output: matMul<tf.Rank.R2>(tf.mul(parent.weights.lmHead ?? parent.weights.embed, parent.weights.norm), basis)
+})
+
+/**
+ * The fit rule's change of basis [H, H] and column scales: the eigenvectors and eigenvalues of the
+ * symmetric S minimising ||A S - G||. A^T A and A^T G are read back once, asynchronously (a GPU
+ * cannot be read synchronously), and solved in float64 on the CPU.
+ */
+const fitTurn = Effect.fn("Pruning.fitTurn")(function*(parent: Model.Model, plan: Plan, d: number, h: number) {
+  const [gram, cross] = tf.tidy(() => {
+    const { input, output } = tieSides(parent, basisOf(plan, d, h))
+    return [matMul(input, input, true, false), matMul(input, output, true, false)]
+  })
+  const [gramValues, crossValues] = yield* Effect.promise(() => Promise.all([gram.data(), cross.data()])).pipe(
+    Effect.ensuring(Effect.sync(() => tf.dispose([gram, cross])))
+  )
+  return symmetricEigen(symmetricFit(Float64Array.from(gramValues), Float64Array.from(crossValues), h), h)
+})
+
 /** Builds the pruned model and says how its tie was formed; its tensors are new and belong to the caller. */
-export const build = (parent: Model.Model, plan: Plan): Pruned => {
+export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, plan: Plan) {
   const config = plan.config
   const d = parent.config.hiddenSize
   const h = config.hiddenSize
-  const head = parent.weights.lmHead ?? parent.weights.embed
-  let tie: TieFit | undefined
-  const weights: Model.Weights = keepAll(() => {
-    let q = plan.rotation ? tf.tensor2d(Float32Array.from(plan.rotation), [d, h]) : undefined // [D, H]
+  const rule = plan.tieFrom
+  const turn = rule === "fit" ? yield* fitTurn(parent, plan, d, h) : undefined
+  const { weights, errors } = tf.tidy(() => {
+    let q = plan.rotation || rule !== undefined ? basisOf(plan, d, h) : undefined // [D, H]
     let tied: { matrix: tf.Tensor2D; norm: tf.Tensor1D } | undefined
-    const rule = plan.tieFrom
+    let errors: tf.Tensor | undefined
     if (rule !== undefined) {
-      // Without a rotation the basis is the identity: the norms fold the same way, exactly.
-      let basis = q ?? (tf.eye(d) as tf.Tensor2D)
-      let input = matMul<tf.Rank.R2>(parent.weights.embed, basis) // A [V, H]
-      let output = matMul<tf.Rank.R2>(tf.mul(head, parent.weights.norm), basis) // G [V, H]
+      let { input, output } = tieSides(parent, q!)
       let matrix: tf.Tensor2D
       let scales: tf.Tensor1D
-      if (rule === "fit") {
-        const symmetric = symmetricFit(
-          Float64Array.from(matMul(input, input, true, false).dataSync()),
-          Float64Array.from(matMul(input, output, true, false).dataSync()),
-          h
-        )
-        const { values, vectors } = symmetricEigen(symmetric, h)
-        const turn = tf.tensor2d(Float32Array.from(vectors), [h, h])
-        basis = matMul(basis, turn)
-        input = matMul(input, turn)
-        output = matMul(output, turn)
+      if (turn) {
+        const change = tf.tensor2d(Float32Array.from(turn.vectors), [h, h])
+        q = matMul(q!, change)
+        input = matMul(input, change)
+        output = matMul(output, change)
         matrix = input
-        scales = tf.tensor1d(Float32Array.from(values))
+        scales = tf.tensor1d(Float32Array.from(turn.values))
       } else {
         matrix = rule === "embed" ? input : rule === "head" ? output : tf.mul(tf.add(input, output), 0.5) as tf.Tensor2D
         scales = columnFit(matrix, output)
       }
-      tie = { rule, inputError: relativeError(matrix, input), outputError: relativeError(tf.mul(matrix, scales), output) }
-      q = basis
+      errors = tf.concat([errorTerms(matrix, input), errorTerms(tf.mul(matrix, scales), output)])
       tied = { matrix, norm: tf.mul(scales, Math.sqrt(d / h)) as tf.Tensor1D }
     }
+    const head = parent.weights.lmHead ?? parent.weights.embed
     const normScale = Math.sqrt(d / h)
     const constantNorm = () => tf.fill([h], normScale) as tf.Tensor1D
     // A linear reading a norm's output: [out, D] -> [out, H] as W diag(w) Q.
@@ -267,14 +281,21 @@ export const build = (parent: Model.Model, plan: Plan): Pruned => {
         down: writer(takeColumns(layer.down, neurons))
       }
     })
-    if (tied) return { embed: tied.matrix, layers, norm: tied.norm, lmHead: undefined }
-    const embed = (q ? matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
-    // A tied parent kept tied and unrotated: nothing to fold.
-    if (config.tieWordEmbeddings) return { embed, layers, norm: parent.weights.norm.clone(), lmHead: undefined }
-    return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: reader(head, parent.weights.norm) }
-  })
-  return { model: Model.make(config, weights), tie }
-}
+    const weights = ((): Model.Weights => {
+      if (tied) return { embed: tied.matrix, layers, norm: tied.norm, lmHead: undefined }
+      const embed = (q ? matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
+      // A tied parent kept tied and unrotated: nothing to fold.
+      if (config.tieWordEmbeddings) return { embed, layers, norm: parent.weights.norm.clone(), lmHead: undefined }
+      return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: reader(head, parent.weights.norm) }
+    })()
+    return { weights, errors } as unknown as tf.TensorContainer
+  }) as unknown as { weights: Model.Weights; errors: tf.Tensor | undefined }
+  const model = Model.make(config, weights)
+  if (rule === undefined || errors === undefined) return { model, tie: undefined } satisfies Pruned
+  const terms = yield* Effect.promise(() => errors.data()).pipe(Effect.ensuring(Effect.sync(() => errors.dispose())))
+  const tie: TieFit = { rule, inputError: terms[0] / terms[1], outputError: terms[2] / terms[3] }
+  return { model, tie } satisfies Pruned
+})
 
 /** The pruned model alone (see `build`). */
-export const apply = (parent: Model.Model, plan: Plan): Model.Model => build(parent, plan).model
+export const apply = (parent: Model.Model, plan: Plan): Effect.Effect<Model.Model> => Effect.map(build(parent, plan), (pruned) => pruned.model)
