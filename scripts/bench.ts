@@ -11,7 +11,9 @@
  * - distill-step: one forward-KL training step against full-vocabulary teacher log-probs, AdamW;
  *   the same work as ../shared/bench/ref_distill_bench.py does in PyTorch;
  * - forward: the forward pass of the batch to logits;
- * - decode: greedy decoding with the KV cache, one token per row per step.
+ * - decode: greedy decoding with the KV cache, one token per row per step;
+ * - profile (only when named): one distill step under `tf.profile`, its kernels' GPU time summed by
+ *   kernel name (timestamp queries on webgpu), the largest first, beside the step's wall time.
  */
 import * as tf from "@tensorflow/tfjs"
 import { NodeRuntime } from "@effect/platform-node"
@@ -63,17 +65,44 @@ const config = Config.decode({
 }, configName)
 
 /** Median seconds of `run` over `runs` timed calls after two warm-ups. */
-const median = (run: () => Effect.Effect<void, unknown>) =>
+const median = (run: Effect.Effect<void, unknown>) =>
   Effect.gen(function*() {
-    for (let i = 0; i < 2; i++) yield* run()
+    for (let i = 0; i < 2; i++) yield* run
     const times: Array<number> = []
     for (let i = 0; i < runs; i++) {
       const started = performance.now()
-      yield* run()
+      yield* run
       times.push((performance.now() - started) / 1000)
     }
     times.sort((a, b) => a - b)
     return times[Math.floor(times.length / 2)]
+  })
+
+/** One distill step under tf.profile: GPU (or CPU) milliseconds per kernel name, the largest first. */
+const profile = (step: Effect.Effect<void, unknown>) =>
+  Effect.gen(function*() {
+    yield* step // warm-up: pipelines compiled, buffers pooled
+    const started = performance.now()
+    const info = yield* Effect.promise(() => tf.profile(() => Effect.runPromise(step) as Promise<never>))
+    const wall = performance.now() - started
+    const byKernel = new Map<string, { ms: number; calls: number }>()
+    // Composite scopes (customGrad, op wrappers) are recorded too, around kernels already counted.
+    for (const kernel of info.kernels.filter((kernel) => tf.getKernel(kernel.name, tf.getBackend()) !== undefined)) {
+      const entry = byKernel.get(kernel.name) ?? { ms: 0, calls: 0 }
+      entry.ms += kernel.kernelTimeMs as number
+      entry.calls++
+      byKernel.set(kernel.name, entry)
+    }
+    const kernelMs = [...byKernel.values()].reduce((sum, entry) => sum + entry.ms, 0)
+    const top = [...byKernel].sort((a, b) => b[1].ms - a[1].ms).slice(0, 12)
+    yield* Console.log(JSON.stringify({
+      case: "profile",
+      config: configName,
+      kernels: info.kernels.length,
+      kernel_ms: kernelMs,
+      profiled_wall_ms: wall,
+      top: top.map(([name, entry]) => ({ name, ms: Number(entry.ms.toFixed(2)), calls: entry.calls, share: Number((entry.ms / kernelMs).toFixed(3)) }))
+    }))
   })
 
 const program = Effect.gen(function*() {
@@ -106,25 +135,27 @@ const program = Effect.gen(function*() {
     )
   }
 
-  if (cases.includes("distill-step")) {
+  const distillStep = Effect.gen(function*() {
     const trainable = yield* Training.trainable(model)
     const adam = yield* Optimizer.make(trainable.variables, { ...Optimizer.defaultConfig, weightDecay: 0.01 })
     // The teacher's full-vocabulary log-probabilities are given, as in the PyTorch reference.
-    const teacherLogProbs = tf.tidy(() => tf.logSoftmax(tf.randomNormal([b, t, v], 0, 2, "float32", 0)) as tf.Tensor3D)
+    const teacherLogProbs = yield* Effect.acquireRelease(
+      Effect.sync(() => tf.tidy(() => tf.logSoftmax(tf.randomNormal([b, t, v], 0, 2, "float32", 0)) as tf.Tensor3D)),
+      (tensor) => Effect.sync(() => tensor.dispose())
+    )
     const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs: teacherLogProbs }, v, mask, Loss.defaultOptions)
     const batch = { ids, mask, targets: ids, target }
-    const seconds = yield* median(() =>
-      Effect.asVoid(Training.step(trainable, adam, [batch], (m, x) =>
-        Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions), {
-        learningRate: 1e-3,
-        maxGradNorm: undefined
-      }))
-    )
-    teacherLogProbs.dispose()
-    yield* report("distill-step", seconds, b * t)
-  }
+    return Effect.asVoid(Training.step(trainable, adam, [batch], (m, x) =>
+      Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions), {
+      learningRate: 1e-3,
+      maxGradNorm: undefined
+    }))
+  })
+  // The model, optimiser and teacher are made once; each timed run is one step.
+  if (cases.includes("distill-step")) yield* report("distill-step", yield* Effect.scoped(Effect.flatMap(distillStep, median)), b * t)
+  if (cases.includes("profile")) yield* Effect.scoped(Effect.flatMap(distillStep, profile))
   if (cases.includes("forward")) {
-    const seconds = yield* median(() =>
+    const seconds = yield* median(
       Effect.promise(async () => {
         const { logits } = Model.forward(model, ids)
         await logits.data()
@@ -135,7 +166,7 @@ const program = Effect.gen(function*() {
   }
   if (cases.includes("decode")) {
     const steps = 32
-    const seconds = yield* median(() =>
+    const seconds = yield* median(
       Effect.promise(async () => {
         let result = Model.forward(model, ids.map((row) => row.slice(0, 16)), { useCache: true })
         for (let i = 0; i < steps; i++) {

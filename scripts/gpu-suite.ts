@@ -115,7 +115,10 @@ const training = (dir: string) =>
     yield* expect(cpu.length === 30 && gpu.length === 30, `steps: cpu ${cpu.length}, gpu ${gpu.length}`)
     const relative = worstRelative(gpu, cpu)
     yield* expect(relative <= 1e-4, `per-step losses differ by ${relative} relative`)
-    return { cpuChild, data, gpu, summary: `30 steps, losses ${gpu[0].toFixed(4)} -> ${gpu[29].toFixed(4)}, worst relative difference to cpu ${relative.toExponential(2)}` }
+    const lastLine = (yield* Effect.promise(() => fs.readFile(path.join(dir, "distill-gpu", "metrics.jsonl"), "utf8"))).trim().split("\n").pop()!
+    const pool = (JSON.parse(lastLine) as { gpu_bytes_pool?: number }).gpu_bytes_pool
+    yield* expect(underTest !== "webgpu" || (pool ?? 0) > 0, "metrics.jsonl gives no GPU memory")
+    return { cpuChild, data, gpu, summary: `30 steps, losses ${gpu[0].toFixed(4)} -> ${gpu[29].toFixed(4)}, worst relative difference to cpu ${relative.toExponential(2)}${pool === undefined ? "" : `, GPU pool ${(pool / 2 ** 20).toFixed(0)} MiB`}` }
   })
 
 const resume = (dir: string, student: string, data: string, uninterrupted: ReadonlyArray<number>) =>

@@ -15,6 +15,7 @@ import { createHash } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as TeacherSources from "../layers/Teacher.ts"
+import { TensorBackend } from "../layers/TensorBackend.ts"
 import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Dataset from "../src/data/Dataset.ts"
@@ -330,6 +331,13 @@ export const table = (rows: ReadonlyArray<Measurement>): string => {
   return lines.join("\n")
 }
 
+/** Where the run's last part ran: the backend, its device and features, and on a GPU the buffer pool's peak. */
+const device = Effect.map(TensorBackend, (backend) => {
+  const pool = backend.gpuMemory()?.allocatedBytes
+  const features = backend.features.length > 0 ? `, features ${backend.features.join(", ")}` : ""
+  return `Ran on ${backend.name}: ${backend.device}${features}${pool === undefined ? "" : `; peak GPU memory (tfjs's buffer pool) ${(pool / 2 ** 30).toFixed(2)} GiB`}.`
+})
+
 /** report.md, report.json and the plots: loss curves per stage, retention against size. */
 const writeReport = Effect.fn("Cascade.writeReport")(function*(runDir: string, rows: ReadonlyArray<Measurement>, generations: ReadonlyArray<Generation>) {
   const curves: Array<Plot.Series> = []
@@ -356,7 +364,7 @@ const writeReport = Effect.fn("Cascade.writeReport")(function*(runDir: string, r
     "retention-nll.svg": Plot.svg({ title: "Held-out NLL against size", x: "parameters", y: "nats/token", logX: true, series: [{ name: "held-out NLL", points: bySize((r) => r.nll) }] })
   }
   for (const [name, content] of Object.entries(plots)) yield* Files.writeText(path.join(runDir, name), content)
-  const markdown = `# Cascade report\n\n${table(rows)}\n\nPlots: ${Object.keys(plots).join(", ")}\n`
+  const markdown = `# Cascade report\n\n${table(rows)}\n\nPlots: ${Object.keys(plots).join(", ")}\n\n${yield* device}\n`
   yield* Report.writeSection(path.join(runDir, "report.md"), "cascade", markdown)
   yield* Files.writeJson(path.join(runDir, "report.json"), { rows, generations })
 })

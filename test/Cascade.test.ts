@@ -51,6 +51,7 @@ describe("Cascade.run", () => {
       )
       const report = yield* Effect.promise(() => fs.readFile(path.join(config.run, "report.md"), "utf8"))
       assert.include(report, "| 2-b short |")
+      assert.include(report, "Ran on wasm: cpu (WebAssembly)")
       for (const plot of ["loss-curves.svg", "retention-accuracy.svg", "retention-nll.svg"]) {
         assert.include(yield* Effect.promise(() => fs.readFile(path.join(config.run, plot), "utf8")), "<svg")
       }

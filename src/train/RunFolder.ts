@@ -190,9 +190,16 @@ export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S ex
   return { finished: undefined, resume }
 })
 
-/** Appends one step's metrics to metrics.jsonl. */
-const appendMetrics = (out: string, metrics: unknown) =>
-  Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), JSON.stringify(metrics) + "\n"), catch: io(metricsFile(out), "cannot append") })
+/**
+ * Appends one step's metrics to metrics.jsonl, with on a GPU the bytes its tensors hold after the
+ * step and the bytes tfjs's buffer pool has allocated (which it keeps: the peak so far).
+ */
+const appendMetrics = (out: string, metrics: unknown) => {
+  const memory = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number }
+  const gpu = memory.numBytesInGPU === undefined ? {} : { gpu_bytes_in_use: memory.numBytesInGPU, gpu_bytes_pool: memory.numBytesAllocatedInGPU }
+  const line = JSON.stringify({ ...(metrics as object), ...gpu })
+  return Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), line + "\n"), catch: io(metricsFile(out), "cannot append") })
+}
 
 /**
  * What every training run does after its step `step` (from 1): the step's line in metrics.jsonl,
