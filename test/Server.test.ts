@@ -43,10 +43,10 @@ const modelFolder = Effect.gen(function*() {
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
 /** `cascade serve --model dir` on a free loopback port, killed when the scope closes; its `/v1` URL and what it printed. */
-const serveCli = (dir: string) =>
+const serveCli = (dir: string, flags: ReadonlyArray<string> = []) =>
   Effect.gen(function*() {
     const child = yield* Effect.acquireRelease(
-      Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0"])),
+      Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0", ...flags])),
       (child) => Effect.sync(() => child.kill("SIGKILL"))
     )
     const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
@@ -582,13 +582,17 @@ describe("Server", () => {
       assert.deepStrictEqual(yield* linesOf(false), [])
     }).pipe(onBackend("wasm")))
 
-  it.live("cascade serve prints its URL, answers, and stops on SIGINT", () =>
+  it.live("cascade serve prints its URL, answers, takes its limits from flags, and stops on SIGINT", () =>
     Effect.gen(function*() {
       const dir = yield* modelFolder
-      const { url, child, exited } = yield* serveCli(dir)
+      // No request may wait: the queue flag reaches the server.
+      const { url, child, exited } = yield* serveCli(dir, ["--max-queue", "0", "--max-batch", "2", "--request-timeout", "5"])
       const models = yield* request(`${url}/models`)
       assert.strictEqual(models.status, 200)
       assert.strictEqual(models.json.data[0].id, dir)
+      const refused = yield* post(`${url}/completions`, { prompt: prompts[0], max_tokens: 2 })
+      assert.strictEqual(refused.status, 429)
+      assert.strictEqual((yield* post(`${url}/completions`, { prompt: prompts[0], n: 3 })).json.error.param, "n")
       child.kill("SIGINT")
       assert.strictEqual(yield* Effect.promise(() => exited), 130)
     }).pipe(Effect.scoped))

@@ -9,8 +9,8 @@
  *   `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `logprobs` and `top_logprobs`.
  *
  * Both take `n` (samples per prompt, each with its own finish reason and log-probs; with `seed`
- * sample i of prompt p draws from its own stream, so the same seed gives the same samples) and
- * `stream` (server-sent events in OpenAI's chunk format, with `stream_options.include_usage` and a
+ * sample i of prompt p draws from its own stream, so the same seed gives the same samples), vLLM's
+ * `ignore_eos`, and `stream` (server-sent events in OpenAI's chunk format, with `stream_options.include_usage` and a
  * final `data: [DONE]`; a failure once streaming is an `error` event before it). Streamed text is
  * held back while it could still be cut by a stop string or end in an incomplete character, so the
  * chunks add up to the text a request without `stream` gets.
@@ -136,7 +136,9 @@ const Common = {
   max_tokens: Optional(Count),
   n: Optional(Schema.Int.check(Schema.isGreaterThanOrEqualTo(1))),
   stream: Optional(Schema.Boolean),
-  stream_options: Optional(Schema.Struct({ include_usage: Optional(Schema.Boolean) }))
+  stream_options: Optional(Schema.Struct({ include_usage: Optional(Schema.Boolean) })),
+  /** vLLM's: generate past the EOS token, to `max_tokens` (benchmarks). */
+  ignore_eos: Optional(Schema.Boolean)
 }
 
 const CompletionRequest = Schema.Struct({
@@ -322,7 +324,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
       temperature: request.temperature ?? 1,
       topP: request.top_p ?? 1,
       seed: request.seed ?? undefined,
-      stopTokenIds,
+      stopTokenIds: request.ignore_eos === true ? [] : stopTokenIds,
       stopStrings: stopStrings(request),
       decode: tokenizer && decodeText
     }).pipe(
