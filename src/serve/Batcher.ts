@@ -30,7 +30,7 @@ export class TimedOut extends Schema.TaggedError<TimedOut>()("TimedOut", { secon
 export type Options = Omit<Generate.Options, "batchSize" | "loop">
 
 export interface Limits {
-  /** Rows decoded together at most; a request's samples of one prompt join together, so one may exceed it. */
+  /** Rows decoded together at most (a prompt's samples join together: one with more samples joins an empty batch). */
   readonly maxBatch: number
   /** Requests waiting for a place in the batch at most; more are refused with QueueFull. */
   readonly maxQueue: number
@@ -64,8 +64,6 @@ export interface Batcher {
     n: number,
     options: Options
   ) => Effect.Effect<Stream.Stream<Step, TimedOut>, QueueFull, Scope.Scope>
-  /** Rows decoding and requests waiting, now. */
-  readonly load: () => { readonly rows: number; readonly waiting: number }
 }
 
 interface Request {
@@ -203,6 +201,10 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     }))
     const decodes = options.maxNewTokens > 0
     const k = options.promptLogprobs
+    if (!decodes && k === undefined) {
+      for (const sequence of sequences) emit(sequence, undefined)
+      return
+    }
     const scores = yield* Effect.sync(() => {
       const out = Model.forward(model, [ids], { useCache: decodes })
       const logits = hold(out.logits)
@@ -279,8 +281,12 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
 
   const step = Effect.gen(function*() {
     yield* Effect.sync(expire)
-    while (waiting.length > 0 && rows.length < limits.maxBatch) {
+    while (waiting.length > 0 && (rows.length === 0 || rows.length + waiting[0].n <= limits.maxBatch)) {
       const request = waiting[0]
+      if (request.cancelled) {
+        waiting.shift()
+        continue
+      }
       const prompt = request.admitted++
       if (request.admitted === request.prompts.length) waiting.shift()
       yield* prefill(request, prompt).pipe(
@@ -338,7 +344,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       return Stream.fromQueue(steps)
     })
 
-  return { submit, load: () => ({ rows: rows.length, waiting: waiting.length }) } satisfies Batcher
+  return { submit } satisfies Batcher
 })
 
 /**
