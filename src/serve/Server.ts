@@ -348,13 +348,14 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
       )
     )
 
-  /** Every sample's generation, prompt by prompt (choice p * n + s is sample s of prompt p). */
-  const collect = (steps: Stream.Stream<Batcher.Step, ApiError>, n: number) =>
-    Stream.runCollect(steps).pipe(Effect.map((all) => {
-      const generations: Array<Generate.Generation> = []
-      for (const step of all) if (step.generation) generations[step.prompt * n + step.sample] = step.generation
-      return generations
-    }))
+  /** Every sample's generation, prompt by prompt (choice p * n + s is sample s of prompt p); other steps are dropped as they come. */
+  const collect = (steps: Stream.Stream<Batcher.Step, ApiError>, n: number) => {
+    const generations: Array<Generate.Generation> = []
+    return Stream.runForEach(steps, (step) =>
+      Effect.sync(() => {
+        if (step.generation) generations[step.prompt * n + step.sample] = step.generation
+      })).pipe(Effect.as(generations))
+  }
 
   const stopStrings = (request: CompletionRequest | ChatRequest) =>
     typeof request.stop === "string" ? [request.stop] : request.stop ?? []
