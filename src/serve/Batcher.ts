@@ -1,8 +1,8 @@
 /**
  * Continuous batching for the server: every sample of every request in flight is a row of one
- * batch, decoded a token per step over one KV cache. A prompt that arrives while others decode is
- * run alone (its prefill, exact), its cache is copied once per sample, and its rows join the batch
- * at the next step; rows leave as they finish, time out, or as their client goes away.
+ * batch, decoded a token per step over one KV cache. Prompts that arrive while others decode are
+ * run together in one pass (their prefill), their cache is copied once per sample, and their rows
+ * join the batch at the next step; rows leave as they finish, time out, or as their client goes away.
  *
  * Rows are left-padded to the longest in the cache, and each row is given its own positions
  * (`positionIds`), so a row's logits are those it gets alone up to float rounding, whatever it
@@ -80,6 +80,15 @@ interface Request {
   /** Its client went away or it timed out: its rows leave at the next step. */
   cancelled: boolean
 }
+
+/** One prompt of a request, let into the batch. */
+interface Admission {
+  readonly request: Request
+  readonly prompt: number
+}
+
+/** Padded prompt tokens one prefill pass takes at most (a longer prompt runs alone). */
+const PREFILL_TOKENS = 2048
 
 /** A row of the batch: one sample of one prompt of a request. */
 interface Sequence {
@@ -189,43 +198,69 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     rows.push(...sequences)
   }
 
-  /** Runs one prompt of `request` and puts its samples in the batch (or finishes them when no token is asked for). */
-  const prefill = Effect.fnUntraced(function*(request: Request, prompt: number) {
-    const ids = request.prompts[prompt]
-    const { options, n } = request
-    const sequences = Array.from({ length: n }, (_, sample): Sequence => ({
-      request,
-      prompt,
-      sample,
-      row: Generate.newRow(ids, Random.uniform(Generate.mixSeed(request.seed, prompt * n + sample)))
-    }))
-    const decodes = options.maxNewTokens > 0
-    const k = options.promptLogprobs
-    if (!decodes && k === undefined) {
-      for (const sequence of sequences) emit(sequence, undefined)
-      return
-    }
-    const scores = yield* Effect.sync(() => {
-      const out = Model.forward(model, [ids], { useCache: decodes })
-      const logits = hold(out.logits)
-      const scored = k === undefined || ids.length === 1 ? undefined : Generate.scorePrompt(logits, ids.slice(1), k).map(hold)
-      if (out.cache) {
-        const copies = tf.tidy(() => out.cache!.layers.map(({ k, v }) => ({ k: tf.tile(k, [n, 1, 1, 1]), v: tf.tile(v, [n, 1, 1, 1]) })))
-        const next = tf.tidy(() => tf.tile(Generate.lastLogProbs(logits), [n, 1]) as tf.Tensor2D)
-        Model.disposeCache(out.cache)
-        const keyMask = Array.from({ length: n }, () => out.cache!.keyMask[0])
-        join(sequences, { layers: copies, keyMask, length: out.cache.length }, next)
-      }
-      release([logits])
-      return scored
+  /**
+   * Runs the prompts of a group of arrivals in one pass, left-padded, each at its own positions, and
+   * puts their samples in the batch; samples of requests asking for no token finish at once.
+   */
+  const prefill = Effect.fnUntraced(function*(group: ReadonlyArray<Admission>) {
+    const entries = group.map(({ request, prompt }) => {
+      const ids = request.prompts[prompt]
+      const sequences = Array.from({ length: request.n }, (_, sample): Sequence => ({
+        request,
+        prompt,
+        sample,
+        row: Generate.newRow(ids, Random.uniform(Generate.mixSeed(request.seed, prompt * request.n + sample)))
+      }))
+      return { ids, sequences, decodes: request.options.maxNewTokens > 0, k: request.options.promptLogprobs }
     })
-    if (k !== undefined) {
-      const values = scores ? yield* Effect.promise(() => Promise.all(scores.map((tensor) => tensor.data()))) : []
-      if (scores) release(scores)
-      const parsed = values.length === 0 ? [] : Generate.parseScores(values, ids.slice(1))
-      for (const { row } of sequences) row.promptLogprobs = [undefined, ...parsed]
+    const run = entries.filter((entry) => entry.decodes || entry.k !== undefined)
+    if (run.length > 0) {
+      const width = Math.max(...run.map(({ ids }) => ids.length))
+      const padding = run.map(({ ids }) => width - ids.length)
+      const ids = run.map((entry, i) => [...new Array<number>(padding[i]).fill(0), ...entry.ids])
+      const targets = ids.flatMap((row) => row.slice(1))
+      const k = Math.max(-1, ...run.map((entry) => entry.k ?? -1))
+      // Each joining sample names the row of the pass it continues.
+      const joining = run.flatMap((entry, i) => (entry.decodes ? entry.sequences.map((sequence) => ({ sequence, from: i })) : []))
+      const scores = yield* Effect.sync(() => {
+        const out = Model.forward(model, ids, {
+          attentionMask: padding.map((pad) => Array.from({ length: width }, (_, j) => (j < pad ? 0 : 1))),
+          positionIds: padding.map((pad) => Array.from({ length: width }, (_, j) => Math.max(0, j - pad))),
+          useCache: joining.length > 0
+        })
+        const logits = hold(out.logits)
+        const scored = k < 0 || width === 1 ? undefined : Generate.scorePrompt(logits, targets, k).map(hold)
+        if (out.cache) {
+          const passCache = out.cache
+          const [layers, next] = tf.tidy(() => {
+            const from = tf.tensor1d(joining.map(({ from }) => from), "int32")
+            const pick = <T extends tf.Tensor>(x: T) => tf.gather(x, from, 0) as T
+            return [passCache.layers.map(({ k, v }) => ({ k: pick(k), v: pick(v) })), pick(Generate.lastLogProbs(logits))] as const
+          })
+          Model.disposeCache(passCache)
+          const keyMask = joining.map(({ from }) => passCache.keyMask[from])
+          join(joining.map(({ sequence }) => sequence), { layers, keyMask, length: passCache.length }, next)
+        }
+        release([logits])
+        return scored
+      })
+      if (scores) {
+        const values = yield* Effect.promise(() => Promise.all(scores.map((tensor) => tensor.data())))
+        release(scores)
+        const parsed = Generate.parseScores(values, targets)
+        run.forEach((entry, i) => {
+          if (entry.k === undefined) return
+          // Token j >= 1 of row i is predicted at padded position padding[i] + j - 1.
+          const offset = i * (width - 1) + padding[i] - 1
+          const own = entry.ids.map((_, j) => (j === 0 ? undefined : { ...parsed[offset + j], top: parsed[offset + j].top.slice(0, entry.k) }))
+          for (const { row } of entry.sequences) row.promptLogprobs = own
+        })
+      } else if (k >= 0) {
+        // One-token prompts have nothing to score.
+        for (const entry of run) for (const { row } of entry.sequences) if (entry.k !== undefined) row.promptLogprobs = [undefined]
+      }
     }
-    if (!decodes) for (const sequence of sequences) emit(sequence, undefined)
+    for (const entry of entries) if (!entry.decodes) for (const sequence of entry.sequences) emit(sequence, undefined)
   })
 
   /** Samples a token for every row, reads them back at once, advances the rows and decodes the next position. */
@@ -281,20 +316,34 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
 
   const step = Effect.gen(function*() {
     yield* Effect.sync(expire)
-    while (waiting.length > 0 && (rows.length === 0 || rows.length + waiting[0].n <= limits.maxBatch)) {
+    // Arrivals join in one prefill pass while the batch has room for all their samples and the
+    // pass's padded prompts stay within PREFILL_TOKENS (its logits are [prompts, longest, V]).
+    const group: Array<Admission> = []
+    let joined = rows.length
+    let longest = 0
+    while (waiting.length > 0) {
       const request = waiting[0]
       if (request.cancelled) {
         waiting.shift()
         continue
       }
-      const prompt = request.admitted++
+      const width = Math.max(longest, request.prompts[request.admitted].length)
+      const fits = (joined === 0 || joined + request.n <= limits.maxBatch) && (group.length === 0 || (group.length + 1) * width <= PREFILL_TOKENS)
+      if (!fits) break
+      group.push({ request, prompt: request.admitted++ })
       if (request.admitted === request.prompts.length) waiting.shift()
-      yield* prefill(request, prompt).pipe(
-        // The failure is this request's: it is told, its temporaries freed, and the batch goes on.
-        Effect.catchDefect((defect) => Effect.sync(() => {
-          release([...live])
-          end(request, Cause.die(defect))
-        }))
+      joined += request.n
+      longest = width
+    }
+    if (group.length > 0) {
+      yield* prefill(group).pipe(
+        // The failure is these requests': they are told, the pass's temporaries freed, and the batch goes on.
+        Effect.catchDefect((defect) =>
+          Effect.sync(() => {
+            release([...live])
+            for (const { request } of group) end(request, Cause.die(defect))
+          })
+        )
       )
     }
     if (rows.length === 0) return
