@@ -238,8 +238,11 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
             return [passCache.layers.map(({ k, v }) => ({ k: pick(k), v: pick(v) })), pick(Generate.lastLogProbs(logits))] as const
           })
           Model.disposeCache(passCache)
+          // Held until the batch owns them, so that a failure to join (out of memory) frees them.
+          const joiningTensors = [...layers.flatMap(({ k, v }) => [k, v]), next].map(hold)
           const keyMask = joining.map(({ from }) => passCache.keyMask[from])
           join(joining.map(({ sequence }) => sequence), { layers, keyMask, length: passCache.length }, next)
+          for (const tensor of joiningTensors) live.delete(tensor)
         }
         release([logits])
         return scored
