@@ -7,6 +7,7 @@ import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
+import OpenAI from "openai"
 import * as Teacher from "../layers/Teacher.ts"
 import { TensorBackend } from "../layers/TensorBackend.ts"
 import * as Generate from "../src/model/Generate.ts"
@@ -42,10 +43,10 @@ const modelFolder = Effect.gen(function*() {
 const main = fileURLToPath(new URL("../src/cli/main.ts", import.meta.url))
 
 /** `cascade serve --model dir` on a free loopback port, killed when the scope closes; its `/v1` URL and what it printed. */
-const serveCli = (dir: string) =>
+const serveCli = (dir: string, flags: ReadonlyArray<string> = []) =>
   Effect.gen(function*() {
     const child = yield* Effect.acquireRelease(
-      Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0"])),
+      Effect.sync(() => spawn(process.execPath, [main, "serve", "--model", dir, "--port", "0", ...flags])),
       (child) => Effect.sync(() => child.kill("SIGKILL"))
     )
     const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
@@ -68,7 +69,7 @@ interface Fixture {
   readonly model: Model.Model
   readonly tokenizer: Tokenizer.Tokenizer
   /** Starts a server over `model` on an ephemeral loopback port; returns its `/v1` URL. */
-  readonly serve: (model: Model.Model) => Effect.Effect<string, unknown, never>
+  readonly serve: (model: Model.Model, limits?: Partial<Server.Limits>) => Effect.Effect<string, unknown, never>
 }
 
 /**
@@ -81,8 +82,8 @@ const withServer = <A, E>(test: (fixture: Fixture) => Effect.Effect<A, E, Scope.
     const model = yield* Pretrained.load(dir)
     const tokenizer = yield* Tokenizer.load(dir)
     const scope = yield* Effect.scope
-    const serve = (served: Model.Model) =>
-      Layer.buildWithScope(Server.layer({ model: served, tokenizer, name: "tiny" }, { host: "127.0.0.1", port: 0 }), scope).pipe(
+    const serve = (served: Model.Model, limits?: Partial<Server.Limits>) =>
+      Layer.buildWithScope(Server.layer({ model: served, tokenizer, name: "tiny" }, { host: "127.0.0.1", port: 0, ...limits }), scope).pipe(
         Effect.map((services) => `${HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)}/v1`)
       )
     const before = tf.memory().numTensors
@@ -98,7 +99,7 @@ interface Reply {
 const request = (url: string, init?: RequestInit) =>
   Effect.promise(async (): Promise<Reply> => {
     const response = await fetch(url, init)
-    return { status: response.status, json: await response.json() }
+    return { status: response.status, json: (await response.json()) as any }
   })
 
 const post = (url: string, body: unknown) =>
@@ -279,7 +280,13 @@ describe("Server", () => {
           { path: "completions", body: { prompt: long, max_tokens: 0 }, status: 400, param: "prompt", code: "context_length_exceeded" },
           { path: "completions", body: { prompt: [1, 2], max_tokens: 2047 }, status: 400, param: "max_tokens", code: "context_length_exceeded" },
           { path: "completions", body: { prompt: "x", model: "gpt-4" }, status: 404, param: "model", code: "model_not_found" },
-          { path: "completions", body: { prompt: "x", stream: true }, status: 400, param: "stream" },
+          { path: "completions", body: { prompt: "x", stream: "yes" }, status: 400, param: "stream" },
+          { path: "completions", body: { prompt: "x", stream: true, max_tokens: -1 }, status: 400, param: "max_tokens" },
+          { path: "completions", body: { prompt: "x", stream_options: { include_usage: true } }, status: 400, param: "stream_options" },
+          { path: "completions", body: { prompt: "x", stream: true, stream_options: { include_usage: 1 } }, status: 400, param: "stream_options" },
+          { path: "completions", body: { prompt: "x", n: 0 }, status: 400, param: "n" },
+          { path: "completions", body: { prompt: "x", stream: true, n: 33 }, status: 400, param: "n" },
+          { path: "chat/completions", body: { messages: [], stream: true }, status: 400, param: "messages" },
           { path: "chat/completions", body: { messages: [] }, status: 400, param: "messages" },
           { path: "chat/completions", body: { messages: [{ role: "user" }] }, status: 400, param: "messages" },
           { path: "chat/completions", body: { messages: [{ role: "user", content: "hi" }], top_logprobs: 2 }, status: 400, param: "top_logprobs" },
@@ -317,27 +324,241 @@ describe("Server", () => {
             assert.strictEqual(reply.json.error.type, "server_error")
             assert.strictEqual(tf.memory().numTensors, before, "a failed forward pass leaves no tensors behind")
           }
+          // Streaming, the failure is an error event before [DONE].
+          const streamed = yield* Effect.promise(() =>
+            fetch(`${url}/completions`, {
+              method: "POST",
+              headers: { "content-type": "application/json" },
+              body: JSON.stringify({ prompt: [1, 2, 3], max_tokens: 4, stream: true })
+            }).then(async (response) => ({ status: response.status, body: await response.text() }))
+          )
+          assert.strictEqual(streamed.status, 200)
+          const events = streamed.body.split("\n\n").filter((event) => event !== "")
+          assert.strictEqual(events.length, 2)
+          assert.strictEqual(JSON.parse(events[0].replace(/^data: /, "")).error.type, "server_error")
+          assert.strictEqual(events[1], "data: [DONE]")
+          assert.strictEqual(tf.memory().numTensors, before)
           const models = yield* request(`${url}/models`)
           assert.strictEqual(models.status, 200)
         }).pipe(Effect.ensuring(Effect.sync(() => norm.dispose())))
       })
     ))
 
-  it.live("serves concurrent requests one model call at a time", () =>
+  it.live("concurrent requests decode in one batch, and each gets what it gets alone", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model, { maxBatch: 4 })
+        // Prompts and completions of different lengths, so that rows join and leave a running batch.
+        const cases = Array.from({ length: 10 }, (_, i) => ({
+          prompt: [1, ...Array.from({ length: 2 + (i * 3) % 7 }, (_, j) => 3 + (i * 31 + j * 17) % 390)],
+          max_tokens: 4 + (i % 3) * 5
+        }))
+        const alone = yield* Effect.forEach(cases, ({ prompt, max_tokens }) =>
+          generateLike(fixture, [prompt], { maxNewTokens: max_tokens, temperature: 0, topLogprobs: 1 }))
+        const replies = yield* Effect.all(
+          cases.map((body) => post(`${url}/completions`, { ...body, temperature: 0, logprobs: 1 })),
+          { concurrency: "unbounded" }
+        )
+        replies.forEach((reply, i) => {
+          assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+          const [expected] = alone[i]
+          const [choice] = reply.json.choices
+          assert.strictEqual(choice.text, expected.text, `request ${i}`)
+          assert.strictEqual(choice.finish_reason, expected.finishReason, `request ${i}`)
+          choice.logprobs.token_logprobs.forEach((logprob: number, j: number) => assert.closeTo(logprob, expected.logprobs[j].logprob, 1e-4))
+        })
+      })
+    ))
+
+  it.live("the openai client streams completions and chats: the chunks add up to the text without stream, at temperature 0", () =>
     withServer((fixture) =>
       Effect.gen(function*() {
         const url = yield* fixture.serve(fixture.model)
-        const completion = { prompt: prompts[0], max_tokens: 10, temperature: 0, logprobs: 1 }
-        const chat = { messages: [{ role: "user", content: "hi" }], max_tokens: 10, temperature: 0 }
-        const replies = yield* Effect.all(
-          Array.from({ length: 8 }, (_, i) => (i % 2 === 0 ? post(`${url}/completions`, completion) : post(`${url}/chat/completions`, chat))),
-          { concurrency: "unbounded" }
+        const client = new OpenAI({ baseURL: url, apiKey: "unused", maxRetries: 0 })
+        const prompt = "Question: what is 12 plus 30?"
+        const [greedy] = yield* generateLike(fixture, [fixture.tokenizer.encode(prompt)], { maxNewTokens: 12, temperature: 0 })
+        const fullText = greedy.text!
+        // Without a stop string, and with one that cuts the text (streamed text is held back while it may begin one).
+        for (const stop of [undefined, fullText.slice(4, 6)]) {
+          const body = { model: "tiny", prompt, max_tokens: 12, temperature: 0, logprobs: 1, n: 2, stop } as const
+          const whole = yield* Effect.promise(() => client.completions.create(body))
+          const chunks = yield* Effect.promise(async () => {
+            const out: Array<OpenAI.Completions.Completion> = []
+            for await (const chunk of await client.completions.create({ ...body, stream: true, stream_options: { include_usage: true } })) out.push(chunk)
+            return out
+          })
+          assert.strictEqual(whole.choices.length, 2)
+          whole.choices.forEach((choice, index) => {
+            const mine = chunks.flatMap((chunk) => chunk.choices.filter((c) => c.index === index))
+            assert.strictEqual(mine.map((c) => c.text).join(""), choice.text, `stop ${stop}`)
+            assert.strictEqual(choice.text, stop === undefined ? fullText : fullText.slice(0, fullText.indexOf(stop)))
+            assert.deepStrictEqual(mine.flatMap((c) => c.logprobs?.tokens ?? []), choice.logprobs?.tokens)
+            assert.deepStrictEqual(mine.flatMap((c) => c.logprobs?.text_offset ?? []), choice.logprobs?.text_offset)
+            assert.deepStrictEqual(mine.map((c) => c.finish_reason).filter((reason) => reason !== null), [choice.finish_reason])
+          })
+          const last = chunks[chunks.length - 1]
+          assert.deepStrictEqual(last.choices, [])
+          assert.deepStrictEqual(last.usage, whole.usage)
+        }
+
+        const messages = [{ role: "user" as const, content: "what is 12 plus 30?" }]
+        const chat = { model: "tiny", messages, max_tokens: 10, temperature: 0, logprobs: true, top_logprobs: 1, n: 2 }
+        const whole = yield* Effect.promise(() => client.chat.completions.create(chat))
+        const chunks = yield* Effect.promise(async () => {
+          const out: Array<OpenAI.Chat.Completions.ChatCompletionChunk> = []
+          for await (const chunk of await client.chat.completions.create({ ...chat, stream: true, stream_options: { include_usage: true } })) out.push(chunk)
+          return out
+        })
+        assert.strictEqual(whole.choices.length, 2)
+        whole.choices.forEach((choice, index) => {
+          const mine = chunks.flatMap((chunk) => chunk.choices.filter((c) => c.index === index))
+          assert.strictEqual(mine[0].delta.role, "assistant")
+          assert.strictEqual(mine.map((c) => c.delta.content).join(""), choice.message.content)
+          assert.deepStrictEqual(mine.flatMap((c) => c.logprobs?.content ?? []), choice.logprobs?.content)
+          assert.deepStrictEqual(mine.map((c) => c.finish_reason).filter((reason) => reason !== null), [choice.finish_reason])
+        })
+        assert.deepStrictEqual(chunks[chunks.length - 1].usage, whole.usage)
+      })
+    ))
+
+  it.live("n samples per prompt: seeded, each with its own finish reason and log-probs, prompt by prompt", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const url = yield* fixture.serve(fixture.model)
+        const client = new OpenAI({ baseURL: url, apiKey: "unused", maxRetries: 0 })
+        const sampled = (seed: number) =>
+          Effect.promise(() =>
+            client.chat.completions.create({
+              model: "tiny",
+              messages: [{ role: "user", content: "hi" }],
+              n: 4,
+              temperature: 1.5,
+              max_tokens: 10,
+              seed,
+              logprobs: true
+            })
+          )
+        const first = yield* sampled(7)
+        assert.deepStrictEqual(first.choices.map((choice) => choice.index), [0, 1, 2, 3])
+        for (const choice of first.choices) {
+          assert.include(["stop", "length"], choice.finish_reason)
+          const tokens = fixture.tokenizer.encode(choice.message.content ?? "", { addSpecialTokens: false })
+          assert.isAtLeast(choice.logprobs!.content!.length, tokens.length > 0 ? 1 : 0)
+          assert.isAtMost(choice.logprobs!.content!.length, 10)
+        }
+        const texts = (reply: typeof first) => reply.choices.map((choice) => choice.message.content)
+        assert.isAbove(new Set(texts(first)).size, 1, "the samples differ")
+        assert.deepStrictEqual(texts(yield* sampled(7)), texts(first), "the same seed samples the same")
+        assert.notDeepEqual(texts(yield* sampled(8)), texts(first))
+        assert.strictEqual(first.usage?.completion_tokens, first.choices.reduce((sum, choice) => sum + choice.logprobs!.content!.length, 0))
+
+        // Two token-id prompts, two greedy samples each: choices 0 and 1 continue the first prompt, 2 and 3 the second.
+        const expected = yield* generateLike(fixture, prompts, { maxNewTokens: 6, temperature: 0 })
+        const grouped = yield* Effect.promise(() => client.completions.create({ model: "tiny", prompt: prompts, n: 2, max_tokens: 6, temperature: 0 }))
+        assert.deepStrictEqual(grouped.choices.map((choice) => [choice.index, choice.text]), [
+          [0, expected[0].text],
+          [1, expected[0].text],
+          [2, expected[1].text],
+          [3, expected[1].text]
+        ])
+        assert.strictEqual(grouped.usage?.prompt_tokens, prompts[0].length + prompts[1].length)
+      })
+    ))
+
+  it.live("a client gone mid-stream, 200 requests against a queue of 64 and timeouts leave the server serving and its tensors where they were", () =>
+    withServer((fixture) =>
+      Effect.gen(function*() {
+        const before = tf.memory().numTensors
+        const url = yield* fixture.serve(fixture.model, { maxBatch: 8, maxQueue: 64 })
+        const client = new OpenAI({ baseURL: url, apiKey: "unused", maxRetries: 0 })
+        const serving = Effect.gen(function*() {
+          const reply = yield* post(`${url}/completions`, { prompt: prompts[1], max_tokens: 8 })
+          assert.strictEqual(reply.status, 200, JSON.stringify(reply.json))
+        })
+
+        // The client reads three chunks of a long generation and goes away: its rows leave the batch.
+        const read = yield* Effect.promise(async () => {
+          const controller = new AbortController()
+          const stream = await client.completions.create(
+            { model: "tiny", prompt: prompts[0], max_tokens: 2000, temperature: 0, stream: true },
+            { signal: controller.signal }
+          )
+          let chunks = 0
+          try {
+            for await (const _ of stream) if (++chunks === 3) controller.abort()
+          } catch (error) {
+            if (!(error instanceof Error && /abort/i.test(error.name + error.message))) throw error
+          }
+          return chunks
+        })
+        assert.strictEqual(read, 3)
+        yield* serving
+        assert.strictEqual(tf.memory().numTensors, before, "the abandoned generation stopped and freed its tensors")
+
+        // Eight long generations fill the batch, each client holding its stream after one chunk;
+        // then 200 requests at once: 64 wait for a place, the rest are told to come back.
+        const holders = yield* Effect.promise(() =>
+          Promise.all(Array.from({ length: 8 }, async () => {
+            const controller = new AbortController()
+            const stream = await client.completions.create(
+              { model: "tiny", prompt: prompts[0], max_tokens: 2000, temperature: 0, stream: true },
+              { signal: controller.signal }
+            )
+            await stream[Symbol.asyncIterator]().next()
+            return controller
+          }))
         )
-        replies.forEach((reply) => assert.strictEqual(reply.status, 200, JSON.stringify(reply.json)))
-        const texts = (parity: number) =>
-          new Set(replies.filter((_, i) => i % 2 === parity).map(({ json }) => JSON.stringify(json.choices[0].text ?? json.choices[0].message)))
-        assert.strictEqual(texts(0).size, 1, "identical greedy completions agree")
-        assert.strictEqual(texts(1).size, 1, "identical greedy chats agree")
+        const flood = yield* Effect.promise(async () => {
+          let refusals = 0
+          let allRefused = () => {}
+          const refused = new Promise<void>((resolve) => (allRefused = resolve))
+          const replies = Array.from({ length: 200 }, async () => {
+            const response = await fetch(`${url}/completions`, {
+              method: "POST",
+              headers: { "content-type": "application/json" },
+              body: JSON.stringify({ prompt: prompts[0], max_tokens: 8, temperature: 0 })
+            })
+            const reply = { status: response.status, retryAfter: response.headers.get("retry-after"), json: (await response.json()) as any }
+            if (reply.status === 429 && ++refusals === 200 - 64) allRefused()
+            return reply
+          })
+          await Promise.race([refused, Promise.all(replies)])
+          // The holders go away mid-stream: their rows leave the batch and the queue drains.
+          for (const controller of holders) controller.abort()
+          return Promise.all(replies)
+        })
+        const refused = flood.filter(({ status }) => status === 429)
+        assert.strictEqual(refused.length, 200 - 64)
+        assert.strictEqual(flood.filter(({ status }) => status === 200).length, 64)
+        for (const reply of refused) {
+          assert.strictEqual(reply.retryAfter, "1")
+          assert.strictEqual(reply.json.error.code, "queue_full")
+        }
+        yield* serving
+        assert.strictEqual(tf.memory().numTensors, before)
+
+        // A request past its time limit: a 408, or an error event when streaming.
+        const hurried = yield* fixture.serve(fixture.model, { requestTimeout: 0 })
+        const late = yield* post(`${hurried}/completions`, { prompt: prompts[0], max_tokens: 4 })
+        assert.strictEqual(late.status, 408)
+        assert.strictEqual(late.json.error.code, "request_timeout")
+        const lateStream = yield* Effect.promise(async () => {
+          const stream = await new OpenAI({ baseURL: hurried, apiKey: "unused", maxRetries: 0 }).completions.create({
+            model: "tiny",
+            prompt: prompts[0],
+            max_tokens: 4,
+            stream: true
+          })
+          try {
+            for await (const _ of stream) { /* no chunk comes */ }
+            return "finished"
+          } catch (error) {
+            return error instanceof OpenAI.APIError ? error.message : String(error)
+          }
+        })
+        assert.include(lateStream, "--request-timeout")
+        yield* serving
+        assert.strictEqual(tf.memory().numTensors, before)
       })
     ))
 
@@ -361,13 +582,17 @@ describe("Server", () => {
       assert.deepStrictEqual(yield* linesOf(false), [])
     }).pipe(onBackend("wasm")))
 
-  it.live("cascade serve prints its URL, answers, and stops on SIGINT", () =>
+  it.live("cascade serve prints its URL, answers, takes its limits from flags, and stops on SIGINT", () =>
     Effect.gen(function*() {
       const dir = yield* modelFolder
-      const { url, child, exited } = yield* serveCli(dir)
+      // No request may wait: the queue flag reaches the server.
+      const { url, child, exited } = yield* serveCli(dir, ["--max-queue", "0", "--max-batch", "2", "--request-timeout", "5"])
       const models = yield* request(`${url}/models`)
       assert.strictEqual(models.status, 200)
       assert.strictEqual(models.json.data[0].id, dir)
+      const refused = yield* post(`${url}/completions`, { prompt: prompts[0], max_tokens: 2 })
+      assert.strictEqual(refused.status, 429)
+      assert.strictEqual((yield* post(`${url}/completions`, { prompt: prompts[0], n: 3 })).json.error.param, "n")
       child.kill("SIGINT")
       assert.strictEqual(yield* Effect.promise(() => exited), 130)
     }).pipe(Effect.scoped))

@@ -18,6 +18,10 @@ class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
   }
 }
 
+/** An integer flag that must be at least `least`. */
+const atLeast = (name: string, least: number) =>
+  Flag.Int(name).pipe(Flag.filter((value) => value >= least, (value) => `--${name} must be at least ${least}, not ${value}`))
+
 export const serveCommand = Command.make(
   "serve",
   {
@@ -27,13 +31,25 @@ export const serveCommand = Command.make(
     maxLogprobs: Flag.Int("max-logprobs").pipe(
       Flag.withDescription("Largest logprobs / prompt_logprobs a request may ask for (vLLM's default 20; the vocabulary size serves full distributions)"),
       Flag.withDefault(20)
+    ),
+    maxBatch: atLeast("max-batch", 1).pipe(
+      Flag.withDescription(`Sequences decoded together at most, samples of every request counted (default ${Server.defaultLimits.maxBatch}); also the largest n`),
+      Flag.withDefault(Server.defaultLimits.maxBatch)
+    ),
+    maxQueue: atLeast("max-queue", 0).pipe(
+      Flag.withDescription(`Requests waiting for a place in the batch at most; more get a 429 with Retry-After (default ${Server.defaultLimits.maxQueue})`),
+      Flag.withDefault(Server.defaultLimits.maxQueue)
+    ),
+    requestTimeout: atLeast("request-timeout", 1).pipe(
+      Flag.withDescription(`Seconds a request may take, waiting included, before a 408 (default ${Server.defaultLimits.requestTimeout})`),
+      Flag.withDefault(Server.defaultLimits.requestTimeout)
     )
   },
-  Effect.fn("cli.serve")(function*({ model, host, port, maxLogprobs }) {
+  Effect.fn("cli.serve")(function*({ model, host, port, maxLogprobs, maxBatch, maxQueue, requestTimeout }) {
     const { backend } = yield* cascade
     yield* Effect.gen(function*() {
       const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.loadIfPresent(model), name: model, maxLogprobs }
-      const services = yield* Layer.build(Server.layer(served, { host, port })).pipe(
+      const services = yield* Layer.build(Server.layer(served, { host, port, maxBatch, maxQueue, requestTimeout })).pipe(
         Effect.mapError(({ cause }) =>
           new ListenError({ address: `${host}:${port}`, reason: cause instanceof Error ? cause.message : String(cause) })
         )

@@ -102,8 +102,8 @@ export const generate = Effect.fn("Generate.generate")(function*(
   return results
 })
 
-/** What a row accumulates while it is decoded. */
-interface Row {
+/** What a row accumulates while it is decoded (also by the server's continuous batcher). */
+export interface Row {
   readonly prompt: ReadonlyArray<number>
   readonly random: () => number
   readonly tokens: Array<number>
@@ -116,7 +116,7 @@ interface Row {
   promptLogprobs: Array<TokenLogprob | undefined> | undefined
 }
 
-const newRow = (prompt: ReadonlyArray<number>, random: () => number): Row => ({
+export const newRow = (prompt: ReadonlyArray<number>, random: () => number): Row => ({
   prompt,
   random,
   tokens: [],
@@ -167,10 +167,7 @@ const decodeBatch = (model: Model.Model, rows: ReadonlyArray<Row>, options: Opti
     const prefill = yield* Effect.sync(() => {
       const logits = forward(ids, { attentionMask, useCache: options.maxNewTokens > 1 })
       const k = options.promptLogprobs
-      const prompt = k === undefined || width === 1 ? undefined : tf.tidy(() => {
-        const logProbs = tf.logSoftmax(logits.slice([0, 0, 0], [rows.length, width - 1, vocab]))
-        return score(logProbs.reshape([rows.length * (width - 1), vocab]), promptTargets, k)
-      }).map(hold) as ScoreTensors
+      const prompt = k === undefined || width === 1 ? undefined : scorePrompt(logits, promptTargets, k).map(hold) as ScoreTensors
       const last = options.maxNewTokens > 0 ? hold(lastLogProbs(logits)) : undefined
       release([logits])
       return { prompt, last }
@@ -214,30 +211,45 @@ const decodeBatch = (model: Model.Model, rows: ReadonlyArray<Row>, options: Opti
   )
 }
 
+/**
+ * Scores the prompt: the log-probabilities at positions 0..T-2 of logits [B, T, V] against the
+ * tokens that follow (`targets`, B * (T - 1) of them, row by row).
+ */
+export const scorePrompt = (logits: tf.Tensor3D, targets: ReadonlyArray<number>, k: number): ScoreTensors =>
+  tf.tidy(() => {
+    const [b, t, v] = logits.shape
+    const logProbs = tf.logSoftmax(logits.slice([0, 0, 0], [b, t - 1, v]))
+    return score(logProbs.reshape([b * (t - 1), v]), targets, k)
+  })
+
 /** [B, T, V] logits -> [B, V] log-probabilities at the last position. */
-const lastLogProbs = (logits: tf.Tensor3D): tf.Tensor2D =>
+export const lastLogProbs = (logits: tf.Tensor3D): tf.Tensor2D =>
   tf.tidy(() => {
     const [b, t, v] = logits.shape
     return tf.logSoftmax(logits.slice([0, t - 1, 0], [b, 1, v]).reshape([b, v]))
   })
 
 /** Target log-probs [N], ranks [N] and the top k's log-probs and ids [N, k]. */
-type ScoreTensors = [tf.Tensor1D, tf.Tensor1D, tf.Tensor2D, tf.Tensor2D]
+export type ScoreTensors = [tf.Tensor1D, tf.Tensor1D, tf.Tensor2D, tf.Tensor2D]
 
 /**
- * Scores `targets[i]` against row i of `logProbs` [N, V] on the device, so that only N * (2k + 2)
- * numbers come back. (gatherND: tfjs-backend-wasm's gather with batchDims returns wrong values.)
+ * Scores `targets[i]` (given, or sampled on the device) against row i of `logProbs` [N, V] on the
+ * device, so that only N * (2k + 2) numbers come back. (gatherND: tfjs-backend-wasm's gather with
+ * batchDims returns wrong values.)
  */
-const score = (logProbs: tf.Tensor2D, targets: ReadonlyArray<number>, k: number): ScoreTensors =>
+export const score = (logProbs: tf.Tensor2D, targets: ReadonlyArray<number> | tf.Tensor1D, k: number): ScoreTensors =>
   tf.tidy(() => {
     const n = logProbs.shape[0]
-    const chosen = tf.gatherND(logProbs, tf.tensor2d(targets.flatMap((target, i) => [i, target]), [n, 2], "int32")) as tf.Tensor1D
+    const indices = Array.isArray(targets)
+      ? tf.tensor2d(targets.flatMap((target, i) => [i, target]), [n, 2], "int32")
+      : tf.stack([tf.range(0, n, 1, "int32"), tf.cast(targets as tf.Tensor1D, "int32")], 1)
+    const chosen = tf.gatherND(logProbs, indices) as tf.Tensor1D
     const rank = tf.sum(tf.cast(tf.greaterEqual(logProbs, chosen.reshape([n, 1])), "int32"), 1) as tf.Tensor1D
     const top = tf.topk(logProbs, k)
     return [chosen, rank, top.values, top.indices]
   })
 
-const parseScores = (values: ReadonlyArray<tf.TypedArray>, targets: ReadonlyArray<number>): Array<TokenLogprob> => {
+export const parseScores = (values: ReadonlyArray<tf.TypedArray>, targets: ReadonlyArray<number>): Array<TokenLogprob> => {
   const [chosen, rank, topValues, topIds] = values
   const k = topIds.length / targets.length
   return targets.map((token, i) => ({
@@ -281,7 +293,7 @@ const nucleus = (weights: Float64Array, topP: number): Array<number> => {
 }
 
 /** Appends a sampled token to its row and decides whether the row is finished. */
-const advance = (row: Row, scored: TokenLogprob, options: Options) => {
+export const advance = (row: Row, scored: TokenLogprob, options: Options) => {
   row.tokens.push(scored.token)
   row.logprobs.push(scored)
   if (options.stopTokenIds?.includes(scored.token)) {
@@ -320,7 +332,7 @@ const firstStop = (text: string, stops: ReadonlyArray<string>) => {
   return hit
 }
 
-const finish = (row: Row, options: Options): Generation => {
+export const finish = (row: Row, options: Options): Generation => {
   const stoppedByToken = typeof row.stopReason === "number"
   return {
     tokens: row.tokens,
@@ -382,7 +394,7 @@ export const splitThinking = (text: string): { readonly thinking: Array<string>;
 }
 
 /** A 32-bit seed for row `row` from a user's seed (any integer up to 2^53), well mixed. */
-const mixSeed = (seed: number, row: number) => {
+export const mixSeed = (seed: number, row: number) => {
   let h = (seed >>> 0) ^ Math.imul(Math.floor(seed / 2 ** 32) >>> 0, 0x9e3779b1) ^ Math.imul(row + 1, 0x85ebca6b)
   // murmur3's finaliser: every input bit affects every output bit.
   h = Math.imul(h ^ (h >>> 16), 0x85ebca6b)
