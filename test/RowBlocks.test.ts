@@ -16,6 +16,7 @@ import * as Pruning from "../src/prune/Pruning.ts"
 import * as Random from "../src/Random.ts"
 import * as RowBlocks from "../src/model/RowBlocks.ts"
 import * as Training from "../src/train/Training.ts"
+import { LogitsTooLarge } from "../src/Errors.ts"
 import { localFixture, maxAbsDiff, onBackend, sharedFixture, take, tempDir } from "./support.ts"
 
 /** An untied and a tied model, both of vocabulary 512. */
@@ -159,4 +160,26 @@ describe("a vocabulary matrix split into row blocks", () => {
       assert.deepStrictEqual([...Model.tensorsOfWeights(back.config, back.weights).keys()], [...Model.tensorsOfWeights(blocked.config, blocked.weights).keys()])
       assert.strictEqual(maxAbsDiff(take(Model.forward(back, ids).logits), take(Model.forward(whole, ids).logits)), 0)
     }).pipe(onBackend("wasm")), { timeout: 120_000, arbitrary: { runs: 6 } })
+
+  it.effect("follows the backend's binding limit: blocks within it on load, logits past it refused before any work", () =>
+    Effect.gen(function*() {
+      // A GPU backend's device, as RowBlocks reads it, with a limit of 100 rows of 64 floats.
+      const limit = 100 * 64 * 4
+      const backend = tf.backend() as unknown as { device?: unknown }
+      yield* Effect.acquireRelease(
+        Effect.sync(() => (backend.device = { limits: { maxStorageBufferBindingSize: limit } })),
+        () => Effect.sync(() => delete backend.device)
+      )
+      const model = yield* Pretrained.load(fixtures.untied)
+      assert.deepStrictEqual(model.weights.embed.map((block) => block.shape[0]), [100, 100, 100, 100, 100, 12])
+      assert.deepStrictEqual(RowBlocks.rangesOf(model.weights.lmHead!).map(([start]) => start), [0, 100, 200, 300, 400, 500])
+      const before = tf.memory().numTensors
+      // 12 tokens of 512 logits fit in 25600 bytes, 13 do not.
+      Model.forward(model, [ids[0].slice(0, 12)]).logits.dispose()
+      const refused = yield* Effect.try({ try: () => Model.forward(model, [ids[0].slice(0, 13)]), catch: (error) => error as Error }).pipe(Effect.flip)
+      assert.instanceOf(refused, LogitsTooLarge)
+      assert.include(refused.message, "1 x 13 tokens x 512 vocabulary are 26624 bytes")
+      assert.include(refused.message, "smaller micro-batch (at most 12 tokens)")
+      assert.strictEqual(tf.memory().numTensors, before, "no tensor left behind")
+    }).pipe(onBackend("wasm")))
 })
