@@ -14,6 +14,7 @@ import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Pruning from "../src/prune/Pruning.ts"
 import * as Random from "../src/Random.ts"
+import * as RunFolder from "../src/train/RunFolder.ts"
 import * as RowBlocks from "../src/model/RowBlocks.ts"
 import * as Training from "../src/train/Training.ts"
 import { LogitsTooLarge } from "../src/Errors.ts"
@@ -28,13 +29,16 @@ const Split = Schema.Struct({
   tied: Schema.Boolean
 })
 
-/** `dir` loaded with blocks of `rows` rows. */
-const loadSplit = (dir: string, rows: number) =>
+/** `effect` run with vocabulary matrices uploaded in blocks of `rows` rows. */
+const withRows = <A, E, R>(rows: number, effect: Effect.Effect<A, E, R>) =>
   Effect.acquireUseRelease(
     Effect.sync(() => RowBlocks.forceRows(rows)),
-    () => Pretrained.load(dir),
+    () => effect,
     () => Effect.sync(() => RowBlocks.forceRows(undefined))
   )
+
+/** `dir` loaded with blocks of `rows` rows. */
+const loadSplit = (dir: string, rows: number) => withRows(rows, Pretrained.load(dir))
 
 /** The fixture `split` names loaded whole and in blocks of its odd size. */
 const bothWays = Effect.fnUntraced(function*(split: typeof Split.Type) {
@@ -181,5 +185,24 @@ describe("a vocabulary matrix split into row blocks", () => {
       assert.include(refused.message, "1 x 13 tokens x 512 vocabulary are 26624 bytes")
       assert.include(refused.message, "smaller micro-batch (at most 12 tokens)")
       assert.strictEqual(tf.memory().numTensors, before, "no tensor left behind")
+    }).pipe(onBackend("wasm")))
+
+  it.effect("resumes from a run's checkpoint: weights and moments back on the same blocks, bit for bit", () =>
+    Effect.gen(function*() {
+      const rows = 101
+      const out = yield* tempDir
+      const run = yield* Training.trainable(yield* loadSplit(fixtures.untied, rows))
+      const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
+      yield* Training.step(run, adam, [undefined], lossOf, { learningRate, maxGradNorm: 1 })
+      yield* RunFolder.saveCheckpoint(out, adam, { step: 1 }, (dir) => Pretrained.save(dir, run.model, { dtype: "F32" }))
+      const saved = (yield* RunFolder.loadCheckpoint(out, Schema.Struct({ step: Schema.Int })))!
+      const resumed = yield* withRows(rows, Training.startFrom(run.model, saved, Optimizer.defaultConfig.weightDecay))
+      assert.deepStrictEqual([...resumed.trainable.variables.keys()], [...run.variables.keys()])
+      assert.include([...run.variables.keys()], "lm_head.weight[505:512]")
+      for (const [name, variable] of run.variables) {
+        assert.strictEqual(maxAbsDiff(take(resumed.trainable.variables.get(name)!.clone()), take(variable.clone())), 0, name)
+        assert.strictEqual(maxAbsDiff(take(resumed.adam.expAvgSq.get(name)!.clone()), take(adam.expAvgSq.get(name)!.clone())), 0, name)
+      }
+      assert.strictEqual(resumed.adam.step, 1)
     }).pipe(onBackend("wasm")))
 })
