@@ -32,6 +32,7 @@ import * as tf from "@tensorflow/tfjs"
 import { LogitsTooLarge } from "../src/Errors.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Reference from "../src/io/Reference.ts"
+import { maxAbsDiff } from "../src/io/Reference.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Generate from "../src/model/Generate.ts"
 import * as Model from "../src/model/Model.ts"
@@ -204,8 +205,6 @@ const crossEntropyOf = (logits: Float32Array, vocab: number, targets: ReadonlyAr
   }, 0)
   return total / flat.length
 }
-
-const maxAbsDiff = (a: Float32Array, b: Float32Array) => a.reduce((worst, x, i) => Math.max(worst, Math.abs(x - b[i])), 0)
 
 /**
  * A vocabulary matrix larger than one storage binding, on the backend under test: made (seeded as
