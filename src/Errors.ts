@@ -65,3 +65,19 @@ export class PruneError extends Schema.TaggedError<PruneError>()("PruneError", {
     return this.reason
   }
 }
+
+/**
+ * Logits [B, T, V] larger than one storage binding of the backend (a GPU buffer a shader may bind):
+ * the model's weights are split to fit, a forward pass's logits are not.
+ */
+export class LogitsTooLarge extends Schema.TaggedError<LogitsTooLarge>()("LogitsTooLarge", {
+  rows: Schema.Number,
+  tokens: Schema.Number,
+  vocab: Schema.Number,
+  limit: Schema.Number
+}) {
+  override get message() {
+    const bytes = this.rows * this.tokens * this.vocab * 4
+    return `logits of ${this.rows} x ${this.tokens} tokens x ${this.vocab} vocabulary are ${bytes} bytes, past the backend's largest storage binding of ${this.limit} bytes: use a smaller micro-batch (at most ${Math.floor(this.limit / (4 * this.vocab))} tokens)`
+  }
+}

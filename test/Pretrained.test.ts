@@ -70,7 +70,7 @@ describe("Pretrained", () => {
       assert.strictEqual(config.model_type, "mistral")
       assert.deepStrictEqual(config.architectures, ["MistralForCausalLM"])
       const stored = yield* checkpoint.readFloat32("model.embed_tokens.weight")
-      const original = model.weights.embed.dataSync()
+      const original = model.weights.embed[0].dataSync()
       // bf16 keeps 8 bits of mantissa: relative error at most 2^-9.
       for (let i = 0; i < stored.length; i++) assert.isAtMost(Math.abs(stored[i] - original[i]), Math.abs(original[i]) / 256)
     }).pipe(onBackend("wasm")))

@@ -150,23 +150,23 @@ describe("Pruning exactness", () => {
       })
       const q = tf.tensor2d(Float32Array.from(children[0].plan.rotation!), [d, h])
       const rowGram = (m: tf.Tensor) => tf.tidy(() => take(matMul(m, m, false, true)))
-      const rotated = matMul(parent.weights.embed, q)
+      const rotated = matMul(parent.weights.embed[0], q)
       const rotatedEmbedding = rotated.dataSync() as Float32Array
-      const foldedHead = tf.tidy(() => take(matMul(tf.mul(parent.weights.lmHead!, parent.weights.norm), q)))
+      const foldedHead = tf.tidy(() => take(matMul(tf.mul(parent.weights.lmHead![0], parent.weights.norm), q)))
       const byRule = Object.fromEntries(children.map((child) => [child.tieFrom, child]))
       const scale = Math.sqrt(d / h)
       // embed: inputs are the rotated embedding; head: the matrix is the folded lm_head, the final norm sqrt(D/H).
-      assert.isAtMost(maxAbsDiff(byRule.embed.model.weights.embed.dataSync(), rotatedEmbedding), 1e-5)
-      assert.isAtMost(maxAbsDiff(byRule.head.model.weights.embed.dataSync(), foldedHead), 1e-5)
+      assert.isAtMost(maxAbsDiff(byRule.embed.model.weights.embed[0].dataSync(), rotatedEmbedding), 1e-5)
+      assert.isAtMost(maxAbsDiff(byRule.head.model.weights.embed[0].dataSync(), foldedHead), 1e-5)
       assert.isAtMost(maxAbsDiff(byRule.head.model.weights.norm.dataSync(), new Float32Array(h).fill(scale)), 1e-5)
       assert.isAtMost(
-        maxAbsDiff(byRule.mean.model.weights.embed.dataSync(), rotatedEmbedding.map((x, i) => (x + foldedHead[i]) / 2)),
+        maxAbsDiff(byRule.mean.model.weights.embed[0].dataSync(), rotatedEmbedding.map((x, i) => (x + foldedHead[i]) / 2)),
         1e-5
       )
       assert.strictEqual(byRule.embed.tie!.inputError, 0)
       assert.isAtMost(byRule.head.tie!.outputError, 1e-6)
       // fit keeps the inputs up to a rotation R within the kept subspace: (E Q R)(E Q R)^T = (E Q)(E Q)^T.
-      assert.isAtMost(maxAbsDiff(rowGram(byRule.fit.model.weights.embed), rowGram(rotated)), 1e-4)
+      assert.isAtMost(maxAbsDiff(rowGram(byRule.fit.model.weights.embed[0]), rowGram(rotated)), 1e-4)
       assert.isAtMost(byRule.fit.tie!.inputError, 1e-6)
       // A diagonal is a symmetric matrix: fit's output error is at most embed's, and here strictly less.
       assert.isBelow(byRule.fit.tie!.outputError, byRule.embed.tie!.outputError)

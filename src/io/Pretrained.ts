@@ -6,6 +6,8 @@
  * with the tensor and file named instead of producing garbage. Each tensor is read from disk, copied
  * to the backend and dropped from JS memory before the next, so a checkpoint is never held twice. A
  * Mistral3ForConditionalGeneration (Ministral 3 as released) loads as its text model, and saves as one.
+ * A vocabulary matrix too large for one storage binding of the backend is uploaded as row blocks and
+ * saved as the one tensor it is on disk (see RowBlocks).
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
@@ -57,7 +59,7 @@ export const load = Effect.fn("Pretrained.load")(function*(dir: string) {
         reason: `has shape [${info.shape}] but ${checkpoint.configPath} implies [${shape}]`
       })
     }
-    tensors.set(name, tf.tensor(yield* checkpoint.readFloat32(stored), shape, "float32"))
+    for (const [held, tensor] of Model.heldTensors(name, shape, yield* checkpoint.readFloat32(stored))) tensors.set(held, tensor)
   }
   return Model.make(config, Model.weightsFromTensors(config, tensors))
 })
@@ -108,7 +110,7 @@ export const save = Effect.fn("Pretrained.save")(function*(
     tensors: Model.tensorShapes(model.config).map(({ name, shape }) => ({
       name,
       shape,
-      data: Effect.promise(() => tensors.get(name)!.data() as Promise<Float32Array>)
+      data: Effect.promise(() => Model.storedValues(tensors, name))
     }))
   })
   const from = options.companionsFrom

@@ -67,12 +67,15 @@ const attempt = <A>(file: string, what: string, run: () => Promise<A>, tensor?: 
 
 const closeQuietly = (handle: fs.FileHandle) => Effect.ignore(Effect.tryPromise(() => handle.close()))
 
+/** Bytes per read or write of a file: Node moves at most 2 GiB - 1 in one, less than an 8B parent's fp32 embedding. */
+const maxIoBytes = 2 ** 30
+
 /** Reads exactly `length` bytes at `position` into a fresh buffer (offset 0, so any typed view of it is aligned). */
 const readAt = (handle: fs.FileHandle, file: string, position: number, length: number, tensor?: string) =>
   attempt(file, `cannot read ${length} bytes at offset ${position}`, async () => {
     const bytes = new Uint8Array(length)
     for (let done = 0; done < length;) {
-      const { bytesRead } = await handle.read(bytes, done, length - done, position + done)
+      const { bytesRead } = await handle.read(bytes, done, Math.min(length - done, maxIoBytes), position + done)
       if (bytesRead === 0) throw new Error(`file ends at ${position + done} bytes`)
       done += bytesRead
     }
@@ -380,7 +383,7 @@ export const writeAtomically = Effect.fnUntraced(function*<E, R>(
     yield* body((bytes) =>
       attempt(path, "cannot write", async () => {
         for (let done = 0; done < bytes.length;) {
-          done += (await handle.write(bytes, done, bytes.length - done, position + done)).bytesWritten
+          done += (await handle.write(bytes, done, Math.min(bytes.length - done, maxIoBytes), position + done)).bytesWritten
         }
         position += bytes.length
       })

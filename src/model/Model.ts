@@ -13,6 +13,8 @@ import * as tf from "@tensorflow/tfjs"
 import type { ModelConfig } from "./Config.ts"
 import * as Rope from "./Rope.ts"
 import { matMul } from "./MatMul.ts"
+import * as RowBlocks from "./RowBlocks.ts"
+import { LogitsTooLarge } from "../Errors.ts"
 
 export interface LayerWeights {
   readonly inputNorm: tf.Tensor1D // [D]
@@ -26,12 +28,16 @@ export interface LayerWeights {
   readonly down: tf.Tensor2D // [D, F]
 }
 
+/**
+ * The vocabulary matrices are row blocks (see RowBlocks): one block unless the matrix exceeds one
+ * storage binding of the backend, as an 8B parent's does on a GPU.
+ */
 export interface Weights {
-  readonly embed: tf.Tensor2D // [V, D]
+  readonly embed: RowBlocks.RowBlocks // [V, D]
   readonly layers: ReadonlyArray<LayerWeights>
   readonly norm: tf.Tensor1D // [D]
   /** [V, D]; undefined when the embeddings are tied. */
-  readonly lmHead: tf.Tensor2D | undefined
+  readonly lmHead: RowBlocks.RowBlocks | undefined
 }
 
 export interface Model {
@@ -114,7 +120,49 @@ export const tensorShapes = (config: ModelConfig): Array<{ name: string; shape: 
   return shapes
 }
 
-/** Builds the weights from tensors keyed by checkpoint name (see `tensorShapes`). */
+const vocabularyMatrices = new Set(["model.embed_tokens.weight", "lm_head.weight"])
+
+/**
+ * The name the model holds a block of checkpoint tensor `name` under: the name itself when the
+ * matrix is one block, else `name[start:end]` by its rows (how optimizer states are keyed too).
+ */
+const blockName = (name: string, [start, end]: readonly [number, number], blocks: number) =>
+  blocks === 1 ? name : `${name}[${start}:${end}]`
+
+/** The model's blocks of vocabulary matrix `name`, keyed by `blockName`. */
+const namedBlocks = (name: string, blocks: RowBlocks.RowBlocks): Array<[string, tf.Tensor]> => {
+  const ranges = RowBlocks.rangesOf(blocks)
+  return blocks.map((block, i) => [blockName(name, ranges[i], blocks.length), block])
+}
+
+/**
+ * The tensors the model holds for checkpoint tensor `name` of `shape`, made from its values
+ * (row-major), keyed as `tensorsOfWeights` keys them: a vocabulary matrix as row blocks uploaded
+ * one by one, so that one too large for a storage binding never is one tensor; the rest as one tensor.
+ */
+export const heldTensors = (name: string, shape: ReadonlyArray<number>, values: Float32Array): Array<readonly [string, tf.Tensor]> => {
+  if (!vocabularyMatrices.has(name)) return [[name, tf.tensor(values, [...shape], "float32")]]
+  return namedBlocks(name, RowBlocks.upload(values, shape[0], shape[1]))
+}
+
+/** The blocks of vocabulary matrix `name` in `tensors` (keyed as `tensorsOfWeights` keys them), in row order. */
+const blocksIn = (tensors: ReadonlyMap<string, tf.Tensor>, name: string): RowBlocks.RowBlocks => {
+  const whole = tensors.get(name)
+  if (whole !== undefined) return [whole as tf.Tensor2D]
+  const start = (key: string) => Number(key.slice(name.length + 1).split(":")[0])
+  const keys = [...tensors.keys()].filter((key) => key.startsWith(`${name}[`)).sort((a, b) => start(a) - start(b))
+  if (keys.length === 0) throw new Error(`Model.weightsFromTensors: no tensor ${name}`)
+  return keys.map((key) => tensors.get(key) as tf.Tensor2D)
+}
+
+/**
+ * Checkpoint tensor `name`'s values row-major, read asynchronously from the model's tensors (keyed
+ * as `tensorsOfWeights` keys them): a vocabulary matrix's blocks one after the other.
+ */
+export const storedValues = (tensors: ReadonlyMap<string, tf.Tensor>, name: string): Promise<Float32Array> =>
+  vocabularyMatrices.has(name) ? RowBlocks.read(blocksIn(tensors, name)) : tensors.get(name)!.data() as Promise<Float32Array>
+
+/** Builds the weights from tensors keyed as `tensorsOfWeights` keys them (checkpoint names while nothing is split). */
 export const weightsFromTensors = (config: ModelConfig, tensors: ReadonlyMap<string, tf.Tensor>): Weights => {
   const get = <R extends tf.Rank>(name: string) => tensors.get(name) as tf.Tensor<R>
   const layers: Array<LayerWeights> = []
@@ -133,16 +181,19 @@ export const weightsFromTensors = (config: ModelConfig, tensors: ReadonlyMap<str
     })
   }
   return {
-    embed: get("model.embed_tokens.weight"),
+    embed: blocksIn(tensors, "model.embed_tokens.weight"),
     layers,
     norm: get("model.norm.weight"),
-    lmHead: config.tieWordEmbeddings ? undefined : get("lm_head.weight")
+    lmHead: config.tieWordEmbeddings ? undefined : blocksIn(tensors, "lm_head.weight")
   }
 }
 
-/** The weights keyed by checkpoint name, the inverse of `weightsFromTensors`. */
+/**
+ * The weights keyed by checkpoint name, a vocabulary matrix split into blocks by `name[start:end]`;
+ * the inverse of `weightsFromTensors`.
+ */
 export const tensorsOfWeights = (config: ModelConfig, weights: Weights): Map<string, tf.Tensor> => {
-  const tensors = new Map<string, tf.Tensor>([["model.embed_tokens.weight", weights.embed]])
+  const tensors = new Map<string, tf.Tensor>(namedBlocks("model.embed_tokens.weight", weights.embed))
   weights.layers.forEach((layer, i) => {
     const p = `model.layers.${i}`
     tensors.set(`${p}.input_layernorm.weight`, layer.inputNorm)
@@ -156,13 +207,13 @@ export const tensorsOfWeights = (config: ModelConfig, weights: Weights): Map<str
     tensors.set(`${p}.mlp.down_proj.weight`, layer.down)
   })
   tensors.set("model.norm.weight", weights.norm)
-  if (!config.tieWordEmbeddings && weights.lmHead) tensors.set("lm_head.weight", weights.lmHead)
+  if (!config.tieWordEmbeddings && weights.lmHead) for (const [name, block] of namedBlocks("lm_head.weight", weights.lmHead)) tensors.set(name, block)
   return tensors
 }
 
 export const make = (config: ModelConfig, weights: Weights): Model => ({ config, weights, rope: Rope.make(config) })
 
-export const dispose = (model: Model) => tf.dispose([...tensorsOfWeights(model.config, model.weights).values()])
+export const dispose = (model: Model): void => tf.dispose([...tensorsOfWeights(model.config, model.weights).values()])
 
 export const disposeCache = (cache: KVCache) => tf.dispose(cache.layers.flatMap((layer) => [layer.k, layer.v]))
 
@@ -314,22 +365,76 @@ const tablesAt = (model: Model, positions: ReadonlyArray<ArrayLike<number>>, t: 
   }
 }
 
+/** Which tokens each block of the table serves: their places among the ids and their rows in the block. */
+interface Route {
+  readonly places: Int32Array
+  readonly rows: Int32Array
+}
+
+/** Routes flat token ids to the blocks holding their rows; an id outside the table is an error. */
+const route = (table: RowBlocks.RowBlocks, flat: Int32Array): Array<Route> => {
+  const ranges = RowBlocks.rangesOf(table)
+  const vocab = ranges[ranges.length - 1][1]
+  const places: Array<Array<number>> = ranges.map(() => [])
+  const owner = (id: number) => ranges.findIndex(([start, end]) => id >= start && id < end)
+  flat.forEach((id, place) => {
+    const block = owner(id)
+    if (block < 0) throw new RangeError(`Model.forward: token id ${id} is outside the vocabulary of ${vocab}`)
+    places[block].push(place)
+  })
+  return places.map((list, block) => ({
+    places: Int32Array.from(list),
+    rows: Int32Array.from(list, (place) => flat[place] - ranges[block][0])
+  }))
+}
+
 /**
- * Token ids [B][T] -> embeddings [B, T, D]. The table's gradient is a scatter-add of the rows'
- * gradients [B*T, D] into [V, D]: tf.gather's own gradient needs UnsortedSegmentSum, which the wasm
- * backend lacks, while ScatterNd (which sums repeated ids) every backend has.
+ * Token ids [B][T] -> embeddings [B, T, D], each id's row looked up in its block. A block's gradient
+ * is a scatter-add of its tokens' gradients into [r_i, D]: tf.gather's own gradient needs
+ * UnsortedSegmentSum, which the wasm backend lacks, while ScatterNd (which sums repeated ids) every
+ * backend has.
  */
-const embed = (table: tf.Tensor2D, ids: ReadonlyArray<ArrayLike<number>>): tf.Tensor3D => {
+const embed = (table: RowBlocks.RowBlocks, ids: ReadonlyArray<ArrayLike<number>>): tf.Tensor3D => {
   const b = ids.length
   const t = b === 0 ? 0 : ids[0].length
+  const d = table[0].shape[1]
   const flat = new Int32Array(b * t)
   ids.forEach((row, i) => flat.set(Array.from(row), i * t))
-  const lookup = tf.customGrad((weights) => ({
-    value: tf.gather(weights as tf.Tensor2D, tf.tensor1d(flat, "int32")),
-    // The ids are rebuilt from JS: a tensor made here would be gone when the backward pass runs.
-    gradFunc: (dy) => tf.scatterND(tf.tensor2d(flat, [b * t, 1], "int32"), dy, table.shape)
+  const routes = route(table, flat)
+  // The blocks' rows come out grouped by block; `order` puts each token's row back at its place.
+  const order = new Int32Array(flat.length)
+  let next = 0
+  for (const { places } of routes) for (const place of places) order[place] = next++
+  // Index tensors are rebuilt from JS in the gradient: a tensor made here would be gone when the backward pass runs.
+  const indices = (values: Int32Array) => tf.tensor1d(values, "int32")
+  const lookup = tf.customGrad((...blocks) => ({
+    value: tf.gather(
+      tf.concat(routes.map((r, i) => tf.gather(blocks[i] as tf.Tensor2D, indices(r.rows)))),
+      indices(order)
+    ),
+    gradFunc: (dy) =>
+      routes.map((r, i) =>
+        r.rows.length === 0
+          ? tf.zeros(table[i].shape)
+          : tf.scatterND(tf.tensor2d(r.rows, [r.rows.length, 1], "int32"), tf.gather(dy, indices(r.places)), table[i].shape)
+      )
   }))
-  return lookup(table).reshape([b, t, table.shape[1]])
+  return lookup(...table).reshape([b, t, d])
+}
+
+/** The logits [B, T, V]: `x @ M^T` with each block of the LM head, side by side. */
+const logitsOf = (normed: tf.Tensor3D, head: RowBlocks.RowBlocks): tf.Tensor3D =>
+  tf.concat(head.map((block) => linear(normed, block)), -1) as tf.Tensor3D
+
+/**
+ * The logits are one tensor whatever the head's blocks: where B*T*V*4 bytes exceed a storage
+ * binding (2 GiB on an H200: 4096 tokens of a 131072 vocabulary), say so before any work is done.
+ */
+const checkLogitsFit = (model: Model, b: number, t: number) => {
+  const head = model.weights.lmHead ?? model.weights.embed
+  const vocab = head.reduce((n, block) => n + block.shape[0], 0)
+  const limit = RowBlocks.bindingLimit()
+  if (b * t * vocab * 4 > limit) throw new LogitsTooLarge({ rows: b, tokens: t, vocab, limit })
 }
 
 /**
@@ -347,6 +452,7 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
   if (options.documentStarts && options.positionIds) throw new Error("Model.forward: give document starts or position ids, not both")
   const documents = options.documentStarts && documentPositions(options.documentStarts, t)
   const positions = documents ?? options.positionIds
+  checkLogitsFit(model, ids.length, t)
   const result = tf.tidy(() => {
     const context: AttentionContext = {
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
@@ -367,7 +473,7 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
     })
     const normed = rmsNorm(x, weights.norm, config.rmsNormEps) as tf.Tensor3D
     if (options.hiddenStates) hiddenStates.push(normed)
-    const logits = linear(normed, weights.lmHead ?? weights.embed) as tf.Tensor3D
+    const logits = logitsOf(normed, weights.lmHead ?? weights.embed)
     return { logits, hiddenStates, layers: options.useCache ? layers : [] }
   })
   if (past) disposeCache(past)

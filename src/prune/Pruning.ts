@@ -12,6 +12,10 @@
  *
  * A tied child's one matrix cannot be both the rotated embedding `E Q` and the exact lm_head
  * `H diag(w_final) Q` (H = E for a tied parent): untying is exact, tying is a choice (`TieFrom`).
+ *
+ * The vocabulary matrices are row blocks (see RowBlocks): rows are independent for `E Q` and
+ * `H diag(w) Q`, so each block turns on its own, and the tie fit's sums over rows (Gram matrices,
+ * column fits, norms) are sums over the blocks.
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
@@ -21,6 +25,7 @@ import { symmetricEigen } from "./Eigen.ts"
 import * as Model from "../model/Model.ts"
 import * as Random from "../Random.ts"
 import { matMul } from "../model/MatMul.ts"
+import * as RowBlocks from "../model/RowBlocks.ts"
 
 export interface Targets {
   /** Layers to keep; all when undefined. */
@@ -197,20 +202,25 @@ export interface Pruned {
   readonly tie: TieFit | undefined
 }
 
-/** ||approximation - target|| and ||target||, as one [2] tensor: read later, with the other errors. */
-const errorTerms = (approximation: tf.Tensor, target: tf.Tensor) => tf.stack([tf.norm(tf.sub(approximation, target)), tf.norm(target)])
+/** ||approximation - target|| and ||target|| (Frobenius), as one [2] tensor: read later, with the other errors. */
+const errorTerms = (approximation: RowBlocks.RowBlocks, target: RowBlocks.RowBlocks) =>
+  tf.sqrt(tf.stack([
+    RowBlocks.sum(approximation, (block, i) => tf.sum(tf.square(tf.sub(block, target[i])))),
+    RowBlocks.sum(target, (block) => tf.sum(tf.square(block)))
+  ]))
 
 /** The column scales m minimising ||T diag(m) - G||_F. */
-const columnFit = (t: tf.Tensor2D, g: tf.Tensor2D) => tf.divNoNan(tf.sum(tf.mul(t, g), 0), tf.sum(tf.square(t), 0)) as tf.Tensor1D
+const columnFit = (t: RowBlocks.RowBlocks, g: RowBlocks.RowBlocks) =>
+  tf.divNoNan(RowBlocks.sum(t, (block, i) => tf.sum(tf.mul(block, g[i]), 0)), RowBlocks.sum(t, (block) => tf.sum(tf.square(block), 0))) as tf.Tensor1D
 
 /** The rotation's basis [D, H] (the identity without one: the norms then fold the same way, exactly). */
 const basisOf = (plan: Plan, d: number, h: number) =>
   (plan.rotation ? tf.tensor2d(Float32Array.from(plan.rotation), [d, h]) : tf.eye(d)) as tf.Tensor2D
 
 /** A and G of the tie rules: the rotated embedding [V, H] and the rotated lm_head with the final norm folded in. */
-const tieSides = (parent: Model.Model, basis: tf.Tensor2D) => ({
-  input: matMul<tf.Rank.R2>(parent.weights.embed, basis),
-  output: matMul<tf.Rank.R2>(tf.mul(parent.weights.lmHead ?? parent.weights.embed, parent.weights.norm), basis)
+const tieSides = (parent: Model.Model, basis: tf.Tensor2D): { input: RowBlocks.RowBlocks; output: RowBlocks.RowBlocks } => ({
+  input: parent.weights.embed.map((block) => matMul<tf.Rank.R2>(block, basis)),
+  output: (parent.weights.lmHead ?? parent.weights.embed).map((block) => matMul<tf.Rank.R2>(tf.mul(block, parent.weights.norm), basis))
 })
 
 /**
@@ -221,7 +231,7 @@ const tieSides = (parent: Model.Model, basis: tf.Tensor2D) => ({
 const fitTurn = Effect.fn("Pruning.fitTurn")(function*(parent: Model.Model, plan: Plan, d: number, h: number) {
   const [gram, cross] = tf.tidy(() => {
     const { input, output } = tieSides(parent, basisOf(plan, d, h))
-    return [matMul(input, input, true, false), matMul(input, output, true, false)]
+    return [RowBlocks.sum(input, (a) => matMul(a, a, true, false)), RowBlocks.sum(input, (a, i) => matMul(a, output[i], true, false))]
   })
   const [gramValues, crossValues] = yield* Effect.promise(() => Promise.all([gram.data(), cross.data()])).pipe(
     Effect.ensuring(Effect.sync(() => tf.dispose([gram, cross])))
@@ -238,24 +248,25 @@ export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, p
   const turn = rule === "fit" ? yield* fitTurn(parent, plan, d, h) : undefined
   const { weights, errors } = tf.tidy(() => {
     let q = plan.rotation || rule !== undefined ? basisOf(plan, d, h) : undefined // [D, H]
-    let tied: { matrix: tf.Tensor2D; norm: tf.Tensor1D } | undefined
+    let tied: { matrix: RowBlocks.RowBlocks; norm: tf.Tensor1D } | undefined
     let errors: tf.Tensor | undefined
     if (rule !== undefined) {
       let { input, output } = tieSides(parent, q!)
-      let matrix: tf.Tensor2D
+      let matrix: RowBlocks.RowBlocks
       let scales: tf.Tensor1D
       if (turn) {
         const change = tf.tensor2d(Float32Array.from(turn.vectors), [h, h])
         q = matMul(q!, change)
-        input = matMul(input, change)
-        output = matMul(output, change)
+        input = input.map((block) => matMul<tf.Rank.R2>(block, change))
+        output = output.map((block) => matMul<tf.Rank.R2>(block, change))
         matrix = input
         scales = tf.tensor1d(Float32Array.from(turn.values))
       } else {
-        matrix = rule === "embed" ? input : rule === "head" ? output : tf.mul(tf.add(input, output), 0.5) as tf.Tensor2D
+        const mean = () => input.map((block, i) => tf.mul(tf.add(block, output[i]), 0.5) as tf.Tensor2D)
+        matrix = rule === "embed" ? input : rule === "head" ? output : mean()
         scales = columnFit(matrix, output)
       }
-      errors = tf.concat([errorTerms(matrix, input), errorTerms(tf.mul(matrix, scales), output)])
+      errors = tf.concat([errorTerms(matrix, input), errorTerms(matrix.map((block) => tf.mul(block, scales) as tf.Tensor2D), output)])
       tied = { matrix, norm: tf.mul(scales, Math.sqrt(d / h)) as tf.Tensor1D }
     }
     const head = parent.weights.lmHead ?? parent.weights.embed
@@ -283,10 +294,10 @@ export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, p
     })
     const weights = ((): Model.Weights => {
       if (tied) return { embed: tied.matrix, layers, norm: tied.norm, lmHead: undefined }
-      const embed = (q ? matMul(parent.weights.embed, q) : parent.weights.embed.clone()) as tf.Tensor2D
+      const embed = parent.weights.embed.map((block) => (q ? matMul(block, q) : block.clone()) as tf.Tensor2D)
       // A tied parent kept tied and unrotated: nothing to fold.
       if (config.tieWordEmbeddings) return { embed, layers, norm: parent.weights.norm.clone(), lmHead: undefined }
-      return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: reader(head, parent.weights.norm) }
+      return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: head.map((block) => reader(block, parent.weights.norm)) }
     })()
     return { weights, errors } as unknown as tf.TensorContainer
   }) as unknown as { weights: Model.Weights; errors: tf.Tensor | undefined }

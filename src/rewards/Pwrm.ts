@@ -61,10 +61,10 @@ export const Card = Schema.Struct({
 /** `backbone` scoring with `head` ([1, D]) in place of its LM head. */
 export const scorer = (backbone: Model.Model, head: tf.Tensor2D): Model.Model =>
   // Untied, so that the head is a weight of its own (`lm_head.weight`) for Training.trainable.
-  Model.make({ ...backbone.config, tieWordEmbeddings: false }, { ...backbone.weights, lmHead: head })
+  Model.make({ ...backbone.config, tieWordEmbeddings: false }, { ...backbone.weights, lmHead: [head] })
 
 /** The score head of a scorer. */
-export const head = (scorer: Model.Model): tf.Tensor2D => scorer.weights.lmHead!
+export const head = (scorer: Model.Model): tf.Tensor2D => scorer.weights.lmHead![0]
 
 /** A scorer's backbone with `base`'s LM head back, to save as an ordinary checkpoint of `base`'s shape. */
 export const backbone = (scorer: Model.Model, base: Model.Model): Model.Model =>
@@ -289,7 +289,7 @@ export const load = Effect.fn("Pwrm.load")(function*(dir: string) {
   )
   const backbone = yield* Pretrained.load(dir)
   // The base's LM head is never used here: freed now, not with the scope (disposing twice is harmless).
-  backbone.weights.lmHead?.dispose()
+  tf.dispose([...backbone.weights.lmHead ?? []])
   const weight = yield* loadHead(dir, backbone.config.hiddenSize)
   return {
     scorer: scorer(backbone, weight),

@@ -224,10 +224,10 @@ export const initialise = Effect.fn("Training.initialise")(function*(config: Mod
   return yield* Effect.acquireRelease(
     Effect.sync(() => {
       const next = Random.uniform(seed)
-      const tensors = new Map(Model.tensorShapes(config).map(({ name, shape }) => {
+      const tensors = new Map(Model.tensorShapes(config).flatMap(({ name, shape }) => {
         const count = shape.reduce((a, b) => a * b, 1)
         const values = shape.length === 1 ? new Float32Array(count).fill(1) : Random.normals(next, count, std)
-        return [name, tf.tensor(values, shape, "float32")] as const
+        return Model.heldTensors(name, shape, values)
       }))
       return Model.make(config, Model.weightsFromTensors(config, tensors))
     }),
