@@ -238,7 +238,10 @@ const wideVocabulary = (dir: string) =>
       Model.dispose(made) // early, to make room; disposing again with the scope is harmless
       const loaded = yield* Pretrained.load(folder)
       const roundTrip = maxAbsDiff(yield* logitsOf(loaded, ids), logits)
-      yield* expect(roundTrip === 0, `logits after save and load differ by ${roundTrip}`)
+      // Bit-exact on a CPU; tfjs-webgpu runs small ops on the CPU while their inputs still live there
+      // (WEBGPU_CPU_FORWARD), which a freshly loaded model's do, so rounding may differ slightly.
+      const roundTripTolerance = underTest === "webgpu" ? 1e-4 : 0
+      yield* expect(roundTrip <= roundTripTolerance, `logits after save and load differ by ${roundTrip}`)
       const tooMany = limited ? Math.floor(limit / (4 * vocab)) + 1 : 0
       const refused = limited ? yield* Effect.try({ try: () => Model.forward(loaded, [new Array(tooMany).fill(0)]), catch: (error) => error as Error }).pipe(Effect.flip) : undefined
       yield* expect(!limited || refused instanceof LogitsTooLarge, `${tooMany} tokens' logits were not refused: ${String(refused)}`)
@@ -246,7 +249,7 @@ const wideVocabulary = (dir: string) =>
       const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
       const step = yield* Training.step(run, adam, [undefined], crossEntropy(ids, targets), { learningRate, maxGradNorm: 1 })
       const moved = maxAbsDiff(yield* logitsOf(run.model, ids), logits)
-      return { blocks, logits, step, moved, refused: refused?.message }
+      return { blocks, logits, roundTrip, step, moved, refused: refused?.message }
     }).pipe(onBackend(underTest))
     const cpu = yield* Effect.gen(function*() {
       return yield* logitsOf(yield* Pretrained.load(folder), ids)
@@ -257,7 +260,7 @@ const wideVocabulary = (dir: string) =>
     yield* expect(Math.abs(gpu.step.loss - loss) <= 1e-4, `the step's loss ${gpu.step.loss}, the cpu logits' ${loss}`)
     yield* expect(Number.isFinite(gpu.step.gradNorm) && gpu.step.gradNorm > 0 && gpu.moved > 0, `the step did not train: ${JSON.stringify(gpu.step)}`)
     return `[${vocab}, ${hidden}] (${(vocab * hidden * 4 / 2 ** 30).toFixed(2)} GiB fp32, binding limit ${limit}) in ${gpu.blocks} blocks: ` +
-      `save and load exact, logits within ${diff.toExponential(2)} of cpu, a step with loss ${gpu.step.loss.toFixed(4)} (cpu ${loss.toFixed(4)}), ` +
+      `save and load within ${gpu.roundTrip.toExponential(1)}, logits within ${diff.toExponential(2)} of cpu, a step with loss ${gpu.step.loss.toFixed(4)} (cpu ${loss.toFixed(4)}), ` +
       `gradient norm ${gpu.step.gradNorm.toExponential(2)}${gpu.refused === undefined ? "" : `; ${gpu.refused}`}`
   })
 
