@@ -35,6 +35,7 @@ import * as Reference from "../src/io/Reference.ts"
 import { maxAbsDiff } from "../src/io/Reference.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Generate from "../src/model/Generate.ts"
+import { matMul } from "../src/model/MatMul.ts"
 import * as Model from "../src/model/Model.ts"
 import * as RowBlocks from "../src/model/RowBlocks.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
@@ -210,6 +211,59 @@ const crossEntropyOf = (logits: Float32Array, vocab: number, targets: ReadonlyAr
 }
 
 /**
+ * The kernels a vocabulary block uses, one by one, on blocks up to the binding limit (1/8 of it, half,
+ * all of it), against exact values: the block read back, rows gathered, and x·Bᵀ for x a one-hot
+ * row and a row of ones. Entry (r, c) is ((r * 7 + c * 3) % 17 - 8) / 8, exact in float32, so a
+ * one-hot product equals its row exactly and a row of ones the row's sum (small integers / 8).
+ * Says which operation fails at which size, where the whole-model check only sees wrong logits.
+ */
+const bindingKernels = Effect.gen(function*() {
+  const limit = RowBlocks.bindingLimit()
+  const columns = 4096
+  const value = (r: number, c: number) => (((r * 7 + c * 3) % 17) - 8) / 8
+  const lines: Array<string> = []
+  const failures: Array<string> = []
+  const sizes = Number.isFinite(limit) ? [8, 2, 1].map((part) => Math.floor(limit / (4 * columns * part))) : [1000]
+  for (const rows of sizes) {
+    const values = new Float32Array(rows * columns)
+    for (let r = 0; r < rows; r++) for (let c = 0; c < columns; c++) values[r * columns + c] = value(r, c)
+    const probes = [0, Math.floor(rows / 2) + 1, rows - 1]
+    const outcome = yield* Effect.promise(async () => {
+      const block = tf.tensor2d(values, [rows, columns])
+      const readBack = (await block.data()) as Float32Array // uploads on first use, then reads back
+      const gathered = tf.gather(block, tf.tensor1d(probes, "int32"))
+      const ones = tf.ones([1, columns])
+      // x·Bᵀ: [3, C] one-hot rows pick columns of Bᵀ = rows of B; [1, C] ones sum each row.
+      const picked = matMul(tf.oneHot(tf.tensor1d([1, 2, 3], "int32"), columns).toFloat() as tf.Tensor2D, block, false, true)
+      const sums = matMul(ones as tf.Tensor2D, block, false, true)
+      const [gatheredValues, pickedValues, sumValues] = await Promise.all([gathered.data(), picked.data(), sums.data()])
+      tf.dispose([block, gathered, ones, picked, sums])
+      const worst = (check: (i: number) => number, n: number) => {
+        let most = 0
+        for (let i = 0; i < n; i++) most = Math.max(most, check(i))
+        return most
+      }
+      return {
+        readBack: worst((i) => Math.abs(readBack[i] - values[i]), values.length),
+        gather: worst((i) => Math.abs(gatheredValues[i] - value(probes[Math.floor(i / columns)], i % columns)), probes.length * columns),
+        // picked[j][r] = B[r][j + 1]
+        matMulOneHot: worst((i) => Math.abs(pickedValues[i] - value(i % rows, Math.floor(i / rows) + 1)), 3 * rows),
+        matMulSums: worst((r) => {
+          let sum = 0
+          for (let c = 0; c < columns; c++) sum += value(r, c)
+          return Math.abs(sumValues[r] - sum)
+        }, rows)
+      }
+    })
+    const bytes = (rows * columns * 4) / 2 ** 30
+    lines.push(`${rows} rows (${bytes.toFixed(2)} GiB): read back ${outcome.readBack}, gather ${outcome.gather}, x·Bᵀ one-hot ${outcome.matMulOneHot}, x·Bᵀ ones ${outcome.matMulSums}`)
+    for (const [name, error] of Object.entries(outcome)) if (error > 1e-3) failures.push(`${name} at ${bytes.toFixed(2)} GiB off by ${error}`)
+  }
+  yield* expect(failures.length === 0, `${failures.join("; ")} (${lines.join("; ")})`)
+  return lines.join("; ")
+}).pipe(onBackend(underTest))
+
+/**
  * A vocabulary matrix larger than one storage binding, on the backend under test: made (seeded as
  * transformers initialises), saved and loaded back in blocks with the same logits, within 1e-4 of
  * the CPU's logits from the saved checkpoint (one tensor there), one training step, and logits past
@@ -277,6 +331,7 @@ const program = Effect.gen(function*() {
     ["calibration, pruning and 30 distillation steps equal the CPU's", () => Effect.map(training(dir), (t) => ((trained = t), t.summary))],
     ["a killed run resumes to the same losses", () => (trained ? resume(dir, trained.cpuChild, trained.data, trained.gpu) : Effect.die(new CheckFailed("needs the training check")))],
     ["greedy generation equals the CPU's", () => generation],
+    ["gather, matMul and read-back on blocks up to one binding (vocabulary kernels)", () => bindingKernels],
     ["a vocabulary matrix larger than one binding loads, runs, trains and saves", () => wideVocabulary(dir)]
   ]
   for (const [name, check] of checks.filter(([name]) => name.includes(args.only))) {
