@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --json] [-- --backend B] [-- --config C] [-- --steps N] [-- --case NAME]`: the
+ * `npm run bench [-- --json] [-- --backend B] [-- --config C] [-- --steps N] [-- --case NAME] [-- --head-chunk N]`: the
  * engine's speed on a named configuration of ../shared/bench/README.md, fp32:
  * - `bench-small` (default): vocab 2048, hidden 256, FFN 768, 4 layers, 8/2 heads, head_dim 32, sequence 256, batch 4;
  * - `bench-gpu`: vocab 32768, hidden 1024, FFN 3072, 12 layers, 16/4 heads, head_dim 64, sequence 1024, batch 8.
@@ -33,10 +33,13 @@ const { values } = parseArgs({
     backend: { type: "string" },
     steps: { type: "string", default: "5" },
     config: { type: "string", default: "bench-small" },
-    case: { type: "string", multiple: true }
+    case: { type: "string", multiple: true },
+    "head-chunk": { type: "string" }
   }
 })
 const runs = Number(values.steps)
+/** Tokens per chunk of the LM head and loss in distill-step and profile (Loss.chunkedDistillation); whole logits when left out. */
+const headChunk = values["head-chunk"] === undefined ? undefined : Number(values["head-chunk"])
 const cases = values.case ?? ["distill-step", "forward", "decode"]
 
 const shapes = {
@@ -127,6 +130,7 @@ const program = Effect.gen(function*() {
           features: backend.features,
           tokens_per_s: tokens / seconds,
           step_s: seconds,
+          ...(headChunk === undefined ? {} : { head_chunk: headChunk }),
           ...(poolBytes === undefined ? {} : { gpu_peak_bytes: poolBytes })
         })
         : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s${
@@ -146,7 +150,9 @@ const program = Effect.gen(function*() {
     const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs: teacherLogProbs }, v, mask, Loss.defaultOptions)
     const batch = { ids, mask, targets: ids, target }
     return Effect.asVoid(Training.step(trainable, adam, [batch], (m, x) =>
-      Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions), {
+      headChunk === undefined
+        ? Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions)
+        : Loss.chunkedDistillation(Model.forwardHidden(m, x.ids, { attentionMask: x.mask }), Model.head(m), x.target, x, Loss.defaultOptions, headChunk), {
       learningRate: 1e-3,
       maxGradNorm: undefined
     }))

@@ -41,6 +41,11 @@ export interface DistillOptions extends Training.SupervisedOptions {
   readonly documentMask?: boolean | undefined
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
+  /**
+   * Apply the LM head and the loss this many tokens at a time (Loss.chunkedDistillation), never
+   * holding a micro-batch's [tokens, V] logits; all at once when left out. Equal up to rounding.
+   */
+  readonly headChunk?: number | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
@@ -154,7 +159,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
       Effect.gen(function*() {
         const started = performance.now()
         const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) => microBatch(batch, output, config.vocabSize, options.loss))
-        const result = yield* Training.step(trainable, adam, prepared, lossOf(options.loss), {
+        const result = yield* Training.step(trainable, adam, prepared, lossOf(options.loss, options.headChunk), {
           learningRate: Optimizer.learningRate(schedule, step),
           maxGradNorm: options.maxGradNorm
         })
@@ -218,5 +223,7 @@ const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, voc
   return { ids, masks, mask, crossEntropyMask, targets, target } satisfies MicroBatch
 })
 
-const lossOf = (options: Loss.Options) => (model: Model.Model, batch: MicroBatch) =>
-  Loss.distillation(Model.forward(model, batch.ids, batch.masks).logits, batch.target, batch, options)
+const lossOf = (options: Loss.Options, headChunk: number | undefined) => (model: Model.Model, batch: MicroBatch) =>
+  headChunk === undefined
+    ? Loss.distillation(Model.forward(model, batch.ids, batch.masks).logits, batch.target, batch, options)
+    : Loss.chunkedDistillation(Model.forwardHidden(model, batch.ids, batch.masks), Model.head(model), batch.target, batch, options, headChunk)

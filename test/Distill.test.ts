@@ -123,6 +123,28 @@ describe("distill", () => {
       assert.isAbove(Math.abs(whole.kl - packed.kl), 1e-3)
     }).pipe(Effect.provide(withTeacher)))
 
+  it.effect("the LM head applied a chunk of tokens at a time (headChunk) gives the same steps up to rounding, untied and tied", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 24, 40, 5)
+      const loss = { temperature: 2, crossEntropyWeight: 0.3, restBucket: false, maxOutsideMass: 1e-3 }
+      for (const student of [yield* prunedChild(dir, data), localFixture("mistral-tied")]) {
+        const run = (name: string, headChunk: number | undefined) =>
+          Effect.gen(function*() {
+            const out = path.join(dir, name)
+            yield* distill({ ...options(student, data, out), steps: 4, loss, headChunk }).pipe(Effect.scoped)
+            return yield* metrics(out)
+          })
+        const name = path.basename(student)
+        const whole = yield* run(`${name}-whole`, undefined)
+        const chunked = yield* run(`${name}-chunked`, 37)
+        whole.forEach((step, i) => {
+          assert.approximately(chunked[i].loss, step.loss, 1e-5 * Math.abs(step.loss), `${name} step ${step.step} loss`)
+          assert.approximately(chunked[i].kl, step.kl, 1e-5 * Math.abs(step.kl), `${name} step ${step.step} kl`)
+        })
+      }
+    }).pipe(Effect.provide(withTeacher)))
+
   it.effect("a run in OUT is not continued without --resume", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir

@@ -1,6 +1,8 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
+import { matMul } from "../src/model/MatMul.ts"
+import * as Random from "../src/Random.ts"
 import * as Loss from "../src/train/Loss.ts"
 import { keepMetrics, maxAbsDiff, onBackend, readMetrics } from "./support.ts"
 
@@ -246,4 +248,65 @@ describe("Loss.distillation properties", () => {
       assert.isAtLeast(other.metrics.kl, -1e-6)
       assert.approximately(other.metrics.kl, kl(softmax(b), softmax(a)), 1e-4)
     }).pipe(onBackend("wasm")), { arbitrary: { runs: 30 } })
+})
+
+const Shape = Schema.Struct({
+  seed: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })),
+  rows: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 3 })),
+  tokens: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 6 })),
+  hidden: Schema.Int.check(Schema.isBetween({ minimum: 2, maximum: 9 })),
+  // Blocks of at least 2 rows: tf.oneHot (the cross-entropy) needs a depth of 2 or more.
+  blocks: Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 2, maximum: 7 }))).check(Schema.isBetweenLength(1, 3)),
+  chunkRows: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 7 })),
+  teacher: Schema.Literals(["full", "narrower", "topk", "rest"]),
+  temperature: Schema.Literals([1, 2]),
+  crossEntropyWeight: Schema.Literals([0, 0.5])
+})
+
+describe("Loss.chunkedDistillation", () => {
+  it.effect.prop("equals distillation of the whole logits in loss, metrics and the gradients of the hidden states and every head block", { shape: Shape }, ({ shape }) =>
+    Effect.gen(function*() {
+      const next = Random.uniform(shape.seed)
+      const normal = (dims: Array<number>) => tf.tensor(Float32Array.from({ length: dims.reduce((a, b) => a * b, 1) }, () => 2 * (next() + next() + next() - 1.5)), dims)
+      const { rows: b, tokens: t, hidden: d } = shape
+      const vocab = shape.blocks.reduce((a, c) => a + c, 0)
+      const before = tf.memory().numTensors
+      const hidden = normal([b, t, d]) as tf.Tensor3D
+      const head = shape.blocks.map((rows) => normal([rows, d]) as tf.Tensor2D)
+      const mask = Array.from({ length: b }, () => Array.from({ length: t }, () => (next() < 0.8 ? 1 : 0)))
+      const targets = Array.from({ length: b }, () => Array.from({ length: t }, () => Math.floor(next() * vocab)))
+      // Fewer ids than the vocabulary: a rest bucket with no ids left has no student mass to compare.
+      const k = Math.min(3, vocab - 1)
+      const teacher: Loss.Teacher = shape.teacher === "full" || shape.teacher === "narrower"
+        ? { _tag: "Full", logProbs: tf.tidy(() => tf.logSoftmax(normal([b, t, shape.teacher === "full" ? vocab : vocab - 1])) as tf.Tensor3D) }
+        : {
+          _tag: "TopK",
+          ids: tf.tensor3d(Int32Array.from({ length: b * t * k }, (_, i) => (i % k) * Math.max(1, Math.floor(vocab / k))), [b, t, k], "int32"),
+          logProbs: tf.tensor3d(Float32Array.from({ length: b * t * k }, (_, i) => Math.log(0.5 / (1 + (i % k)))), [b, t, k])
+        }
+      const options = { ...Loss.defaultOptions, temperature: shape.temperature, crossEntropyWeight: shape.crossEntropyWeight, restBucket: shape.teacher === "rest" }
+      const batch = { mask, targets }
+      const outcome = (lossOf: (h: tf.Tensor3D, blocks: Array<tf.Tensor2D>, target: Loss.Target) => Loss.Distillation) =>
+        Effect.scoped(Effect.gen(function*() {
+          const target = yield* Loss.teacherTarget(teacher, vocab, mask, options)
+          let result: Loss.Distillation | undefined
+          const { value, grads } = tf.valueAndGrads((...inputs: Array<tf.Tensor>) => {
+            result = lossOf(inputs[0] as tf.Tensor3D, inputs.slice(1) as Array<tf.Tensor2D>, target)
+            keepMetrics(result.metrics)
+            return result.loss
+          })([hidden, ...head])
+          const out = { loss: value.dataSync()[0], metrics: readMetrics(result!.metrics), grads: grads.map((g) => Float32Array.from(g.dataSync())) }
+          tf.dispose([value, ...grads])
+          return out
+        }))
+      const whole = yield* outcome((h, blocks, target) =>
+        Loss.distillation(tf.concat(blocks.map((block) => matMul(h.reshape([b * t, d]), block, false, true)), -1).reshape([b, t, vocab]), target, batch, options))
+      const chunked = yield* outcome((h, blocks, target) => Loss.chunkedDistillation(h, blocks, target, batch, options, shape.chunkRows))
+      tf.dispose([hidden, ...head, ...Object.values(teacher).filter((x) => x instanceof tf.Tensor)])
+      assert.approximately(chunked.loss, whole.loss, 1e-5)
+      assert.approximately(chunked.metrics.kl, whole.metrics.kl, 1e-5)
+      assert.approximately(chunked.metrics.ce, whole.metrics.ce, 1e-5)
+      whole.grads.forEach((grad, i) => assert.isAtMost(maxAbsDiff(chunked.grads[i], grad), 1e-5, i === 0 ? "hidden" : `head block ${i - 1}`))
+      assert.strictEqual(tf.memory().numTensors, before, "no tensors left behind")
+    }).pipe(onBackend("wasm")), { arbitrary: { runs: 40 } })
 })

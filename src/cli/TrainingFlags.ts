@@ -99,3 +99,7 @@ export const supervisedOptions = (flags: TrainingFlagValues & {
   warmupSteps: warmupSteps(flags),
   dtype: Option.getOrUndefined(flags.dtype)
 })
+
+/** An integer flag that must be at least `least`. */
+export const atLeast = (name: string, least: number) =>
+  Flag.Int(name).pipe(Flag.filter((value) => value >= least, (value) => `--${name} must be at least ${least}, not ${value}`))

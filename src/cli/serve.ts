@@ -7,6 +7,7 @@ import * as Pretrained from "../io/Pretrained.ts"
 import * as Server from "../serve/Server.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
 import { cascade } from "./root.ts"
+import { atLeast } from "./TrainingFlags.ts"
 
 /** The address is taken or cannot be bound. */
 class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
@@ -17,10 +18,6 @@ class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
     return `cannot listen on ${this.address}: ${this.reason}`
   }
 }
-
-/** An integer flag that must be at least `least`. */
-const atLeast = (name: string, least: number) =>
-  Flag.Int(name).pipe(Flag.filter((value) => value >= least, (value) => `--${name} must be at least ${least}, not ${value}`))
 
 export const serveCommand = Command.make(
   "serve",

@@ -422,6 +422,9 @@ const embed = (table: RowBlocks.RowBlocks, ids: ReadonlyArray<ArrayLike<number>>
   return lookup(...table).reshape([b, t, d])
 }
 
+/** The LM head's blocks: lm_head, or the input embedding when tied. */
+export const head = (model: Model): RowBlocks.RowBlocks => model.weights.lmHead ?? model.weights.embed
+
 /** The logits [B, T, V]: `x @ M^T` with each block of the LM head, side by side. */
 const logitsOf = (normed: tf.Tensor3D, head: RowBlocks.RowBlocks): tf.Tensor3D =>
   tf.concat(head.map((block) => linear(normed, block)), -1) as tf.Tensor3D
@@ -431,8 +434,7 @@ const logitsOf = (normed: tf.Tensor3D, head: RowBlocks.RowBlocks): tf.Tensor3D =
  * binding (2 GiB on an H200: 4096 tokens of a 131072 vocabulary), say so before any work is done.
  */
 const checkLogitsFit = (model: Model, b: number, t: number) => {
-  const head = model.weights.lmHead ?? model.weights.embed
-  const vocab = head.reduce((n, block) => n + block.shape[0], 0)
+  const vocab = head(model).reduce((n, block) => n + block.shape[0], 0)
   const limit = RowBlocks.bindingLimit()
   if (b * t * vocab * 4 > limit) throw new LogitsTooLarge({ rows: b, tokens: t, vocab, limit })
 }
@@ -442,6 +444,18 @@ const checkLogitsFit = (model: Model, b: number, t: number) => {
  * Returns logits for every new position; tensors returned belong to the caller.
  */
 export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: ForwardOptions = {}): ForwardResult => {
+  const { logits, hiddenStates, cache } = run(model, ids, options, true)
+  return { logits: logits!, hiddenStates, cache }
+}
+
+/**
+ * The final norm's output [B, T, D] without the LM head, for a loss that applies the head itself a
+ * chunk of tokens at a time (Loss.chunkedDistillation), never holding [B, T, V] logits.
+ */
+export const forwardHidden = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: Omit<ForwardOptions, "cache" | "useCache" | "hiddenStates"> = {}): tf.Tensor3D =>
+  run(model, ids, options, false).normed!
+
+const run = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: ForwardOptions, withLogits: boolean) => {
   const { config, weights } = model
   const t = ids[0].length
   const past = options.cache
@@ -452,7 +466,7 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
   if (options.documentStarts && options.positionIds) throw new Error("Model.forward: give document starts or position ids, not both")
   const documents = options.documentStarts && documentPositions(options.documentStarts, t)
   const positions = documents ?? options.positionIds
-  checkLogitsFit(model, ids.length, t)
+  if (withLogits) checkLogitsFit(model, ids.length, t)
   const result = tf.tidy(() => {
     const context: AttentionContext = {
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
@@ -473,12 +487,17 @@ export const forward = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, opt
     })
     const normed = rmsNorm(x, weights.norm, config.rmsNormEps) as tf.Tensor3D
     if (options.hiddenStates) hiddenStates.push(normed)
-    const logits = logitsOf(normed, weights.lmHead ?? weights.embed)
-    return { logits, hiddenStates, layers: options.useCache ? layers : [] }
+    return {
+      logits: withLogits ? logitsOf(normed, head(model)) : undefined,
+      normed: withLogits ? undefined : normed,
+      hiddenStates,
+      layers: options.useCache ? layers : []
+    }
   })
   if (past) disposeCache(past)
   return {
     logits: result.logits,
+    normed: result.normed,
     hiddenStates: result.hiddenStates,
     cache: options.useCache ? { layers: result.layers, keyMask, length: offset + t } : undefined
   }

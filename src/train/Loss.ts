@@ -27,6 +27,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
+import { matMul } from "../model/MatMul.ts"
 import type { Objective } from "./Training.ts"
 
 /**
@@ -199,6 +200,33 @@ export interface Distillation extends Objective {
   readonly metrics: { readonly kl: tf.Scalar; readonly ce: tf.Scalar }
 }
 
+/** Per-token weights of a batch: the KL's (mask / tokens) and the cross-entropy's, and the next tokens. */
+interface Weighting {
+  readonly tokens: number
+  readonly klWeights: Float32Array // [N], sums to 1 over the KL's positions
+  readonly ceWeights: Float32Array // [N], sums to 1 over the cross-entropy's positions
+  readonly nextTokens: Int32Array // [N]
+}
+
+const weighting = (batch: DistillationBatch): Weighting => {
+  const mask = flatMask(batch.mask)
+  const tokens = mask.reduce((sum, keep) => sum + keep, 0)
+  const ceMask = batch.crossEntropyMask === undefined ? mask : flatMask(batch.crossEntropyMask)
+  const ceTokens = ceMask.reduce((sum, keep) => sum + keep, 0)
+  return {
+    tokens,
+    klWeights: mask.map((keep) => keep / Math.max(tokens, 1)),
+    ceWeights: ceMask.map((keep) => keep / Math.max(ceTokens, 1)),
+    nextTokens: Int32Array.from(batch.targets.flatMap((row) => Array.from(row)))
+  }
+}
+
+export interface DistillationBatch {
+  readonly mask: ReadonlyArray<ArrayLike<number>>
+  readonly targets: ReadonlyArray<ArrayLike<number>>
+  readonly crossEntropyMask?: ReadonlyArray<ArrayLike<number>>
+}
+
 /**
  * The distillation loss of student logits [B, T, Vs] against a target: the KL over the positions
  * `mask` keeps, the cross-entropy of the next tokens `targets` over those `crossEntropyMask` keeps
@@ -206,38 +234,138 @@ export interface Distillation extends Objective {
  * last token of a packed row has. Both are means over their own positions; `tokens` counts the
  * KL's. Differentiable w.r.t. the logits.
  */
-export const distillation = (
-  logits: tf.Tensor3D,
-  target: Target,
-  batch: {
-    readonly mask: ReadonlyArray<ArrayLike<number>>
-    readonly targets: ReadonlyArray<ArrayLike<number>>
-    readonly crossEntropyMask?: ReadonlyArray<ArrayLike<number>>
-  },
-  options: Options
-): Distillation => {
+export const distillation = (logits: tf.Tensor3D, target: Target, batch: DistillationBatch, options: Options): Distillation => {
   const [b, t, vs] = logits.shape
-  const n = b * t
-  const mask = flatMask(batch.mask)
-  const tokens = mask.reduce((sum, keep) => sum + keep, 0)
-  const ceMask = batch.crossEntropyMask === undefined ? mask : flatMask(batch.crossEntropyMask)
-  const ceTokens = ceMask.reduce((sum, keep) => sum + keep, 0)
-  const temperature = options.temperature
+  const weights = weighting(batch)
   return tf.tidy(() => {
-    const z = logits.reshape([n, vs]) as tf.Tensor2D
-    const v = target.probs.shape[1]
-    // Per token: KL = sum q log q - sum q log s, the second term the cross term.
-    const cross = target.rest === undefined
-      ? tf.sum(tf.mul(target.probs, tf.logSoftmax(tf.div(z.slice([0, 0], [n, v]), temperature))), -1)
-      : restBucketCross(z, target.probs, target.rest, temperature)
-    const perToken = tf.sub(target.negEntropy, cross) // [N]
-    const weights = tf.div(tf.tensor1d(mask), Math.max(tokens, 1)) // [N], sums to 1 over kept tokens
-    const kl = tf.sum(tf.mul(perToken, weights))
-    const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, batch.targets), tf.div(tf.tensor1d(ceMask), Math.max(ceTokens, 1))))
-    const scaled = tf.mul(kl, temperature * temperature)
-    const loss = (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
-    return { loss, tokens, metrics: { kl: kl as tf.Scalar, ce: ce as tf.Scalar } }
+    const z = logits.reshape([b * t, vs]) as tf.Tensor2D
+    const kl = tf.sum(tf.mul(perTokenKL(z, target, options.temperature), weights.klWeights))
+    const ce = tf.sum(tf.mul(nextTokenCrossEntropy(z, weights.nextTokens), weights.ceWeights))
+    return { loss: combined(kl, ce, options), tokens: weights.tokens, metrics: { kl: kl as tf.Scalar, ce: ce as tf.Scalar } }
   })
+}
+
+/** The loss from the mean KL and cross-entropy: `T^2 KL + w CE`. */
+const combined = (kl: tf.Tensor, ce: tf.Tensor, options: Options) => {
+  const scaled = tf.mul(kl, options.temperature * options.temperature)
+  return (options.crossEntropyWeight === 0 ? scaled : tf.add(scaled, tf.mul(ce, options.crossEntropyWeight))) as tf.Scalar
+}
+
+/** [N, Vs] logits -> [N] KL(teacher || student) at the temperature: `sum q log q - sum q log s`. */
+const perTokenKL = (z: tf.Tensor2D, target: Target, temperature: number) => {
+  const [n] = z.shape
+  const v = target.probs.shape[1]
+  const cross = target.rest === undefined
+    ? tf.sum(tf.mul(target.probs, tf.logSoftmax(tf.div(z.slice([0, 0], [n, v]), temperature))), -1)
+    : restBucketCross(z, target.probs, target.rest, temperature)
+  return tf.sub(target.negEntropy, cross) // [N]
+}
+
+/** The target's rows [start, start + n). */
+const targetRows = (target: Target, start: number, n: number): Target => ({
+  probs: target.probs.slice([start, 0], [n, -1]),
+  negEntropy: target.negEntropy.slice([start], [n]),
+  rest: target.rest && { inTopK: target.rest.inTopK.slice([start, 0], [n, -1]), probs: target.rest.probs.slice([start], [n]) }
+})
+
+/**
+ * The gradient of `T^2 sum_r w_r KL_r` w.r.t. logits [N, Vs], w the KL weights [N, 1]:
+ * `T w (S p - q)` on the compared ids, p the student's softened softmax, q the teacher, S = sum q
+ * (1, up to rounding). With a rest bucket, the ids off the top-k share the rest category's
+ * `T w (S p_rest - q_rest)` in proportion to their softmax among themselves.
+ */
+const klGradient = (z: tf.Tensor2D, target: Target, weights: tf.Tensor, temperature: number): tf.Tensor2D => {
+  const [n, vs] = z.shape
+  const scale = tf.mul(weights, temperature)
+  if (target.rest === undefined) {
+    const v = target.probs.shape[1]
+    const p = tf.softmax(tf.div(z.slice([0, 0], [n, v]), temperature))
+    const onCompared = tf.mul(tf.sub(tf.mul(p, tf.sum(target.probs, -1, true)), target.probs), scale)
+    return (v === vs ? onCompared : tf.concat([onCompared, tf.zeros([n, vs - v])], 1)) as tf.Tensor2D
+  }
+  const { inTopK, probs: restProbs } = target.rest
+  const topK = tf.add(tf.div(z, temperature), tf.mul(tf.sub(1, inTopK), LOG_ZERO)) // [N, V]
+  const tail = tf.div(tf.logSumExp(tf.add(z, tf.mul(inTopK, LOG_ZERO)), -1, true), temperature) // [N, 1]
+  const normaliser = tf.logSumExp(tf.concat([topK, tail], 1), -1, true) // [N, 1]
+  const total = tf.add(tf.sum(target.probs, -1, true), restProbs.reshape([n, 1])) // S
+  const onTopK = tf.sub(tf.mul(tf.exp(tf.sub(topK, normaliser)), total), target.probs)
+  const restShare = tf.sub(tf.mul(tf.exp(tf.sub(tail, normaliser)), total), restProbs.reshape([n, 1])) // [N, 1]
+  const offTopK = tf.mul(tf.softmax(tf.add(z, tf.mul(inTopK, LOG_ZERO))), restShare)
+  return tf.mul(tf.add(tf.mul(onTopK, inTopK), tf.mul(offTopK, tf.sub(1, inTopK))), scale) as tf.Tensor2D
+}
+
+/**
+ * The distillation loss of `distillation`, with the LM head applied here a chunk of `chunkRows`
+ * tokens at a time: hidden states [B, T, D] (the final norm's output) and the head's row blocks
+ * [V_i, D] in. Each chunk's logits [chunk, V] are made, scored and turned into their gradient at
+ * once, which flows into the hidden states and the head; no [B*T, V] logits are kept, so the loss
+ * fits where they would not (more than one storage binding on a GPU) and holds less memory.
+ * Equal to `distillation` of the logits up to float rounding, in value and gradient.
+ */
+export const chunkedDistillation = (
+  hidden: tf.Tensor3D,
+  head: ReadonlyArray<tf.Tensor2D>,
+  target: Target,
+  batch: DistillationBatch,
+  options: Options,
+  chunkRows: number
+): Distillation => {
+  if (!Number.isInteger(chunkRows) || chunkRows < 1) throw new RangeError(`Loss.chunkedDistillation: chunks of ${chunkRows} tokens; give a whole number of 1 or more`)
+  const [b, t, d] = hidden.shape
+  const n = b * t
+  const weights = weighting(batch)
+  const temperature = options.temperature
+  let kl: tf.Scalar | undefined
+  let ce: tf.Scalar | undefined
+  const fused = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc
+    const [flat, ...blocks] = args as Array<tf.Tensor2D>
+    const columns = blocks.map((block) => block.shape[0])
+    const sums = { kl: tf.keep(tf.scalar(0)), ce: tf.keep(tf.scalar(0)) }
+    const hiddenGrads: Array<tf.Tensor> = []
+    let headGrads = blocks.map((block) => tf.zerosLike(block) as tf.Tensor)
+    for (let start = 0; start < n; start += chunkRows) {
+      const rows = Math.min(chunkRows, n - start)
+      tf.tidy(() => {
+        const h = flat.slice([start, 0], [rows, d])
+        const z = tf.concat(blocks.map((block) => matMul(h, block, false, true)), 1) as tf.Tensor2D // [rows, V]
+        const chunk = targetRows(target, start, rows)
+        const klWeights = tf.tensor2d(weights.klWeights.subarray(start, start + rows), [rows, 1])
+        const ceWeights = tf.tensor2d(weights.ceWeights.subarray(start, start + rows), [rows, 1])
+        const nextTokens = weights.nextTokens.subarray(start, start + rows)
+        const chunkKL = tf.sum(tf.mul(perTokenKL(z, chunk, temperature), klWeights.reshape([rows])))
+        const chunkCE = tf.sum(tf.mul(nextTokenCrossEntropy(z, nextTokens), ceWeights.reshape([rows])))
+        let grad: tf.Tensor = klGradient(z, chunk, klWeights, temperature)
+        if (options.crossEntropyWeight !== 0) {
+          // d CE / dz = softmax(z) - onehot(next token), per token
+          const ceGrad = tf.sub(tf.softmax(z), tf.oneHot(tf.tensor1d(nextTokens, "int32"), z.shape[1]))
+          grad = tf.add(grad, tf.mul(ceGrad, tf.mul(ceWeights, options.crossEntropyWeight)))
+        }
+        const byBlock = tf.split(grad, columns, 1)
+        hiddenGrads.push(tf.keep(byBlock.map((g, i) => matMul(g, blocks[i])).reduce((sum, term) => tf.add(sum, term))))
+        const previous = headGrads
+        headGrads = byBlock.map((g, i) => tf.keep(tf.add(previous[i], matMul(g, h, true, false))))
+        tf.dispose(previous)
+        const previousSums = sums.kl
+        const previousCE = sums.ce
+        sums.kl = tf.keep(tf.add(previousSums, chunkKL))
+        sums.ce = tf.keep(tf.add(previousCE, chunkCE))
+        tf.dispose([previousSums, previousCE])
+      })
+    }
+    // Kept: the metrics outlive this scope, the caller's to dispose.
+    kl = sums.kl as tf.Scalar
+    ce = sums.ce as tf.Scalar
+    // save keeps copies (and none when no gradient is taken): the kept pieces are freed here.
+    save([tf.concat(hiddenGrads, 0), ...headGrads])
+    tf.dispose([...hiddenGrads, ...headGrads])
+    return {
+      value: combined(kl, ce, options),
+      gradFunc: (dy: tf.Tensor, saved: Array<tf.Tensor>) => saved.map((grad) => tf.mul(grad, dy))
+    }
+  })
+  const loss = fused(hidden.reshape([n, d]), ...head) as tf.Scalar
+  return { loss, tokens: weights.tokens, metrics: { kl: kl!, ce: ce! } }
 }
 
 /**
@@ -263,10 +391,8 @@ const restBucketCross = (
 }
 
 /**
- * [N, Vs] logits and [B][T] next tokens -> [N] cross-entropy. A one-hot product rather than a
+ * [N, Vs] logits and [N] next tokens -> [N] cross-entropy. A one-hot product rather than a
  * gather, whose gradient the wasm backend lacks.
  */
-const nextTokenCrossEntropy = (z: tf.Tensor2D, targets: ReadonlyArray<ArrayLike<number>>) => {
-  const ids = tf.tensor1d(Int32Array.from(targets.flatMap((row) => Array.from(row))), "int32")
-  return tf.neg(tf.sum(tf.mul(tf.oneHot(ids, z.shape[1]), tf.logSoftmax(z)), -1))
-}
+const nextTokenCrossEntropy = (z: tf.Tensor2D, nextTokens: Int32Array) =>
+  tf.neg(tf.sum(tf.mul(tf.oneHot(tf.tensor1d(nextTokens, "int32"), z.shape[1]), tf.logSoftmax(z)), -1))
