@@ -13,7 +13,9 @@
  * - forward: the forward pass of the batch to logits;
  * - decode: greedy decoding with the KV cache, one token per row per step;
  * - profile (only when named): one distill step under `tf.profile`, its kernels' GPU time summed by
- *   kernel name (timestamp queries on webgpu), the largest first, beside the step's wall time.
+ *   kernel name (timestamp queries on webgpu), the largest first, beside the step's wall time;
+ * - matmul (only when named): fp32 `x @ W^T` at the model's shapes (the attention projection, the
+ *   FFN, the LM head over the batch's tokens) and, on a GPU, 8192³, in TFLOP/s.
  */
 import * as tf from "@tensorflow/tfjs"
 import { NodeRuntime } from "@effect/platform-node"
@@ -22,6 +24,7 @@ import { parseArgs } from "node:util"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Loss from "../src/train/Loss.ts"
+import { matMul } from "../src/model/MatMul.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Random from "../src/Random.ts"
@@ -160,6 +163,29 @@ const program = Effect.gen(function*() {
   // The model, optimiser and teacher are made once; each timed run is one step.
   if (cases.includes("distill-step")) yield* report("distill-step", yield* Effect.scoped(Effect.flatMap(distillStep, median)), b * t)
   if (cases.includes("profile")) yield* Effect.scoped(Effect.flatMap(distillStep, profile))
+  if (cases.includes("matmul")) {
+    const { hidden: d, ffn: f } = shape
+    const products: Array<[string, number, number, number]> = [
+      ["attention projection", b * t, d, d],
+      ["ffn up", b * t, d, f],
+      ["ffn down", b * t, f, d],
+      ["lm head", b * t, d, v],
+      ...(backend.gpuMemory() === undefined ? [] : [["8192³", 8192, 8192, 8192] as [string, number, number, number]])
+    ]
+    for (const [name, m, k, n] of products) {
+      const [x, w] = [tf.randomNormal([m, k]), tf.randomNormal([n, k])]
+      const seconds = yield* median(Effect.promise(async () => {
+        const product = matMul(x, w, false, true)
+        await product.data()
+        product.dispose()
+      }))
+      tf.dispose([x, w])
+      const tflops = (2 * m * k * n) / seconds / 1e12
+      yield* Console.log(values.json
+        ? JSON.stringify({ case: "matmul", config: configName, backend: backend.name, product: name, m, k, n, seconds, tflops })
+        : `matmul ${name.padEnd(22)} [${m}, ${k}] x [${n}, ${k}]^T  ${tflops.toFixed(2)} TFLOP/s  ${seconds.toFixed(4)} s`)
+    }
+  }
   if (cases.includes("forward")) {
     const seconds = yield* median(
       Effect.promise(async () => {
