@@ -8,9 +8,11 @@
 #   CASCADE="bash .gpu/run.sh cli" bash scripts/every-command.sh webgpu   (on the GPU machine's bundle)
 set -u
 backend=${1:-webgpu}
-work=${2:-$(mktemp -d)}
+work=$(realpath -m "${2:-$(mktemp -d)}")
 cascade=${CASCADE:-node src/cli/main.ts}
-parent=assets/parent
+# Absolute paths: the GPU bundle's run.sh runs the CLI from its own folder.
+root=$PWD
+parent=$root/assets/parent
 port=${PORT:-18231}
 export CASCADE_BACKEND=$backend
 mkdir -p "$work"
@@ -39,12 +41,12 @@ print(urllib.request.urlopen(request, timeout=120).read().decode()[:160])' "http
 }
 
 common="--seq 64 --batch 4 --lr 0.001"
-step calibrate calibrate --model $parent --data data/calib.jsonl --out "$work/stats" --seq 64 --samples 16 --batch 4
+step calibrate calibrate --model $parent --data $root/data/calib.jsonl --out "$work/stats" --seq 64 --samples 16 --batch 4
 step prune prune --model $parent --stats "$work/stats" --out "$work/child" --layers 4 --hidden 96 --ffn 256
-step teacher-cache teacher-cache --teacher $parent --data data/calib.jsonl --top-k 16 --out "$work/cache" --seq 64 --batch 4
-step distill distill --student "$work/child" --teacher $parent --data data/distill.jsonl --out "$work/distill" --steps 4 $common
-step distill-from-cache distill --student "$work/child" --teacher "$work/cache" --data data/calib.jsonl --out "$work/distill-cache" --steps 3 $common --top-k 16 --no-document-mask
-step eval eval --model "$work/distill" --data data/heldout.jsonl --json
+step teacher-cache teacher-cache --teacher $parent --data $root/data/calib.jsonl --top-k 16 --out "$work/cache" --seq 64 --batch 4
+step distill distill --student "$work/child" --teacher $parent --data $root/data/distill.jsonl --out "$work/distill" --steps 4 $common
+step distill-from-cache distill --student "$work/child" --teacher "$work/cache" --data $root/data/calib.jsonl --out "$work/distill-cache" --steps 3 $common --top-k 16 --no-document-mask
+step eval eval --model "$work/distill" --data $root/data/heldout.jsonl --json
 
 $cascade serve --model $parent --port $port > "$work/serve.log" 2>&1 &
 server=$!
@@ -57,12 +59,12 @@ else
   failed=1
   echo "× serve: $(tail -3 "$work/serve.log")"
 fi
-step distill-from-server distill --student "$work/child" --teacher "http://127.0.0.1:$port" --data data/distill.jsonl --out "$work/distill-remote" --steps 3 $common
-step sft sft --model "$work/distill" --data data/post/sft-instruct.jsonl --teacher $parent --distill-weight 0.5 --out "$work/sft" --steps 3 --seq 128 --batch 4 --lr 0.001
-step pwrm pwrm train --model $parent --data data/post/preferences.jsonl --heldout data/post/preferences-heldout.jsonl --out "$work/pwrm" --steps 3 --batch 4 --seq 96 --lr 0.0005
-step grpo grpo --model "$work/sft" --prompts data/post/grpo-verifiable.jsonl --out "$work/grpo" --steps 2 --batch 2 --group 4 --max-new-tokens 24 --lr 2e-5
-step grpo-judged grpo --model "$work/sft" --prompts data/post/grpo-rubric.jsonl --judge "http://127.0.0.1:$port" --out "$work/grpo-judged" --steps 1 --batch 2 --group 2 --max-new-tokens 24 --lr 2e-5
-step odpo odpo --model "$work/sft" --prompts data/post/odpo-prompts.jsonl --pwrm "$work/pwrm" --out "$work/odpo" --steps 2 --batch 2 --max-new-tokens 24 --lr 5e-5
+step distill-from-server distill --student "$work/child" --teacher "http://127.0.0.1:$port" --data $root/data/distill.jsonl --out "$work/distill-remote" --steps 3 $common
+step sft sft --model "$work/distill" --data $root/data/post/sft-instruct.jsonl --teacher $parent --distill-weight 0.5 --out "$work/sft" --steps 3 --seq 128 --batch 4 --lr 0.001
+step pwrm pwrm train --model $parent --data $root/data/post/preferences.jsonl --heldout $root/data/post/preferences-heldout.jsonl --out "$work/pwrm" --steps 3 --batch 4 --seq 96 --lr 0.0005
+step grpo grpo --model "$work/sft" --prompts $root/data/post/grpo-verifiable.jsonl --out "$work/grpo" --steps 2 --batch 2 --group 4 --max-new-tokens 24 --lr 2e-5
+step grpo-judged grpo --model "$work/sft" --prompts $root/data/post/grpo-rubric.jsonl --judge "http://127.0.0.1:$port" --out "$work/grpo-judged" --steps 1 --batch 2 --group 2 --max-new-tokens 24 --lr 2e-5
+step odpo odpo --model "$work/sft" --prompts $root/data/post/odpo-prompts.jsonl --pwrm "$work/pwrm" --out "$work/odpo" --steps 2 --batch 2 --max-new-tokens 24 --lr 5e-5
 kill $server
 
 # post-train with every stage at a step or two, its judge and PWRM trained from the parent.
