@@ -310,3 +310,33 @@ describe("Loss.chunkedDistillation", () => {
       assert.strictEqual(tf.memory().numTensors, before, "no tensors left behind")
     }).pipe(onBackend("wasm")), { arbitrary: { runs: 40 } })
 })
+
+describe("Loss.chunkedDistillation outside a gradient tape", () => {
+  it.effect("leaves no tensor behind once its loss and metrics are disposed, and refuses chunks past one binding", () =>
+    Effect.gen(function*() {
+      const before = tf.memory().numTensors
+      const hidden = tf.randomNormal([2, 3, 4], 0, 1, "float32", 1) as tf.Tensor3D
+      const head = [tf.randomNormal([5, 4], 0, 1, "float32", 2) as tf.Tensor2D, tf.randomNormal([4, 4], 0, 1, "float32", 3) as tf.Tensor2D]
+      const teacher: Loss.Teacher = { _tag: "Full", logProbs: tf.tidy(() => tf.logSoftmax(tf.randomNormal([2, 3, 9], 0, 1, "float32", 4))) as tf.Tensor3D }
+      const batch = { mask: [[1, 1, 1], [1, 1, 0]], targets: [[1, 2, 3], [4, 5, 6]] }
+      const options = { ...Loss.defaultOptions, crossEntropyWeight: 0.5 }
+      yield* Effect.scoped(Effect.gen(function*() {
+        const target = yield* Loss.teacherTarget(teacher, 9, batch.mask, options)
+        const result = Loss.chunkedDistillation(hidden, head, target, batch, options, 4)
+        const logits = tf.tidy(() => tf.concat(head.map((block) => matMul(hidden.reshape([6, 4]), block, false, true)), -1).reshape([2, 3, 9])) as tf.Tensor3D
+        const whole = Loss.distillation(logits, target, batch, options)
+        assert.approximately(result.loss.dataSync()[0], whole.loss.dataSync()[0], 1e-5)
+        tf.dispose([logits, result.loss, result.metrics.kl, result.metrics.ce, whole.loss, whole.metrics.kl, whole.metrics.ce])
+        // A GPU backend's device as RowBlocks reads it, binding at most 100 bytes: 5 tokens x 9 ids x 4 bytes are past it.
+        const backend = tf.backend() as unknown as { device?: unknown }
+        backend.device = { limits: { maxStorageBufferBindingSize: 100 } }
+        try {
+          assert.throws(() => Loss.chunkedDistillation(hidden, head, target, batch, options, 5), /past the backend's largest storage binding/)
+        } finally {
+          delete backend.device
+        }
+      }))
+      tf.dispose([hidden, ...head, teacher.logProbs])
+      assert.strictEqual(tf.memory().numTensors, before)
+    }).pipe(onBackend("wasm")))
+})

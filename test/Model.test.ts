@@ -157,3 +157,26 @@ describe("document masking", () => {
       }).pipe(onBackend("wasm")), { timeout: 120_000, arbitrary: { runs: 15 } })
   }
 })
+
+describe("last-position logits", () => {
+  it.effect("lastLogitsOnly gives the last position's logits of the whole pass, and fits where the whole logits would not", () =>
+    Effect.gen(function*() {
+      const model = yield* Pretrained.load(sharedFixture("tiny-mistral"))
+      const ids = [[1, 17, 300, 42, 9], [1, 5, 6, 7, 8]]
+      const whole = take(Model.forward(model, ids).logits)
+      const last = Model.forward(model, ids, { lastLogitsOnly: true }).logits
+      assert.deepStrictEqual(last.shape, [2, 1, model.config.vocabSize])
+      const v = model.config.vocabSize
+      const wholeLast = Float32Array.from([...whole.subarray(4 * v, 5 * v), ...whole.subarray(9 * v, 10 * v)])
+      assert.strictEqual(maxAbsDiff(take(last), wholeLast), 0)
+      // A GPU backend's device as the model reads it, binding the logits of 2 x 4 positions but not 2 x 5.
+      const backend = tf.backend() as unknown as { device?: unknown }
+      backend.device = { limits: { maxStorageBufferBindingSize: 2 * 4 * v * 4 } }
+      try {
+        assert.throws(() => Model.forward(model, ids), /past the backend's largest storage binding/)
+        take(Model.forward(model, ids, { lastLogitsOnly: true }).logits)
+      } finally {
+        delete backend.device
+      }
+    }).pipe(Effect.scoped, onBackend("wasm")))
+})

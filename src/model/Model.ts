@@ -88,6 +88,8 @@ export interface ForwardOptions {
   readonly useCache?: boolean
   /** Called with each layer's internals as the pass goes. */
   readonly trace?: (layer: LayerTrace) => void
+  /** Logits of the last position only ([B, 1, V]): what a prompt's prefill needs to go on decoding. */
+  readonly lastLogitsOnly?: boolean
 }
 
 export interface ForwardResult {
@@ -466,7 +468,7 @@ const run = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: Forwa
   if (options.documentStarts && options.positionIds) throw new Error("Model.forward: give document starts or position ids, not both")
   const documents = options.documentStarts && documentPositions(options.documentStarts, t)
   const positions = documents ?? options.positionIds
-  if (withLogits) checkLogitsFit(model, ids.length, t)
+  if (withLogits) checkLogitsFit(model, ids.length, options.lastLogitsOnly ? 1 : t)
   const result = tf.tidy(() => {
     const context: AttentionContext = {
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
@@ -488,7 +490,7 @@ const run = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: Forwa
     const normed = rmsNorm(x, weights.norm, config.rmsNormEps) as tf.Tensor3D
     if (options.hiddenStates) hiddenStates.push(normed)
     return {
-      logits: withLogits ? logitsOf(normed, head(model)) : undefined,
+      logits: withLogits ? logitsOf(options.lastLogitsOnly ? normed.slice([0, t - 1, 0], [-1, 1, -1]) : normed, head(model)) : undefined,
       normed: withLogits ? undefined : normed,
       hiddenStates,
       layers: options.useCache ? layers : []

@@ -182,13 +182,14 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       cache = joining
       logProbs = next
     } else {
-      const layers = tf.tidy(() =>
-        old.layers.map((layer, i) => ({
+      // One tidy: a failure anywhere in the merge leaves none of its tensors behind.
+      const { layers, merged } = tf.tidy(() => ({
+        layers: old.layers.map((layer, i) => ({
           k: tf.concat([padded(old)(layer.k), padded(joining)(joining.layers[i].k)], 0),
           v: tf.concat([padded(old)(layer.v), padded(joining)(joining.layers[i].v)], 0)
-        }))
-      )
-      const merged = tf.concat([logProbs!, next], 0)
+        })),
+        merged: tf.concat([logProbs!, next], 0)
+      }))
       Model.disposeCache(old)
       Model.disposeCache(joining)
       tf.dispose([logProbs!, next])
@@ -226,9 +227,14 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
         const out = Model.forward(model, ids, {
           attentionMask: padding.map((pad) => Array.from({ length: width }, (_, j) => (j < pad ? 0 : 1))),
           positionIds: padding.map((pad) => Array.from({ length: width }, (_, j) => Math.max(0, j - pad))),
-          useCache: joining.length > 0
+          useCache: joining.length > 0,
+          // Without prompt scores only the last position's logits are needed: a long prompt's whole
+          // [width, V] logits may not fit (one storage binding on a GPU, or memory).
+          lastLogitsOnly: k < 0
         })
         const logits = hold(out.logits)
+        // The pass's keys and values are held too: a failure while scoring or picking frees them.
+        const passTensors = out.cache?.layers.flatMap(({ k, v }) => [k, v]).map(hold) ?? []
         const scored = k < 0 || width === 1 ? undefined : Generate.scorePrompt(logits, targets, k).map(hold)
         if (out.cache) {
           const passCache = out.cache
@@ -237,7 +243,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
             const pick = <T extends tf.Tensor>(x: T) => tf.gather(x, from, 0) as T
             return [passCache.layers.map(({ k, v }) => ({ k: pick(k), v: pick(v) })), pick(Generate.lastLogProbs(logits))] as const
           })
-          Model.disposeCache(passCache)
+          release(passTensors)
           // Held until the batch owns them, so that a failure to join (out of memory) frees them.
           const joiningTensors = [...layers.flatMap(({ k, v }) => [k, v]), next].map(hold)
           const keyMask = joining.map(({ from }) => passCache.keyMask[from])
@@ -440,9 +446,9 @@ const sample = (
     : probabilities
   const cumulative = tf.cumsum(weights, 1)
   const threshold = tf.mul(tf.tensor2d([...uniforms], [r, 1]), cumulative.slice([0, v - 1], [r, 1]))
-  const lastCandidate = sorted
-    ? tf.sub(tf.sum(tf.cast(tf.greater(weights, 0), "int32"), 1), tf.scalar(1, "int32"))
-    : tf.fill([r], v - 1, "int32")
+  // The last candidate still adding mass: a uniform that rounds to 1 must not reach the flat tail
+  // of ids whose probability is (close to) zero.
+  const lastCandidate = tf.sum(tf.cast(tf.less(cumulative, cumulative.slice([0, v - 1], [r, 1])), "int32"), 1)
   // Clamped to the last candidate, for a threshold that rounding put at the total. (All int32: a
   // float32 operand would make the result float32, which tf.where then reads as int32 on wasm.)
   const position = tf.minimum(tf.sum(tf.cast(tf.lessEqual(cumulative, threshold), "int32"), 1), lastCandidate) as tf.Tensor1D

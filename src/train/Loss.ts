@@ -27,7 +27,9 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
+import { LogitsTooLarge } from "../Errors.ts"
 import { matMul } from "../model/MatMul.ts"
+import * as RowBlocks from "../model/RowBlocks.ts"
 import type { Objective } from "./Training.ts"
 
 /**
@@ -313,7 +315,13 @@ export const chunkedDistillation = (
   if (!Number.isInteger(chunkRows) || chunkRows < 1) throw new RangeError(`Loss.chunkedDistillation: chunks of ${chunkRows} tokens; give a whole number of 1 or more`)
   const [b, t, d] = hidden.shape
   const n = b * t
+  const vocab = head.reduce((rows, block) => rows + block.shape[0], 0)
+  // A chunk's logits are one tensor: on a GPU they must fit one storage binding.
+  const limit = RowBlocks.bindingLimit()
+  if (Math.min(chunkRows, n) * vocab * 4 > limit) throw new LogitsTooLarge({ rows: 1, tokens: Math.min(chunkRows, n), vocab, limit })
   const weights = weighting(batch)
+  // A next token outside the vocabulary has no one-hot row, so no cross-entropy (as in `distillation`): no gradient either.
+  const ceWeights = weights.ceWeights.map((weight, i) => (weights.nextTokens[i] >= 0 && weights.nextTokens[i] < vocab ? weight : 0))
   const temperature = options.temperature
   let kl: tf.Scalar | undefined
   let ce: tf.Scalar | undefined
@@ -331,15 +339,15 @@ export const chunkedDistillation = (
         const z = tf.concat(blocks.map((block) => matMul(h, block, false, true)), 1) as tf.Tensor2D // [rows, V]
         const chunk = targetRows(target, start, rows)
         const klWeights = tf.tensor2d(weights.klWeights.subarray(start, start + rows), [rows, 1])
-        const ceWeights = tf.tensor2d(weights.ceWeights.subarray(start, start + rows), [rows, 1])
+        const chunkCeWeights = tf.tensor2d(ceWeights.subarray(start, start + rows), [rows, 1])
         const nextTokens = weights.nextTokens.subarray(start, start + rows)
         const chunkKL = tf.sum(tf.mul(perTokenKL(z, chunk, temperature), klWeights.reshape([rows])))
-        const chunkCE = tf.sum(tf.mul(nextTokenCrossEntropy(z, nextTokens), ceWeights.reshape([rows])))
+        const chunkCE = tf.sum(tf.mul(nextTokenCrossEntropy(z, nextTokens), chunkCeWeights.reshape([rows])))
         let grad: tf.Tensor = klGradient(z, chunk, klWeights, temperature)
         if (options.crossEntropyWeight !== 0) {
           // d CE / dz = softmax(z) - onehot(next token), per token
           const ceGrad = tf.sub(tf.softmax(z), tf.oneHot(tf.tensor1d(nextTokens, "int32"), z.shape[1]))
-          grad = tf.add(grad, tf.mul(ceGrad, tf.mul(ceWeights, options.crossEntropyWeight)))
+          grad = tf.add(grad, tf.mul(ceGrad, tf.mul(chunkCeWeights, options.crossEntropyWeight)))
         }
         const byBlock = tf.split(grad, columns, 1)
         hiddenGrads.push(tf.keep(byBlock.map((g, i) => matMul(g, blocks[i])).reduce((sum, term) => tf.add(sum, term))))
@@ -364,7 +372,7 @@ export const chunkedDistillation = (
       gradFunc: (dy: tf.Tensor, saved: Array<tf.Tensor>) => saved.map((grad) => tf.mul(grad, dy))
     }
   })
-  const loss = fused(hidden.reshape([n, d]), ...head) as tf.Scalar
+  const loss = tf.tidy(() => fused(hidden.reshape([n, d]), ...head)) as tf.Scalar
   return { loss, tokens: weights.tokens, metrics: { kl: kl!, ce: ce! } }
 }
 
