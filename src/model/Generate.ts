@@ -165,7 +165,8 @@ const decodeBatch = (model: Model.Model, rows: ReadonlyArray<Row>, options: Opti
   return Effect.gen(function*() {
     // The prompts in one pass; the cache is kept only when a second token is to follow.
     const prefill = yield* Effect.sync(() => {
-      const logits = forward(ids, { attentionMask, useCache: options.maxNewTokens > 1 })
+      // Without prompt scores only the last position's logits are needed, not [B, width, V].
+      const logits = forward(ids, { attentionMask, useCache: options.maxNewTokens > 1, lastLogitsOnly: options.promptLogprobs === undefined })
       const k = options.promptLogprobs
       const prompt = k === undefined || width === 1 ? undefined : scorePrompt(logits, promptTargets, k).map(hold) as ScoreTensors
       const last = options.maxNewTokens > 0 ? hold(lastLogProbs(logits)) : undefined
