@@ -153,9 +153,7 @@ const program = Effect.gen(function*() {
     const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs: teacherLogProbs }, v, mask, Loss.defaultOptions)
     const batch = { ids, mask, targets: ids, target }
     return Effect.asVoid(Training.step(trainable, adam, [batch], (m, x) =>
-      headChunk === undefined
-        ? Loss.distillation(Model.forward(m, x.ids, { attentionMask: x.mask }).logits, x.target, x, Loss.defaultOptions)
-        : Loss.chunkedDistillation(Model.forwardHidden(m, x.ids, { attentionMask: x.mask }), Model.head(m), x.target, x, Loss.defaultOptions, headChunk), {
+      Loss.ofModel(m, x.ids, { attentionMask: x.mask }, x.target, x, Loss.defaultOptions, headChunk), {
       learningRate: 1e-3,
       maxGradNorm: undefined
     }))

@@ -41,11 +41,6 @@ export interface DistillOptions extends Training.SupervisedOptions {
   readonly documentMask?: boolean | undefined
   /** Rows the seeded shuffle permutes at a time. */
   readonly shuffleWindow?: number
-  /**
-   * Apply the LM head and the loss this many tokens at a time (Loss.chunkedDistillation), never
-   * holding a micro-batch's [tokens, V] logits; all at once when left out. Equal up to rounding.
-   */
-  readonly headChunk?: number | undefined
   readonly onStep?: (metrics: StepMetrics) => void
 }
 
@@ -224,6 +219,4 @@ const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, voc
 })
 
 const lossOf = (options: Loss.Options, headChunk: number | undefined) => (model: Model.Model, batch: MicroBatch) =>
-  headChunk === undefined
-    ? Loss.distillation(Model.forward(model, batch.ids, batch.masks).logits, batch.target, batch, options)
-    : Loss.chunkedDistillation(Model.forwardHidden(model, batch.ids, batch.masks), Model.head(model), batch.target, batch, options, headChunk)
+  Loss.ofModel(model, batch.ids, batch.masks, batch.target, batch, options, headChunk)

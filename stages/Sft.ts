@@ -128,7 +128,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     // Loss.distillation minimises `KL + c CE`; scaled by w in lossOf, c = (1 - w) / w gives `w KL + (1 - w) CE`.
     crossEntropyWeight: teacher === undefined ? 0 : (1 - distillWeight) / distillWeight
   }
-  const objective = lossOf(teacher === undefined ? undefined : distillWeight, lossOptions)
+  const objective = lossOf(teacher === undefined ? undefined : distillWeight, lossOptions, options.headChunk)
   const state = (complete: boolean): State => ({ format: "cascade-sft/1", step, rows: consumed, identity, complete })
   const batches: Stream.Stream<Batch> = Stream.fromIterable(seededOrder(rows.length, options.seed, consumed)).pipe(
     Stream.grouped(options.batch),
@@ -241,9 +241,8 @@ const microBatch = Effect.fnUntraced(function*(
 })
 
 /** The objective: the data's cross-entropy alone, or `w` times `KL + ((1 - w) / w) CE` with a teacher. */
-const lossOf = (distillWeight: number | undefined, options: Loss.Options) => (model: Model.Model, batch: MicroBatch): Training.Objective => {
-  const logits = Model.forward(model, batch.ids, batch.masks).logits
-  const { loss, tokens, metrics } = Loss.distillation(logits, batch.target, batch, options)
+const lossOf = (distillWeight: number | undefined, options: Loss.Options, headChunk: number | undefined) => (model: Model.Model, batch: MicroBatch): Training.Objective => {
+  const { loss, tokens, metrics } = Loss.ofModel(model, batch.ids, batch.masks, batch.target, batch, options, headChunk)
   return distillWeight === undefined
     ? { loss, tokens, metrics: { ce: metrics.ce } }
     : { loss: tf.mul(loss, distillWeight), tokens, metrics }

@@ -200,4 +200,21 @@ describe("--dtype", () => {
         assert.include(lines[0], "bfloat16")
       }
     }))
+
+  it.effect("--head-chunk below 1 is a one-line error for distill and sft", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const out = path.join(dir, "out")
+      const commands = [
+        ["distill", "--student", bf16Parent, "--teacher", bf16Parent, "--data", path.join(dir, "data.jsonl"), "--out", out, "--steps", "1"],
+        ["sft", "--model", bf16Parent, "--data", path.join(dir, "chats.jsonl"), "--out", out, "--steps", "1"]
+      ]
+      for (const command of commands) {
+        const run = yield* cascade(...command, "--head-chunk", "0")
+        assert.notStrictEqual(run.code, 0)
+        const lines = run.stderr.trim().split("\n")
+        assert.strictEqual(lines.length, 1, run.stderr)
+        assert.include(lines[0], "--head-chunk must be at least 1, not 0")
+      }
+    }))
 })

@@ -41,6 +41,10 @@ export const warmup = Flag.Int("warmup").pipe(Flag.withDescription("Warmup steps
 export const dataSetRunFlags = runFlags({ weightDecay: 0.01, seed: "Seed of the data order", saveEvery: 50 })
 
 /** Distill and sft: the schedule's flags, gradient accumulation and the run flags, with the command's own learning-rate and batch defaults. */
+/** An integer flag that must be at least `least`. */
+export const atLeast = (name: string, least: number) =>
+  Flag.Int(name).pipe(Flag.filter((value) => value >= least, (value) => `--${name} must be at least ${least}, not ${value}`))
+
 export const supervisedFlags = (defaults: { readonly lr: number; readonly batch: number }) => ({
   lr: peakLearningRate(defaults.lr),
   minLr: Flag.Finite("min-lr").pipe(Flag.withDescription("Learning rate at the end of the cosine (default lr/10)"), Flag.optional),
@@ -51,6 +55,10 @@ export const supervisedFlags = (defaults: { readonly lr: number; readonly batch:
   documentMask: Flag.Boolean("document-mask").pipe(
     Flag.withDescription("Each document of a packed row attends only to itself, positions from 0, for model and teacher (--no-document-mask: rows read whole)"),
     Flag.withDefault(documentMaskByDefault)
+  ),
+  headChunk: atLeast("head-chunk", 1).pipe(
+    Flag.withDescription("Apply the LM head and the loss this many tokens at a time, never holding a micro-batch's whole logits (less memory; equal up to rounding)"),
+    Flag.optional
   ),
   ...dataSetRunFlags
 })
@@ -88,6 +96,7 @@ export const supervisedOptions = (flags: TrainingFlagValues & {
   readonly batch: number
   readonly accumulate: number
   readonly dtype: Option.Option<FloatDtype>
+  readonly headChunk: Option.Option<number>
 }): SupervisedOptions & { readonly dtype: FloatDtype | undefined } => ({
   ...trainingOptions(flags),
   out: flags.out,
@@ -97,9 +106,6 @@ export const supervisedOptions = (flags: TrainingFlagValues & {
   accumulate: flags.accumulate,
   minLearningRate: Option.getOrElse(flags.minLr, () => flags.lr / 10),
   warmupSteps: warmupSteps(flags),
-  dtype: Option.getOrUndefined(flags.dtype)
+  dtype: Option.getOrUndefined(flags.dtype),
+  headChunk: Option.getOrUndefined(flags.headChunk)
 })
-
-/** An integer flag that must be at least `least`. */
-export const atLeast = (name: string, least: number) =>
-  Flag.Int(name).pipe(Flag.filter((value) => value >= least, (value) => `--${name} must be at least ${least}, not ${value}`))

@@ -10,7 +10,7 @@ import * as TeacherCacheFormat from "../io/TeacherCacheFormat.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
 import * as Config from "../model/Config.ts"
 import * as Progress from "./Progress.ts"
-import { atLeast, supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
+import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
 
 /**
@@ -52,10 +52,6 @@ export const distillCommand = Command.make(
       Flag.withDescription("Long-context phase: Ministral 3's query scaling 1 + B ln(1 + floor(pos / original max)) (default 0.1, as released; 0 turns it off)"),
       Flag.withDefault(Config.defaultScalingBeta)
     ),
-    headChunk: atLeast("head-chunk", 1).pipe(
-      Flag.withDescription("Apply the LM head and the loss this many tokens at a time, never holding a micro-batch's whole logits (less memory; equal up to rounding)"),
-      Flag.optional
-    ),
     ...supervisedFlags({ lr: 1e-3, batch: 4 })
   },
   Effect.fn("cli.distill")(function*(flags) {
@@ -70,7 +66,6 @@ export const distillCommand = Command.make(
         studentDir: flags.student,
         data: flags.data,
         documentMask: flags.documentMask,
-        headChunk: Option.getOrUndefined(flags.headChunk),
         loss: { temperature: flags.temperature, crossEntropyWeight: flags.ceWeight, restBucket: flags.restBucket, maxOutsideMass: 1e-3 },
         yarn: yarnFactor === undefined
           ? undefined

@@ -29,6 +29,7 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
 import { LogitsTooLarge } from "../Errors.ts"
 import { matMul } from "../model/MatMul.ts"
+import * as Model from "../model/Model.ts"
 import * as RowBlocks from "../model/RowBlocks.ts"
 import type { Objective } from "./Training.ts"
 
@@ -246,6 +247,23 @@ export const distillation = (logits: tf.Tensor3D, target: Target, batch: Distill
     return { loss: combined(kl, ce, options), tokens: weights.tokens, metrics: { kl: kl as tf.Scalar, ce: ce as tf.Scalar } }
   })
 }
+
+/**
+ * The distillation loss of `model` on `ids`: `distillation` of its logits, or with `headChunk`
+ * `chunkedDistillation` of its final hidden states, the LM head applied that many tokens at a time.
+ */
+export const ofModel = (
+  model: Model.Model,
+  ids: ReadonlyArray<ArrayLike<number>>,
+  masks: Pick<Model.ForwardOptions, "attentionMask" | "documentStarts">,
+  target: Target,
+  batch: DistillationBatch,
+  options: Options,
+  headChunk: number | undefined
+): Distillation =>
+  headChunk === undefined
+    ? distillation(Model.forward(model, ids, masks).logits, target, batch, options)
+    : chunkedDistillation(Model.forwardHidden(model, ids, masks), Model.head(model), target, batch, options, headChunk)
 
 /** The loss from the mean KL and cross-entropy: `T^2 KL + w CE`. */
 const combined = (kl: tf.Tensor, ce: tf.Tensor, options: Options) => {

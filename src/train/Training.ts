@@ -131,6 +131,11 @@ export interface SupervisedOptions extends RunFolder.Options {
   readonly warmupSteps: number
   readonly weightDecay: number
   readonly maxGradNorm: number | undefined
+  /**
+   * Apply the LM head and the loss this many tokens at a time (Loss.chunkedDistillation), never
+   * holding a micro-batch's [tokens, V] logits; all at once when left out. Equal up to rounding.
+   */
+  readonly headChunk?: number | undefined
 }
 
 export interface StepOptions {
