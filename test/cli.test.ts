@@ -23,6 +23,14 @@ const cascade = (...args: Array<string>) =>
     })
   })
 
+/** A failed run's error: exactly one line on stderr, holding each of `parts`. */
+const assertOneLineError = (run: { readonly code: number | null; readonly stderr: string }, ...parts: ReadonlyArray<string>) => {
+  assert.notStrictEqual(run.code, 0)
+  const lines = run.stderr.trim().split("\n")
+  assert.strictEqual(lines.length, 1, run.stderr)
+  for (const part of parts) assert.include(lines[0], part)
+}
+
 /** Mean NLL of the next tokens computed in float64 from transformers' logits. */
 const referenceNll = (ids: Array<Array<number>>, logits: Float32Array, vocab: number) => {
   let total = 0
@@ -103,11 +111,8 @@ describe("cascade eval", () => {
       ]
       for (const { args, expect } of cases) {
         const run = yield* cascade("eval", "--model", sharedFixture("tiny-mistral"), ...args)
-        assert.notStrictEqual(run.code, 0)
         assert.strictEqual(run.stdout, "")
-        const lines = run.stderr.trim().split("\n")
-        assert.strictEqual(lines.length, 1, run.stderr)
-        assert.include(lines[0], expect)
+        assertOneLineError(run, expect)
       }
       const big = path.join(dir, "big.jsonl")
       yield* Effect.promise(() => fs.writeFile(big, `{"input_ids": [1, 600]}\n`))
@@ -183,38 +188,19 @@ describe("--dtype", () => {
       assert.deepStrictEqual(yield* storedDtypes(yield* distilled("default")), { config: "bfloat16", tensors: ["BF16"] })
     }))
 
-  it.effect("an unknown --dtype is a one-line error naming the choices", () =>
+  it.effect("an unknown --dtype or a --head-chunk below 1 is a one-line error saying what is allowed", () =>
     Effect.gen(function*() {
       const dir = yield* tempDir
       const out = path.join(dir, "out")
-      const commands = [
-        ["prune", "--model", bf16Parent, "--stats", dir, "--out", out],
-        ["distill", "--student", bf16Parent, "--teacher", bf16Parent, "--data", path.join(dir, "data.jsonl"), "--out", out, "--steps", "1"]
+      const prune = ["prune", "--model", bf16Parent, "--stats", dir, "--out", out]
+      const distill = ["distill", "--student", bf16Parent, "--teacher", bf16Parent, "--data", path.join(dir, "data.jsonl"), "--out", out, "--steps", "1"]
+      const sft = ["sft", "--model", bf16Parent, "--data", path.join(dir, "chats.jsonl"), "--out", out, "--steps", "1"]
+      const cases: Array<[Array<string>, Array<string>, Array<string>]> = [
+        [prune, ["--dtype", "float64"], ["float64", "bfloat16"]],
+        [distill, ["--dtype", "float64"], ["float64", "bfloat16"]],
+        [distill, ["--head-chunk", "0"], ["--head-chunk must be at least 1, not 0"]],
+        [sft, ["--head-chunk", "0"], ["--head-chunk must be at least 1, not 0"]]
       ]
-      for (const command of commands) {
-        const run = yield* cascade(...command, "--dtype", "float64")
-        assert.notStrictEqual(run.code, 0)
-        const lines = run.stderr.trim().split("\n")
-        assert.strictEqual(lines.length, 1, run.stderr)
-        assert.include(lines[0], "float64")
-        assert.include(lines[0], "bfloat16")
-      }
-    }))
-
-  it.effect("--head-chunk below 1 is a one-line error for distill and sft", () =>
-    Effect.gen(function*() {
-      const dir = yield* tempDir
-      const out = path.join(dir, "out")
-      const commands = [
-        ["distill", "--student", bf16Parent, "--teacher", bf16Parent, "--data", path.join(dir, "data.jsonl"), "--out", out, "--steps", "1"],
-        ["sft", "--model", bf16Parent, "--data", path.join(dir, "chats.jsonl"), "--out", out, "--steps", "1"]
-      ]
-      for (const command of commands) {
-        const run = yield* cascade(...command, "--head-chunk", "0")
-        assert.notStrictEqual(run.code, 0)
-        const lines = run.stderr.trim().split("\n")
-        assert.strictEqual(lines.length, 1, run.stderr)
-        assert.include(lines[0], "--head-chunk must be at least 1, not 0")
-      }
+      for (const [command, flag, parts] of cases) assertOneLineError(yield* cascade(...command, ...flag), ...parts)
     }))
 })
