@@ -10,6 +10,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Config, Context, Effect, Layer, Schema } from "effect"
 import { BackendUnavailable } from "../src/Errors.ts"
+import * as GpuMemory from "../src/GpuMemory.ts"
 
 export const BackendName = Schema.Literals(["wasm", "cpu", "webgpu", "tensorflow"])
 export type BackendName = typeof BackendName.Type
@@ -22,7 +23,7 @@ export class TensorBackend extends Context.Service<TensorBackend, {
   /** The optional GPU features the device was created with (shader-f16, subgroups, ...); none on CPU. */
   readonly features: ReadonlyArray<string>
   /** GPU memory now: bytes held by live tensors and bytes tfjs's buffer pool holds (its high-water mark). */
-  readonly gpuMemory: () => GpuMemory | undefined
+  readonly gpuMemory: () => GpuMemory.GpuMemory | undefined
 }>()("cascade/layers/TensorBackend") {
   /** Acquires `name`, or the one `CASCADE_BACKEND` names, else wasm. */
   static readonly layer = (name?: BackendName) =>
@@ -42,11 +43,6 @@ export class TensorBackend extends Context.Service<TensorBackend, {
         return yield* Effect.acquireRelease(acquire(chosen), release)
       })
     )
-}
-
-export interface GpuMemory {
-  readonly inUseBytes: number
-  readonly allocatedBytes: number
 }
 
 // tfjs warns on first use of the cpu backend that tfjs-node is faster; the choice is deliberate here.
@@ -70,13 +66,8 @@ const acquire = Effect.fn("TensorBackend.acquire")(function*(name: BackendName) 
   if (!ok) {
     return yield* new BackendUnavailable({ backend: name, reason: "it failed to initialise", remedy: remedies[name] })
   }
-  return TensorBackend.of({ name, device, features, gpuMemory: name === "webgpu" ? webGpuMemory : () => undefined })
+  return TensorBackend.of({ name, device, features, gpuMemory: name === "webgpu" ? GpuMemory.read : () => undefined })
 })
-
-const webGpuMemory = (): GpuMemory | undefined => {
-  const memory = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number }
-  return memory.numBytesInGPU === undefined ? undefined : { inUseBytes: memory.numBytesInGPU, allocatedBytes: memory.numBytesAllocatedInGPU ?? memory.numBytesInGPU }
-}
 
 const release = (backend: TensorBackend["Service"]) =>
   Effect.sync(() => {

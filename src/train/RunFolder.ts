@@ -12,6 +12,7 @@ import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { CheckpointError } from "../Errors.ts"
 import * as Files from "../io/Files.ts"
+import * as GpuMemory from "../GpuMemory.ts"
 import * as Optimizer from "./Optimizer.ts"
 import * as Safetensors from "../io/Safetensors.ts"
 
@@ -195,8 +196,8 @@ export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S ex
  * step and the bytes tfjs's buffer pool has allocated (which it keeps: the peak so far).
  */
 const appendMetrics = (out: string, metrics: unknown) => {
-  const memory = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number }
-  const gpu = memory.numBytesInGPU === undefined ? {} : { gpu_bytes_in_use: memory.numBytesInGPU, gpu_bytes_pool: memory.numBytesAllocatedInGPU }
+  const memory = GpuMemory.read()
+  const gpu = memory === undefined ? {} : { gpu_bytes_in_use: memory.inUseBytes, gpu_bytes_pool: memory.allocatedBytes }
   const line = JSON.stringify({ ...(metrics as object), ...gpu })
   return Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), line + "\n"), catch: io(metricsFile(out), "cannot append") })
 }
