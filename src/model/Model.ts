@@ -409,18 +409,20 @@ const embed = (table: RowBlocks.RowBlocks, ids: ReadonlyArray<ArrayLike<number>>
   for (const { places } of routes) for (const place of places) order[place] = next++
   // Index tensors are rebuilt from JS in the gradient: a tensor made here would be gone when the backward pass runs.
   const indices = (values: Int32Array) => tf.tensor1d(values, "int32")
-  const lookup = tf.customGrad((...blocks) => ({
-    value: tf.gather(
-      tf.concat(routes.map((r, i) => tf.gather(blocks[i] as tf.Tensor2D, indices(r.rows)))),
-      indices(order)
-    ),
-    gradFunc: (dy) =>
-      routes.map((r, i) =>
-        r.rows.length === 0
-          ? tf.zeros(table[i].shape)
-          : tf.scatterND(tf.tensor2d(r.rows, [r.rows.length, 1], "int32"), tf.gather(dy, indices(r.places)), table[i].shape)
-      )
-  }))
+  // With one block (every matrix within a binding) the rows already come in token order: no reordering.
+  const oneBlock = routes.length === 1
+  const lookup = tf.customGrad((...blocks) => {
+    const rows = routes.map((r, i) => tf.gather(blocks[i] as tf.Tensor2D, indices(r.rows)))
+    return {
+      value: oneBlock ? rows[0] : tf.gather(tf.concat(rows), indices(order)),
+      gradFunc: (dy) =>
+        routes.map((r, i) =>
+          r.rows.length === 0
+            ? tf.zeros(table[i].shape)
+            : tf.scatterND(tf.tensor2d(r.rows, [r.rows.length, 1], "int32"), oneBlock ? dy : tf.gather(dy, indices(r.places)), table[i].shape)
+        )
+    }
+  })
   return lookup(...table).reshape([b, t, d])
 }
 
@@ -432,11 +434,11 @@ const logitsOf = (normed: tf.Tensor3D, head: RowBlocks.RowBlocks): tf.Tensor3D =
   tf.concat(head.map((block) => linear(normed, block)), -1) as tf.Tensor3D
 
 /**
- * The logits are one tensor whatever the head's blocks: where B*T*V*4 bytes exceed a storage
+ * Logits of `head` are one tensor whatever its blocks: where B*T*V*4 bytes exceed a storage
  * binding (2 GiB on an H200: 4096 tokens of a 131072 vocabulary), say so before any work is done.
  */
-const checkLogitsFit = (model: Model, b: number, t: number) => {
-  const vocab = head(model).reduce((n, block) => n + block.shape[0], 0)
+export const checkLogitsFit = (head: RowBlocks.RowBlocks, b: number, t: number): void => {
+  const vocab = RowBlocks.rowCount(head)
   const limit = RowBlocks.bindingLimit()
   if (b * t * vocab * 4 > limit) throw new LogitsTooLarge({ rows: b, tokens: t, vocab, limit })
 }
@@ -468,7 +470,7 @@ const run = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: Forwa
   if (options.documentStarts && options.positionIds) throw new Error("Model.forward: give document starts or position ids, not both")
   const documents = options.documentStarts && documentPositions(options.documentStarts, t)
   const positions = documents ?? options.positionIds
-  if (withLogits) checkLogitsFit(model, ids.length, options.lastLogitsOnly ? 1 : t)
+  if (withLogits) checkLogitsFit(head(model), ids.length, options.lastLogitsOnly ? 1 : t)
   const result = tf.tidy(() => {
     const context: AttentionContext = {
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),

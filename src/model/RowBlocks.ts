@@ -39,6 +39,9 @@ export const ranges = (rows: number, columns: number): Array<readonly [number, n
   return out
 }
 
+/** Rows of the whole matrix. */
+export const rowCount = (blocks: RowBlocks): number => blocks.reduce((rows, block) => rows + block.shape[0], 0)
+
 /** Where each block starts and ends in the rows of the whole matrix. */
 export const rangesOf = (blocks: RowBlocks): Array<readonly [number, number]> => {
   let start = 0

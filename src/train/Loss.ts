@@ -27,7 +27,6 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import { LogitsTooLarge } from "../Errors.ts"
 import { matMul } from "../model/MatMul.ts"
 import * as Model from "../model/Model.ts"
 import * as RowBlocks from "../model/RowBlocks.ts"
@@ -333,10 +332,9 @@ export const chunkedDistillation = (
   if (!Number.isInteger(chunkRows) || chunkRows < 1) throw new RangeError(`Loss.chunkedDistillation: chunks of ${chunkRows} tokens; give a whole number of 1 or more`)
   const [b, t, d] = hidden.shape
   const n = b * t
-  const vocab = head.reduce((rows, block) => rows + block.shape[0], 0)
-  // A chunk's logits are one tensor: on a GPU they must fit one storage binding.
-  const limit = RowBlocks.bindingLimit()
-  if (Math.min(chunkRows, n) * vocab * 4 > limit) throw new LogitsTooLarge({ rows: 1, tokens: Math.min(chunkRows, n), vocab, limit })
+  const vocab = RowBlocks.rowCount(head)
+  // A chunk's logits are one tensor, held to one storage binding as a forward pass's are.
+  Model.checkLogitsFit(head, 1, Math.min(chunkRows, n))
   const weights = weighting(batch)
   // A next token outside the vocabulary has no one-hot row, so no cross-entropy (as in `distillation`): no gradient either.
   const ceWeights = weights.ceWeights.map((weight, i) => (weights.nextTokens[i] >= 0 && weights.nextTokens[i] < vocab ? weight : 0))
