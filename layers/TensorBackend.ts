@@ -10,6 +10,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Config, Context, Effect, Layer, Schema } from "effect"
 import { BackendUnavailable } from "../src/Errors.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import * as GpuMemory from "../src/GpuMemory.ts"
 
 export const BackendName = Schema.Literals(["wasm", "cpu", "webgpu", "tensorflow"])
@@ -157,7 +158,8 @@ const loadWebGpu = Effect.gen(function*() {
     try: () => import("webgpu"),
     catch: (cause) => unavailable("webgpu", `the webgpu package (Dawn) failed to load (${String(cause)})`)
   })
-  const gpu = dawn.create(dawnToggles)
+  // CASCADE_DAWN_BACKEND=null: Dawn's null device, which compiles and validates every kernel but runs none (the CPU suite's check of our WGSL).
+  const gpu = dawn.create([...dawnToggles, ...(process.env.CASCADE_DAWN_BACKEND ? [`backend=${process.env.CASCADE_DAWN_BACKEND}`] : [])])
   const adapter = yield* Effect.tryPromise({
     try: () => gpu.requestAdapter({ powerPreference: "high-performance" }),
     catch: (cause) => unavailable("webgpu", `no adapter (${String(cause)})`)
@@ -180,6 +182,7 @@ const loadWebGpu = Effect.gen(function*() {
   // Importing the module registered tfjs's own factory (when first imported); ours replaces it.
   if (tf.findBackendFactory("webgpu") !== null) tf.removeBackend("webgpu")
   tf.registerBackend("webgpu", () => new webgpu.WebGPUBackend(device, adapter.info), 3)
+  TensorCoreMatMul.install(adapter.info as TensorCoreMatMul.AdapterSubgroups)
   const info = adapter.info
   const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "WebGPU"
   return { device: `gpu (${name})`, features } satisfies Loaded

@@ -1,6 +1,8 @@
 /**
- * `npm run bench [-- --json] [-- --backend B] [-- --config C] [-- --steps N] [-- --case NAME] [-- --head-chunk N]`: the
- * engine's speed on a named configuration of ../shared/bench/README.md, fp32:
+ * `npm run bench [-- --json] [-- --backend B] [-- --config C] [-- --steps N] [-- --case NAME] [-- --head-chunk N]
+ * [-- --precision fp32|mixed] [-- --tiling TM,TN,WX,WY[,staged]]`: the engine's speed on a named configuration of
+ * ../shared/bench/README.md, in the precision the training commands would use (mixed: products on a
+ * GPU's tensor cores, src/gpu/TensorCoreMatMul.ts; fp32 on CPU backends):
  * - `bench-small` (default): vocab 2048, hidden 256, FFN 768, 4 layers, 8/2 heads, head_dim 32, sequence 256, batch 4;
  * - `bench-gpu`: vocab 32768, hidden 1024, FFN 3072, 12 layers, 16/4 heads, head_dim 64, sequence 1024, batch 8.
  *
@@ -14,15 +16,18 @@
  * - decode: greedy decoding with the KV cache, one token per row per step;
  * - profile (only when named): one distill step under `tf.profile`, its kernels' GPU time summed by
  *   kernel name (timestamp queries on webgpu), the largest first, beside the step's wall time;
- * - matmul (only when named): fp32 `x @ W^T` at the model's shapes (the attention projection, the
- *   FFN, the LM head over the batch's tokens) and, on a GPU, 8192³, in TFLOP/s.
+ * - matmul (only when named): `x @ W^T` at the model's shapes (the attention projection, the FFN, the
+ *   LM head over the batch's tokens) and, on a GPU, 8192³, in TFLOP/s: fp32, then mixed with each
+ *   `--tiling` (tensor-core fragments TM x TN per subgroup, WX x WY subgroups per workgroup), each
+ *   with its largest difference from the fp32 product relative to the largest entry.
  */
 import * as tf from "@tensorflow/tfjs"
 import { NodeRuntime } from "@effect/platform-node"
-import { Console, Effect } from "effect"
+import { Console, Effect, Schema } from "effect"
 import { parseArgs } from "node:util"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
 import * as Config from "../src/model/Config.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import * as Loss from "../src/train/Loss.ts"
 import { matMul } from "../src/model/MatMul.ts"
 import * as Model from "../src/model/Model.ts"
@@ -37,13 +42,22 @@ const { values } = parseArgs({
     steps: { type: "string", default: "5" },
     config: { type: "string", default: "bench-small" },
     case: { type: "string", multiple: true },
-    "head-chunk": { type: "string" }
+    "head-chunk": { type: "string" },
+    precision: { type: "string" },
+    tiling: { type: "string", multiple: true }
   }
 })
 const runs = Number(values.steps)
 /** Tokens per chunk of the LM head and loss in distill-step and profile (Loss.chunkedDistillation); whole logits when left out. */
 const headChunk = values["head-chunk"] === undefined ? undefined : Number(values["head-chunk"])
 const cases = values.case ?? ["distill-step", "forward", "decode"]
+/** --precision of the timed cases, as the training commands take it (default: mixed where the GPU has tensor cores). */
+const precision = values.precision === undefined ? undefined : Schema.decodeUnknownSync(TensorCoreMatMul.Precision)(values.precision)
+/** Tilings the matmul case compares in mixed precision, each "TM,TN,WX,WY[,staged]" (default: the kernel's own). */
+const tilings = (values.tiling ?? []).map((text): TensorCoreMatMul.Tiling => {
+  const [tm, tn, wx, wy] = text.split(",").map(Number)
+  return { tm, tn, wx, wy, staged: text.endsWith(",staged") }
+})
 
 const shapes = {
   "bench-small": { vocab: 2048, hidden: 256, ffn: 768, layers: 4, heads: 8, kv: 2, headDim: 32, seq: 256, batch: 4 },
@@ -131,12 +145,13 @@ const program = Effect.gen(function*() {
           backend: backend.name,
           device: backend.device,
           features: backend.features,
+          precision: TensorCoreMatMul.current(),
           tokens_per_s: tokens / seconds,
           step_s: seconds,
           ...(headChunk === undefined ? {} : { head_chunk: headChunk }),
           ...(poolBytes === undefined ? {} : { gpu_peak_bytes: poolBytes })
         })
-        : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s${
+        : `${name.padEnd(13)} ${backend.name.padEnd(7)} ${TensorCoreMatMul.current().padEnd(5)} ${(tokens / seconds).toFixed(0).padStart(8)} tokens/s  ${seconds.toFixed(3)} s${
           poolBytes === undefined ? "" : `  peak GPU ${(poolBytes / 2 ** 30).toFixed(2)} GiB`
         }`
     )
@@ -170,18 +185,55 @@ const program = Effect.gen(function*() {
       ["lm head", b * t, d, v],
       ...(backend.gpuMemory() === undefined ? [] : [["8192³", 8192, 8192, 8192] as [string, number, number, number]])
     ]
+    // fp32 first, then mixed with each tiling asked for (mixed only where the tensor cores are usable).
+    const variants: Array<[string, TensorCoreMatMul.Tiling | undefined]> = [
+      ["fp32", undefined],
+      ...(TensorCoreMatMul.usable() ? (tilings.length ? tilings : [TensorCoreMatMul.defaultTiling]).map((tiling) => ["mixed", tiling] as [string, TensorCoreMatMul.Tiling]) : [])
+    ]
     for (const [name, m, k, n] of products) {
       const [x, w] = [tf.randomNormal([m, k]), tf.randomNormal([n, k])]
-      const seconds = yield* median(Effect.promise(async () => {
-        const product = matMul(x, w, false, true)
-        await product.data()
-        product.dispose()
-      }))
+      let exact: Float32Array | undefined
+      for (const [mode, tiling] of variants) {
+        if (tiling) TensorCoreMatMul.useTiling(tiling)
+        const once = async () => {
+          const product = matMul(x, w, false, true)
+          const values = (await product.data()) as Float32Array
+          product.dispose()
+          return values
+        }
+        // Timed: several products queued back to back, then one entry read, so that reading a
+        // whole product back (1 GiB for the LM head) is not what is measured.
+        const repeats = 5
+        const queued = async () => {
+          let last: tf.Tensor | undefined
+          for (let r = 0; r < repeats; r++) {
+            const product = matMul(x, w, false, true)
+            last?.dispose()
+            last = product
+          }
+          const entry = tf.slice(last!, [0, 0], [1, 1])
+          await entry.data()
+          tf.dispose([last!, entry])
+        }
+        const inMode = <A, E>(effect: Effect.Effect<A, E>) => effect.pipe(TensorCoreMatMul.withPrecision(mode as TensorCoreMatMul.Precision))
+        const seconds = (yield* median(Effect.promise(queued)).pipe(inMode)) / repeats
+        const result = yield* Effect.promise(once).pipe(inMode)
+        // Worst difference from the fp32 product, relative to the largest fp32 entry.
+        let worst = 0
+        let largest = 0
+        if (exact === undefined) exact = result
+        else for (let i = 0; i < exact.length; i++) {
+          worst = Math.max(worst, Math.abs(result[i] - exact[i]))
+          largest = Math.max(largest, Math.abs(exact[i]))
+        }
+        const error = largest > 0 ? worst / largest : 0
+        const tflops = (2 * m * k * n) / seconds / 1e12
+        const label = tiling ? `${mode} ${tiling.tm}x${tiling.tn} tiles, ${tiling.wx}x${tiling.wy} subgroups${tiling.staged ? ", staged" : ""}` : mode
+        yield* Console.log(values.json
+          ? JSON.stringify({ case: "matmul", config: configName, backend: backend.name, product: name, precision: mode, tiling, m, k, n, seconds, tflops, relative_error: error })
+          : `matmul ${name.padEnd(22)} [${m}, ${k}] x [${n}, ${k}]^T  ${label.padEnd(34)} ${tflops.toFixed(2).padStart(7)} TFLOP/s  ${seconds.toFixed(4)} s  error ${error.toExponential(1)}`)
+      }
       tf.dispose([x, w])
-      const tflops = (2 * m * k * n) / seconds / 1e12
-      yield* Console.log(values.json
-        ? JSON.stringify({ case: "matmul", config: configName, backend: backend.name, product: name, m, k, n, seconds, tflops })
-        : `matmul ${name.padEnd(22)} [${m}, ${k}] x [${n}, ${k}]^T  ${tflops.toFixed(2)} TFLOP/s  ${seconds.toFixed(4)} s`)
     }
   }
   if (cases.includes("forward")) {
@@ -211,6 +263,6 @@ const program = Effect.gen(function*() {
     )
     yield* report("decode", seconds, b * steps)
   }
-}).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(values.backend as BackendName | undefined)))
+}).pipe(Effect.scoped, TensorCoreMatMul.withPrecision(precision), Effect.provide(TensorBackend.layer(values.backend as BackendName | undefined)))
 
 NodeRuntime.runMain(program)

@@ -30,6 +30,7 @@ import * as Teacher from "../layers/Teacher.ts"
 import { type BackendName, TensorBackend } from "../layers/TensorBackend.ts"
 import * as tf from "@tensorflow/tfjs"
 import { LogitsTooLarge } from "../src/Errors.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Reference from "../src/io/Reference.ts"
 import { maxAbsDiff } from "../src/io/Reference.ts"
@@ -189,7 +190,7 @@ const logitsOf = (model: Model.Model, ids: ReadonlyArray<ReadonlyArray<number>>)
 
 /** Next-token cross-entropy through a one-hot (tf.gather's gradient is not on every backend), a mean over the tokens. */
 const crossEntropy = (ids: ReadonlyArray<ReadonlyArray<number>>, targets: ReadonlyArray<ReadonlyArray<number>>) =>
-  (model: Model.Model): Training.Objective => ({
+  (model: Model.Model, _batch?: unknown): Training.Objective => ({
     loss: tf.tidy(() => {
       const logProbs = tf.logSoftmax(Model.forward(model, ids).logits)
       return tf.neg(tf.mean(tf.sum(tf.mul(logProbs, tf.oneHot(tf.tensor2d(targets as Array<Array<number>>, undefined, "int32"), model.config.vocabSize)), -1))) as tf.Scalar
@@ -212,8 +213,8 @@ const crossEntropyOf = (logits: Float32Array, vocab: number, targets: ReadonlyAr
 
 /**
  * The kernels a vocabulary block uses, one by one, on blocks up to the binding limit (1/8 of it, half,
- * all of it), against exact values: the block read back, rows gathered, and x·Bᵀ for x a one-hot
- * row and a row of ones. Entry (r, c) is ((r * 7 + c * 3) % 17 - 8) / 8, exact in float32, so a
+ * all of it, and blocks of 3 rows and of 1), against exact values: the block read back, rows gathered, and x·Bᵀ for x a one-hot
+ * row, a row of ones, and dense x of 6 and 64 rows (at some columns). Entry (r, c) is ((r * 7 + c * 3) % 17 - 8) / 8, exact in float32, so a
  * one-hot product equals its row exactly and a row of ones the row's sum (small integers / 8).
  * Says which operation fails at which size, where the whole-model check only sees wrong logits.
  */
@@ -223,11 +224,11 @@ const bindingKernels = Effect.gen(function*() {
   const value = (r: number, c: number) => (((r * 7 + c * 3) % 17) - 8) / 8
   const lines: Array<string> = []
   const failures: Array<string> = []
-  const sizes = Number.isFinite(limit) ? [8, 2, 1].map((part) => Math.floor(limit / (4 * columns * part))) : [1000]
+  const sizes = [...(Number.isFinite(limit) ? [8, 2, 1].map((part) => Math.floor(limit / (4 * columns * part))) : [1000]), 3, 1]
   for (const rows of sizes) {
     const values = new Float32Array(rows * columns)
     for (let r = 0; r < rows; r++) for (let c = 0; c < columns; c++) values[r * columns + c] = value(r, c)
-    const probes = [0, Math.floor(rows / 2) + 1, rows - 1]
+    const probes = [0, Math.min(Math.floor(rows / 2) + 1, rows - 1), rows - 1]
     const outcome = yield* Effect.promise(async () => {
       const block = tf.tensor2d(values, [rows, columns])
       const readBack = (await block.data()) as Float32Array // uploads on first use, then reads back
@@ -236,8 +237,26 @@ const bindingKernels = Effect.gen(function*() {
       // x·Bᵀ: [3, C] one-hot rows pick columns of Bᵀ = rows of B; [1, C] ones sum each row.
       const picked = matMul(tf.oneHot(tf.tensor1d([1, 2, 3], "int32"), columns).toFloat() as tf.Tensor2D, block, false, true)
       const sums = matMul(ones as tf.Tensor2D, block, false, true)
-      const [gatheredValues, pickedValues, sumValues] = await Promise.all([gathered.data(), picked.data(), sums.data()])
-      tf.dispose([block, gathered, ones, picked, sums])
+      // Dense x of 6 and 64 rows (a few tokens' hidden states; tfjs picks its kernel by shape), entries
+      // small multiples of 1/8 so that every sum is exact in float32: checked at a few columns.
+      const denseValue = (i: number, c: number) => (((i * 5 + c * 11) % 13) - 6) / 8
+      const denseRows = [6, 64]
+      const dense = denseRows.map((m) => tf.tensor2d(Float32Array.from({ length: m * columns }, (_, j) => denseValue(Math.floor(j / columns), j % columns)), [m, columns]))
+      const denseProducts = dense.map((x) => matMul(x, block, false, true))
+      const [gatheredValues, pickedValues, sumValues, ...denseValues] = await Promise.all([gathered.data(), picked.data(), sums.data(), ...denseProducts.map((t) => t.data())])
+      tf.dispose([block, gathered, ones, picked, sums, ...dense, ...denseProducts])
+      const checkedColumns = [...new Set([0, 1, Math.floor(rows / 2), rows - 2, rows - 1, ...Array.from({ length: 20 }, (_, j) => Math.floor((j * rows) / 20))])].filter((r) => r >= 0 && r < rows)
+      const denseError = denseRows.map((m, which) => {
+        let most = 0
+        for (let i = 0; i < m; i++) {
+          for (const r of checkedColumns) {
+            let expected = 0
+            for (let c = 0; c < columns; c++) expected += denseValue(i, c) * value(r, c)
+            most = Math.max(most, Math.abs(denseValues[which][i * rows + r] - expected))
+          }
+        }
+        return most
+      })
       const worst = (check: (i: number) => number, n: number) => {
         let most = 0
         for (let i = 0; i < n; i++) most = Math.max(most, check(i))
@@ -252,11 +271,13 @@ const bindingKernels = Effect.gen(function*() {
           let sum = 0
           for (let c = 0; c < columns; c++) sum += value(r, c)
           return Math.abs(sumValues[r] - sum)
-        }, rows)
+        }, rows),
+        matMulDense6: denseError[0],
+        matMulDense64: denseError[1]
       }
     })
     const bytes = (rows * columns * 4) / 2 ** 30
-    lines.push(`${rows} rows (${bytes.toFixed(2)} GiB): read back ${outcome.readBack}, gather ${outcome.gather}, x·Bᵀ one-hot ${outcome.matMulOneHot}, x·Bᵀ ones ${outcome.matMulSums}`)
+    lines.push(`${rows} rows (${bytes.toFixed(2)} GiB): read back ${outcome.readBack}, gather ${outcome.gather}, x·Bᵀ one-hot ${outcome.matMulOneHot}, x·Bᵀ ones ${outcome.matMulSums}, dense x of 6 rows ${outcome.matMulDense6}, of 64 ${outcome.matMulDense64}`)
     for (const [name, error] of Object.entries(outcome)) if (error > 1e-3) failures.push(`${name} at ${bytes.toFixed(2)} GiB off by ${error}`)
   }
   yield* expect(failures.length === 0, `${failures.join("; ")} (${lines.join("; ")})`)
@@ -278,8 +299,9 @@ const wideVocabulary = (dir: string) =>
     // 131072 x 4096 x 4 bytes is 2 GiB, just past an H200's 2 GiB - 4; more rows where a device binds more.
     const vocab = limited ? Math.max(131072, Math.floor(limit / (4 * hidden)) + 1) : 4099
     const config = yield* wideVocabularyConfig(vocab, hidden)
-    // Rows at the ends of blocks (of 1000 rows when forced; of 131071 on an H200, the last block one row).
-    const ids = [[0, 999, vocab - 1], [1000, vocab - 2, 5]]
+    // Rows at the ends of blocks (of 1000 rows when forced; two of 65536 on an H200).
+    const firstEnd = limited ? yield* Effect.sync(() => RowBlocks.ranges(vocab, hidden)[0][1]).pipe(onBackend(underTest)) : 1000
+    const ids = [[0, firstEnd - 1, vocab - 1], [firstEnd, vocab - 2, 5]]
     const targets = ids.map((row) => row.map((id) => (id * 7 + 3) % vocab))
     const learningRate = 1e-3
     const gpu = yield* Effect.gen(function*() {
@@ -303,19 +325,168 @@ const wideVocabulary = (dir: string) =>
       const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
       const step = yield* Training.step(run, adam, [undefined], crossEntropy(ids, targets), { learningRate, maxGradNorm: 1 })
       const moved = maxAbsDiff(yield* logitsOf(run.model, ids), logits)
-      return { blocks, logits, roundTrip, step, moved, refused: refused?.message }
+      return { blocks, blockRows: made.weights.embed.map((block) => block.shape[0]), logits, roundTrip, step, moved, refused: refused?.message }
     }).pipe(onBackend(underTest))
     const cpu = yield* Effect.gen(function*() {
       return yield* logitsOf(yield* Pretrained.load(folder), ids)
     }).pipe(onBackend("cpu"))
     const diff = maxAbsDiff(gpu.logits, cpu)
-    yield* expect(diff <= 1e-4, `logits differ from the cpu's by ${diff}`)
+    // Where they differ: by token, and by the vocabulary block a logit comes from.
+    const whereDiffers = () => {
+      let start = 0
+      const half = gpu.blockRows.map((rows) => [start, (start += rows)] as const)
+      return ids.flat().map((id, token) => {
+        const row = (from: Float32Array) => from.subarray(token * vocab, (token + 1) * vocab)
+        const byBlock = half.map(([start, end]) => maxAbsDiff(row(gpu.logits).subarray(start, end), row(cpu).subarray(start, end)).toExponential(1))
+        return `token ${id}: ${byBlock.join(" / ")}`
+      }).join("; ")
+    }
+    yield* expect(diff <= 1e-4, `logits differ from the cpu's by ${diff} (by token and block: ${diff <= 1e-4 ? "" : whereDiffers()})`)
     const loss = crossEntropyOf(cpu, vocab, targets)
     yield* expect(Math.abs(gpu.step.loss - loss) <= 1e-4, `the step's loss ${gpu.step.loss}, the cpu logits' ${loss}`)
     yield* expect(Number.isFinite(gpu.step.gradNorm) && gpu.step.gradNorm > 0 && gpu.moved > 0, `the step did not train: ${JSON.stringify(gpu.step)}`)
     return `[${vocab}, ${hidden}] (${(vocab * hidden * 4 / 2 ** 30).toFixed(2)} GiB fp32, binding limit ${limit}) in ${gpu.blocks} blocks: ` +
       `save and load within ${gpu.roundTrip.toExponential(1)}, logits within ${diff.toExponential(2)} of cpu, a step with loss ${gpu.step.loss.toFixed(4)} (cpu ${loss.toFixed(4)}), ` +
       `gradient norm ${gpu.step.gradNorm.toExponential(2)}${gpu.refused === undefined ? "" : `; ${gpu.refused}`}`
+  })
+
+/**
+ * Products on the tensor cores (`--precision mixed`) against the same products in fp32 on the same
+ * GPU: shapes of whole tiles and odd ones, every transpose, batches and a shared operand. Each entry
+ * within f16 rounding of its terms (2e-3 of sum_k |a_ik b_kj|); the large ones not bit-equal to
+ * fp32, which says the tensor cores did them; and the gradients of a product within 5e-3 of the
+ * largest fp32 gradient entry.
+ */
+const tensorCoreProducts = Effect.gen(function*() {
+  yield* expect(TensorCoreMatMul.usable(), "the tensor-core kernel is not usable on this device")
+  // [batch of a, batch of b, m, k, n, transposeA, transposeB]
+  const cases: Array<[number, number, number, number, number, boolean, boolean]> = [
+    [1, 1, 64, 64, 64, false, false],
+    [1, 1, 1000, 333, 517, false, true],
+    [1, 1, 129, 1031, 257, true, false],
+    [1, 1, 77, 4100, 1999, true, true],
+    [8, 8, 100, 64, 100, false, true],
+    [3, 1, 200, 96, 300, false, false],
+    [1, 1, 17, 16, 16, false, false]
+  ]
+  const lines: Array<string> = []
+  for (const [batchA, batchB, m, k, n, transposeA, transposeB] of cases) {
+    const outcome = yield* Effect.promise(async () => {
+      const shapeOf = (batch: number, rows: number, columns: number) => (batch === 1 && batchA === batchB ? [rows, columns] : [batch, rows, columns])
+      const a = tf.randomNormal(shapeOf(batchA, transposeA ? k : m, transposeA ? m : k), 0, 1, "float32", 1)
+      const b = tf.randomNormal(shapeOf(batchB, transposeB ? n : k, transposeB ? k : n), 0, 1, "float32", 2)
+      const weights = tf.randomNormal([Math.max(batchA, batchB), m, n], 0, 1, "float32", 3)
+      const run = (precision: TensorCoreMatMul.Precision) =>
+        Effect.runPromise(Effect.promise(async () => {
+          const product = matMul(a, b, transposeA, transposeB)
+          // tfjs' gradient of a product does not sum a shared operand's over the batch: none asked of it.
+          const grads = batchA === batchB
+            ? tf.grads((x: tf.Tensor, y: tf.Tensor) => tf.sum(tf.mul(matMul(x, y, transposeA, transposeB), weights.reshape(product.shape))))([a, b])
+            : []
+          const values = await Promise.all([product, ...grads].map((t) => t.data() as Promise<Float32Array>))
+          tf.dispose([product, ...grads])
+          return values
+        }).pipe(TensorCoreMatMul.withPrecision(precision)))
+      const [exact, mixed] = [await run("fp32"), await run("mixed")]
+      const bound = matMul(tf.abs(a), tf.abs(b), transposeA, transposeB)
+      const bounds = (await bound.data()) as Float32Array
+      tf.dispose([a, b, weights, bound])
+      let productRatio = 0
+      let equal = true
+      for (let i = 0; i < exact[0].length; i++) {
+        productRatio = Math.max(productRatio, Math.abs(mixed[0][i] - exact[0][i]) / bounds[i])
+        equal &&= mixed[0][i] === exact[0][i]
+      }
+      const gradientError = exact.slice(1).map((_, index) => {
+        const g = index + 1
+        let worst = 0
+        let largest = 0
+        for (let i = 0; i < exact[g].length; i++) {
+          worst = Math.max(worst, Math.abs(mixed[g][i] - exact[g][i]))
+          largest = Math.max(largest, Math.abs(exact[g][i]))
+        }
+        return worst / largest
+      })
+      return { productRatio, equal, gradientError }
+    })
+    const name = `${batchA}x${batchB} [${m}, ${k}] x [${k}, ${n}]${transposeA ? " Aᵀ" : ""}${transposeB ? " Bᵀ" : ""}`
+    lines.push(`${name}: ${outcome.productRatio.toExponential(1)} of |a||b|, gradients ${outcome.gradientError.map((e) => e.toExponential(1)).join("/")}`)
+    yield* expect(outcome.productRatio <= 2e-3, `${name}: an entry off by ${outcome.productRatio} of sum |a||b|`)
+    yield* expect(!outcome.equal || m * k * n < 1e5, `${name}: mixed equals fp32 bit for bit, so the tensor cores did not run`)
+    yield* expect(Math.max(0, ...outcome.gradientError) <= 5e-3, `${name}: gradients off by ${outcome.gradientError.join(", ")} of the largest`)
+  }
+  return lines.join("; ")
+}).pipe(onBackend(underTest))
+
+/**
+ * Three AdamW updates (decayed matrix, undecayed vector, odd sizes) on the GPU, one fused dispatch a
+ * parameter, against the same updates op by op on the cpu backend: within 1e-6 of the largest value.
+ */
+const fusedAdamW = Effect.gen(function*() {
+  const shapes: Record<string, Array<number>> = { matrix: [37, 129], vector: [1031] }
+  const updated = (backend: BackendName) =>
+    Effect.gen(function*() {
+      // Seeds from 1: tfjs takes a seed of 0 for none and draws a random one.
+      const params = new Map(Object.entries(shapes).map(([name, shape], i) => [name, tf.variable(tf.randomUniform(shape, -1, 1, "float32", i + 1))]))
+      const adam = yield* Optimizer.make(params, { ...Optimizer.defaultConfig, weightDecay: 0.1 })
+      for (let step = 0; step < 3; step++) {
+        const grads = new Map([...params].map(([name, param], i) => [name, tf.randomNormal(param.shape, 0, 1, "float32", 10 * step + i + 1)]))
+        Optimizer.update(adam, grads, 1e-2 * (step + 1))
+        tf.dispose([...grads.values()])
+      }
+      const values = yield* Effect.promise(() => Promise.all([...params.values(), ...adam.expAvg.values(), ...adam.expAvgSq.values()].map((t) => t.data() as Promise<Float32Array>)))
+      tf.dispose([...params.values()])
+      return values
+    }).pipe(onBackend(backend))
+  const [gpu, cpu] = [yield* updated(underTest), yield* updated("cpu")]
+  const errors = gpu.map((values, i) => maxAbsDiff(values, cpu[i]) / Math.max(...cpu[i].map(Math.abs)))
+  yield* expect(Math.max(...errors) <= 1e-6, `fused AdamW differs from the op-by-op update by ${errors.join(", ")} of the largest value`)
+  return `parameters, first and second moments within ${Math.max(...errors).toExponential(1)} of the cpu's`
+})
+
+/**
+ * Loss scaling in mixed precision: a step whose scaled gradients overflow (the scale forced to 2^120)
+ * leaves parameters and moments bit for bit, halves the scale, counts the skip and takes back the
+ * step count; the next step (scale 2^16) trains.
+ */
+const lossScaling = Effect.gen(function*() {
+  const model = yield* Pretrained.load(parent)
+  const run = yield* Training.trainable(model)
+  const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
+  const ids = [[1, 17, 300, 42, 7, 9], [1, 5, 11, 13, 2, 3]]
+  const objective = crossEntropy(ids, ids.map((row) => row.map((id) => (id + 1) % model.config.vocabSize)))
+  const snapshot = () => Effect.promise(() => Promise.all([...run.variables.values(), ...adam.expAvg.values()].map((t) => t.data() as Promise<Float32Array>)))
+  const before = yield* snapshot()
+  adam.scaler.scale = 2 ** 120
+  const overflowed = yield* Training.step(run, adam, [undefined], objective, { learningRate: 1e-3, maxGradNorm: 1 }).pipe(TensorCoreMatMul.withPrecision("mixed"))
+  const after = yield* snapshot()
+  const unchanged = before.every((values, i) => values.every((x, j) => Object.is(x, after[i][j])))
+  yield* expect(overflowed.skipped && unchanged, `the overflowed step was not skipped cleanly: skipped ${overflowed.skipped}, unchanged ${unchanged}`)
+  yield* expect(adam.scaler.scale === 2 ** 119 && adam.scaler.skipped === 1 && adam.step === 0, `scaler ${JSON.stringify(adam.scaler)}, step ${adam.step}`)
+  adam.scaler.scale = 2 ** 16
+  const trained = yield* Training.step(run, adam, [undefined], objective, { learningRate: 1e-3, maxGradNorm: 1 }).pipe(TensorCoreMatMul.withPrecision("mixed"))
+  const moved = maxAbsDiff((yield* snapshot())[0], before[0])
+  yield* expect(!trained.skipped && Number.isFinite(trained.gradNorm) && moved > 0 && adam.step === 1, `the next step did not train: ${JSON.stringify(trained)}`)
+  return `overflow at 2^120 skipped (scale now 2^119), then a step at 2^16 with gradient norm ${trained.gradNorm.toExponential(2)}`
+}).pipe(onBackend(underTest))
+
+/**
+ * The training check's 30 steps again with products in mixed precision: losses within 2% of fp32's
+ * at every step, and not equal to them (the tensor cores ran).
+ */
+const mixedDistillation = (dir: string, trained: { cpuChild: string; data: string; gpu: ReadonlyArray<number> }) =>
+  Effect.gen(function*() {
+    const out = path.join(dir, "distill-mixed")
+    yield* distill(distillOptions(trained.cpuChild, trained.data, out)).pipe(
+      TensorCoreMatMul.withPrecision("mixed"),
+      Effect.scoped,
+      Effect.provide(Layer.provideMerge(Teacher.inProcess(parent, { topK: 32 }), TensorBackend.layer(underTest)))
+    )
+    const mixed = yield* losses(out)
+    const relative = worstRelative(mixed, trained.gpu)
+    yield* expect(relative <= 0.02, `mixed losses differ from fp32's by ${relative} relative`)
+    yield* expect(relative > 0, "mixed losses equal fp32's exactly: the tensor cores did not run")
+    return `30 steps, losses ${mixed[0].toFixed(4)} -> ${mixed[29].toFixed(4)} (fp32 ${trained.gpu[29].toFixed(4)}), worst relative difference ${relative.toExponential(2)}`
   })
 
 /** Whether this machine has a GPU adapter, and if not why. */
@@ -331,6 +502,10 @@ const program = Effect.gen(function*() {
     ["calibration, pruning and 30 distillation steps equal the CPU's", () => Effect.map(training(dir), (t) => ((trained = t), t.summary))],
     ["a killed run resumes to the same losses", () => (trained ? resume(dir, trained.cpuChild, trained.data, trained.gpu) : Effect.die(new CheckFailed("needs the training check")))],
     ["greedy generation equals the CPU's", () => generation],
+    ["products and their gradients on the tensor cores (mixed precision)", () => tensorCoreProducts],
+    ["AdamW fused into one dispatch a parameter equals the op-by-op update", () => fusedAdamW],
+    ["an overflowing loss-scaled step is skipped on the GPU and the scale halves", () => lossScaling],
+    ["30 distillation steps in mixed precision stay within 2% of fp32", () => (trained ? mixedDistillation(dir, trained) : Effect.die(new CheckFailed("needs the training check")))],
     ["gather, matMul and read-back on blocks up to one binding (vocabulary kernels)", () => bindingKernels],
     ["a vocabulary matrix larger than one binding loads, runs, trains and saves", () => wideVocabulary(dir)]
   ]

@@ -19,6 +19,7 @@ import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import type * as Model from "../src/model/Model.ts"
 import type { Tokenizer } from "../src/io/Tokenizer.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 
 export const Manifest = Schema.Struct({
   format: Schema.Literal("cascade-calibration/1"),
@@ -66,6 +67,7 @@ export const readManifest = Effect.fn("Calibrate.readManifest")(function*(dir: s
   )
 })
 
+/** Accumulates calibration statistics in fp32 whatever the training precision: they decide what pruning keeps. */
 export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model.Model, options: CalibrateOptions) {
   const { out, seq } = options
   const samples = options.samples ?? null
@@ -142,4 +144,4 @@ export const calibrate = Effect.fn("Calibrate.calibrate")(function*(model: Model
     return yield* new DataError({ file: options.data, reason: "holds no tokens to calibrate on" })
   }
   return { stats, manifest: yield* save(true) }
-})
+}, TensorCoreMatMul.withPrecision("fp32"))

@@ -18,6 +18,7 @@ import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Pruning from "../src/prune/Pruning.ts"
 import type { FloatDtype } from "../src/io/Safetensors.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import * as Calibrate from "./Calibrate.ts"
 
 /** Checks targets against the parent and the statistics against the parent. */
@@ -155,7 +156,10 @@ const inputsOf = Effect.fnUntraced(function*(options: PruneOptions, selection: P
 
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
-/** Loads parent and statistics, prunes and writes OUT. Returns the report with the inputs it records. */
+/**
+ * Loads parent and statistics, prunes and writes OUT. Returns the report with the inputs it records.
+ * Rotations and ties are fitted in fp32 whatever the training precision.
+ */
 export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   const selection = options.selection ?? { kind: "scores" }
   const calibration = yield* Calibrate.readManifest(options.statsDir)
@@ -201,4 +205,4 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
     catch: io(options.out, "cannot move the pruned checkpoint into place")
   })
   return result
-})
+}, TensorCoreMatMul.withPrecision("fp32"))

@@ -5,6 +5,7 @@ import { type DtypeName, dtypeNames } from "../io/Pretrained.ts"
 import type { FloatDtype } from "../io/Safetensors.ts"
 import { documentMaskByDefault } from "../data/Dataset.ts"
 import type { SupervisedOptions } from "../train/Training.ts"
+import { Precision } from "../gpu/TensorCoreMatMul.ts"
 
 /**
  * `--dtype` of the commands that write a model (prune, distill, sft, grpo, odpo): what its weights are
@@ -16,13 +17,24 @@ export const dtypeFlag = Flag.ChoiceWithValue("dtype", Object.entries(dtypeNames
   Flag.optional
 )
 
+/**
+ * `--precision` of the commands that train (and of the pipelines): the products of the model and of
+ * its gradients on the GPU's tensor cores in f16 with f32 accumulation, or all in fp32. Unset, mixed
+ * where the GPU has f16 subgroup matrices, fp32 elsewhere (every CPU backend).
+ */
+export const precisionFlag = Flag.Literals("precision", Precision.literals).pipe(
+  Flag.withDescription("Products in fp32, or mixed: f16 on the GPU's tensor cores with f32 accumulation (default: mixed where the GPU has them, else fp32)"),
+  Flag.optional
+)
+
 /** Weight decay, clipping, seed and checkpoint flags, with the defaults and the seed's meaning of the command's kind. */
 const runFlags = (kind: { readonly weightDecay: number; readonly seed: string; readonly saveEvery: number }) => ({
   weightDecay: Flag.Finite("weight-decay").pipe(Flag.withDefault(kind.weightDecay)),
   maxGradNorm: Flag.Finite("max-grad-norm").pipe(Flag.withDescription("Global gradient norm clip (0: none)"), Flag.withDefault(1)),
   seed: Flag.Int("seed").pipe(Flag.withDescription(kind.seed), Flag.withDefault(0)),
   saveEvery: Flag.Int("save-every").pipe(Flag.withDescription("Checkpoint every N steps"), Flag.withDefault(kind.saveEvery)),
-  resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false))
+  resume: Flag.Boolean("resume").pipe(Flag.withDescription("Continue the run in OUT from its last checkpoint"), Flag.withDefault(false)),
+  precision: precisionFlag
 })
 
 /** The commands that train on their own samples (grpo, odpo): a constant learning rate; the seed also seeds the sampling. */

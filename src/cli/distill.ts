@@ -8,6 +8,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { distill } from "../../stages/Distill.ts"
 import * as TeacherCacheFormat from "../io/TeacherCacheFormat.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import * as Config from "../model/Config.ts"
 import * as Progress from "./Progress.ts"
 import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
@@ -80,6 +81,7 @@ export const distillCommand = Command.make(
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
+      TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(Layer.provideMerge(teacher, TensorBackend.layer(Option.getOrUndefined(backend))))
     )
     yield* Console.log(`distilled ${state.step} steps -> ${flags.out}`)

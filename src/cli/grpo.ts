@@ -6,6 +6,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { defaultLoop, grpo } from "../../stages/Grpo.ts"
 import * as Progress from "./Progress.ts"
 import { onPolicyFlags, trainingOptions } from "./TrainingFlags.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import { cascade } from "./root.ts"
 
 export const grpoCommand = Command.make(
@@ -56,6 +57,7 @@ export const grpoCommand = Command.make(
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
+      TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(Layer.merge(
         Rewards.layer({ judge: judge === undefined ? undefined : { urls: judge.split(","), model: Option.getOrUndefined(flags.judgeModel) } }),
         TensorBackend.layer(Option.getOrUndefined(backend))

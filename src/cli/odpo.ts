@@ -7,6 +7,7 @@ import { defaultLoop } from "../../stages/Grpo.ts"
 import { odpo } from "../../stages/Odpo.ts"
 import * as Progress from "./Progress.ts"
 import { onPolicyFlags, trainingOptions } from "./TrainingFlags.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import { cascade } from "./root.ts"
 
 export const odpoCommand = Command.make(
@@ -44,6 +45,7 @@ export const odpoCommand = Command.make(
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
+      TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(Layer.provideMerge(Preference.fromPwrm(flags.pwrm), TensorBackend.layer(Option.getOrUndefined(backend))))
     )
     yield* Console.log(`odpo: ${state.step} steps -> ${flags.out}`)

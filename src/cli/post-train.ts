@@ -6,6 +6,8 @@ import * as path from "node:path"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import * as PostTrain from "../../stages/PostTrain.ts"
 import { ConfigError } from "../Errors.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
+import { precisionFlag } from "./TrainingFlags.ts"
 import * as Progress from "./Progress.ts"
 import { cascade } from "./root.ts"
 
@@ -54,7 +56,8 @@ export const postTrainCommand = Command.make(
       Flag.withDescription("instruct (SFT with distillation, online DPO), reasoning (SFT on traces, GRPO on verifiers, GRPO on rubrics, online DPO), or both"),
       Flag.withDefault("both")
     ),
-    redo: Flag.Boolean("redo").pipe(Flag.withDescription("Start over instead of resuming the run folder"), Flag.withDefault(false))
+    redo: Flag.Boolean("redo").pipe(Flag.withDescription("Start over instead of resuming the run folder"), Flag.withDefault(false)),
+    precision: precisionFlag
   },
   Effect.fn("cli.postTrain")(function*(flags) {
     const { backend } = yield* cascade
@@ -79,7 +82,7 @@ export const postTrainCommand = Command.make(
           if (step === total) bar.finish()
         }
       }
-    }).pipe(Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
+    }).pipe(TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)), Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
     yield* Console.log(`\n${PostTrain.table(report.rows)}\n\nreport and checkpoints: ${config.run}${config.report === undefined ? "" : `; rows added to ${config.report}`}`)
   })
 ).pipe(Command.withDescription("Post-train a model: the instruct and reasoning pipelines (SFT, GRPO, online DPO), resumable, with the report"))

@@ -5,6 +5,7 @@ import { TensorBackend } from "../../layers/TensorBackend.ts"
 import { train } from "../../stages/PwrmTrain.ts"
 import * as Progress from "./Progress.ts"
 import { dataSetRunFlags, peakLearningRate, trainingOptions, warmup, warmupSteps } from "./TrainingFlags.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import { cascade } from "./root.ts"
 
 const pairsFile = `JSONL file of {"prompt", "a", "b", "preferred": "a" | "b"} lines`
@@ -40,6 +41,7 @@ const trainCommand = Command.make(
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
+      TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend)))
     )
     const { accuracy, before, after, crossFitted } = card.heldoutMetrics

@@ -7,6 +7,8 @@ import { pathToFileURL } from "node:url"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import * as Cascade from "../../stages/Cascade.ts"
 import { ConfigError } from "../Errors.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
+import { precisionFlag } from "./TrainingFlags.ts"
 import * as Progress from "./Progress.ts"
 import { cascade } from "./root.ts"
 
@@ -39,6 +41,7 @@ export const runCommand = Command.make(
     config: Argument.String("config").pipe(Argument.withDescription("Cascade config: a .json file or a .ts module whose default export is the config")),
     run: Flag.String("run").pipe(Flag.withDescription("Run folder (default: the config's, suffixed by the ablation flags)"), Flag.optional),
     redo: Flag.Boolean("redo").pipe(Flag.withDescription("Start over instead of resuming the run folder"), Flag.withDefault(false)),
+    precision: precisionFlag,
     ceWeight: Flag.Finite("ce-weight").pipe(Flag.withDescription("Ablation: add the next-token loss with this weight to the KL"), Flag.optional),
     teacher: Flag.String("teacher").pipe(Flag.withDescription("Ablation: root (default), previous, or a checkpoint folder"), Flag.optional),
     randomPruning: Flag.Int("random-pruning").pipe(Flag.withDescription("Ablation: prune at random with this seed instead of by scores"), Flag.optional)
@@ -74,7 +77,7 @@ export const runCommand = Command.make(
         bar.update(metrics.step, `kl ${metrics.kl.toFixed(4)} ${metrics.tokens_per_s.toFixed(0)} tok/s`)
         if (metrics.step === total) bar.finish()
       }
-    }).pipe(Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
+    }).pipe(TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)), Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
     yield* Console.log(`\n${Cascade.table(rows)}\n\nreport, plots and checkpoints: ${config.run}`)
   })
 ).pipe(Command.withDescription("Run a cascade (calibrate, prune, distill short, distill long, down a list of sizes) and print the retention report"))

@@ -6,6 +6,7 @@ import { sft } from "../../stages/Sft.ts"
 import { teacherLayer } from "./distill.ts"
 import * as Progress from "./Progress.ts"
 import { supervisedFlags, supervisedOptions } from "./TrainingFlags.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import { cascade } from "./root.ts"
 
 export const sftCommand = Command.make(
@@ -42,6 +43,7 @@ export const sftCommand = Command.make(
     }).pipe(
       Effect.ensuring(Effect.sync(progress.finish)),
       Effect.scoped,
+      TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(Layer.provideMerge(teacher, TensorBackend.layer(Option.getOrUndefined(backend))))
     )
     yield* Console.log(`fine-tuned ${state.step} steps -> ${flags.out}`)

@@ -28,12 +28,15 @@ export const bindingLimit = (): number => {
   return device?.limits.maxStorageBufferBindingSize ?? Infinity
 }
 
-/** Rows per block of a float32 matrix of `columns` columns. */
-const rowsPerBlock = (columns: number) => forcedRows ?? Math.max(1, Math.floor(bindingLimit() / (4 * columns)))
-
-/** The row ranges [start, end) of the blocks of a [rows, columns] matrix: full blocks, the last one shorter. */
+/**
+ * The row ranges [start, end) of the blocks of a [rows, columns] float32 matrix. Under the binding
+ * limit the blocks are as even as they can be (131072 rows over 131071 a binding make two of 65536,
+ * not one of 131071 and one of a single row): no block sits at the very edge of a binding, and no
+ * product is a one-row special case. Forced sizes are taken as given: full blocks, the last shorter.
+ */
 export const ranges = (rows: number, columns: number): Array<readonly [number, number]> => {
-  const size = rowsPerBlock(columns)
+  const most = Math.max(1, Math.floor(bindingLimit() / (4 * columns)))
+  const size = forcedRows ?? Math.ceil(rows / Math.ceil(rows / most))
   const out: Array<readonly [number, number]> = []
   for (let start = 0; start < rows; start += size) out.push([start, Math.min(start + size, rows)])
   return out

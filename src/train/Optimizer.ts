@@ -15,6 +15,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
+import * as FusedAdamW from "../gpu/FusedAdamW.ts"
 
 export interface Config {
   readonly beta1: number
@@ -48,11 +49,29 @@ export const learningRate = (schedule: Schedule, step: number): number => {
   return min + 0.5 * (peak - min) * (1 + Math.cos(Math.PI * progress))
 }
 
-/** Moments and step count as plain arrays, each moment the parameter's values flattened row-major. */
+/**
+ * Dynamic loss scaling for mixed precision, as torch's GradScaler: the loss is multiplied by `scale`
+ * before the gradients so that small ones survive f16 operands, and the gradients divided by it
+ * after. A step whose gradients overflow (a non-finite norm) changes nothing and halves the scale;
+ * `growthInterval` clean steps in a row double it.
+ */
+export interface LossScaler {
+  scale: number
+  /** Clean steps since the scale last changed. */
+  goodSteps: number
+  /** Steps skipped for overflow, over the run. */
+  skipped: number
+}
+
+export const initialLossScale = 2 ** 16
+export const growthInterval = 2000
+
+/** Moments and step count as plain arrays, each moment the parameter's values flattened row-major; the loss scaler where one ran. */
 export interface State {
   readonly step: number
   readonly expAvg: ReadonlyMap<string, Float32Array>
   readonly expAvgSq: ReadonlyMap<string, Float32Array>
+  readonly scaler?: LossScaler | undefined
 }
 
 export interface AdamW {
@@ -62,6 +81,7 @@ export interface AdamW {
   readonly expAvgSq: ReadonlyMap<string, tf.Variable>
   /** Updates applied so far. */
   step: number
+  readonly scaler: LossScaler
 }
 
 /** A saved state that does not fit the parameters: a name missing or extra, or a wrong size. */
@@ -110,23 +130,37 @@ export const make = Effect.fn("Optimizer.make")(function*(
       params,
       expAvg: moment(state?.expAvg),
       expAvgSq: moment(state?.expAvgSq),
-      step: state?.step ?? 0
+      step: state?.step ?? 0,
+      scaler: { ...(state?.scaler ?? { scale: initialLossScale, goodSteps: 0, skipped: 0 }) }
     })),
     (adam) => Effect.sync(() => tf.dispose([...adam.expAvg.values(), ...adam.expAvgSq.values()]))
   )
 })
 
-/** One update with `grads` (by parameter name) at learning rate `lr`. */
-export const update = (adam: AdamW, grads: ReadonlyMap<string, tf.Tensor>, lr: number): void => {
+/**
+ * One update with `grads` (by parameter name) at learning rate `lr`; on a GPU one fused dispatch a
+ * parameter. `apply`, a scalar on the backend (1 or 0), lets the GPU skip the update without the
+ * host waiting to know whether to (a loss-scaled step that overflowed); fused updates only.
+ */
+export const update = (adam: AdamW, grads: ReadonlyMap<string, tf.Tensor>, lr: number, apply?: tf.Scalar): void => {
   const { beta1, beta2, eps, weightDecay, decayVectors } = adam.config
   adam.step += 1
   const stepSize = lr / (1 - beta1 ** adam.step)
   const correction2 = Math.sqrt(1 - beta2 ** adam.step)
+  const fused = FusedAdamW.available()
+  if (apply !== undefined && !fused) throw new Error("Optimizer.update: a conditional update needs the fused GPU update")
+  const scalars = fused
+    ? tf.tidy(() => tf.concat([tf.tensor1d([stepSize, correction2, 1 - lr * weightDecay, 1]), apply === undefined ? tf.ones([1]) : apply.reshape([1])])) as tf.Tensor1D
+    : undefined
   for (const [name, param] of adam.params) {
     const grad = grads.get(name)!
     const m = adam.expAvg.get(name)!
     const v = adam.expAvgSq.get(name)!
     const decay = param.rank > 1 || decayVectors ? weightDecay : 0
+    if (scalars !== undefined) {
+      FusedAdamW.update(param, grad, m, v, scalars, decay !== 0, adam.config)
+      continue
+    }
     tf.tidy(() => {
       m.assign(tf.add(m, tf.mul(tf.sub(grad, m), 1 - beta1)))
       v.assign(tf.add(tf.mul(v, beta2), tf.mul(tf.square(grad), 1 - beta2)))
@@ -135,6 +169,7 @@ export const update = (adam: AdamW, grads: ReadonlyMap<string, tf.Tensor>, lr: n
       param.assign(tf.sub(decayed, tf.mul(tf.div(m, denominator), stepSize)))
     })
   }
+  scalars?.dispose()
 }
 
 /** The state as plain arrays, read asynchronously (as a GPU backend requires). */

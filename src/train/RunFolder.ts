@@ -13,6 +13,7 @@ import * as path from "node:path"
 import { CheckpointError } from "../Errors.ts"
 import * as Files from "../io/Files.ts"
 import * as GpuMemory from "../GpuMemory.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import * as Optimizer from "./Optimizer.ts"
 import * as Safetensors from "../io/Safetensors.ts"
 
@@ -48,7 +49,13 @@ const writeMoments = (file: string, adam: Optimizer.AdamW) => {
   return Safetensors.write(file, [...adam.expAvg.keys()].flatMap((name) => [
     entry("exp_avg", name, adam.expAvg.get(name)!),
     entry("exp_avg_sq", name, adam.expAvgSq.get(name)!)
-  ]), { format: "cascade-adamw", step: String(adam.step) })
+  ]), {
+    format: "cascade-adamw",
+    step: String(adam.step),
+    loss_scale: String(adam.scaler.scale),
+    loss_scale_good_steps: String(adam.scaler.goodSteps),
+    skipped_steps: String(adam.scaler.skipped)
+  })
 }
 
 const readMoments = Effect.fn("RunFolder.readMoments")(function*(file: string) {
@@ -60,7 +67,10 @@ const readMoments = Effect.fn("RunFolder.readMoments")(function*(file: string) {
     if (name.startsWith("exp_avg_sq.")) expAvgSq.set(name.slice("exp_avg_sq.".length), values)
     else expAvg.set(name.slice("exp_avg.".length), values)
   }
-  return { step: Number(moments.metadata.step), expAvg, expAvgSq } satisfies Optimizer.State
+  const { step, loss_scale, loss_scale_good_steps, skipped_steps } = moments.metadata
+  // Checkpoints from before loss scaling have no scaler: a fresh one.
+  const scaler = loss_scale === undefined ? undefined : { scale: Number(loss_scale), goodSteps: Number(loss_scale_good_steps), skipped: Number(skipped_steps) }
+  return { step: Number(step), expAvg, expAvgSq, scaler } satisfies Optimizer.State
 })
 
 /** Writes a checkpoint: `writeWeights` fills a folder, then moments and state join it and it is swapped in. */
@@ -193,12 +203,16 @@ export const startingPoint = Effect.fn("RunFolder.startingPoint")(function*<S ex
 
 /**
  * Appends one step's metrics to metrics.jsonl, with on a GPU the bytes its tensors hold after the
- * step and the bytes tfjs's buffer pool has allocated (which it keeps: the peak so far).
+ * step and the bytes tfjs's buffer pool has allocated (which it keeps: the peak so far), and in
+ * mixed precision the loss scale for the next step and the steps skipped for overflow so far.
  */
-const appendMetrics = (out: string, metrics: unknown) => {
+const appendMetrics = (out: string, metrics: unknown, adam: Optimizer.AdamW) => {
   const memory = GpuMemory.read()
   const gpu = memory === undefined ? {} : { gpu_bytes_in_use: memory.inUseBytes, gpu_bytes_pool: memory.allocatedBytes }
-  const line = JSON.stringify({ ...(metrics as object), ...gpu })
+  const mixed = TensorCoreMatMul.current() === "mixed"
+    ? { precision: "mixed", loss_scale: adam.scaler.scale, skipped_steps: adam.scaler.skipped }
+    : {}
+  const line = JSON.stringify({ ...(metrics as object), ...mixed, ...gpu })
   return Effect.tryPromise({ try: () => fs.appendFile(metricsFile(out), line + "\n"), catch: io(metricsFile(out), "cannot append") })
 }
 
@@ -215,7 +229,7 @@ export const recordStep = <M, E, R>(
   checkpoint: { readonly adam: Optimizer.AdamW; readonly state: () => unknown; readonly writeWeights: (dir: string) => Effect.Effect<void, E, R> }
 ) =>
   Effect.gen(function*() {
-    yield* appendMetrics(out, metrics)
+    yield* appendMetrics(out, metrics, checkpoint.adam)
     run.onStep?.(metrics)
     if (step % run.saveEvery === 0 && step < run.steps) yield* saveCheckpoint(out, checkpoint.adam, checkpoint.state(), checkpoint.writeWeights)
   })

@@ -11,6 +11,7 @@ import { Effect } from "effect"
 import type { ModelConfig } from "../model/Config.ts"
 import * as Model from "../model/Model.ts"
 import * as Optimizer from "./Optimizer.ts"
+import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import * as Pretrained from "../io/Pretrained.ts"
 import * as Random from "../Random.ts"
 import type * as RunFolder from "./RunFolder.ts"
@@ -151,6 +152,23 @@ export interface StepResult {
   readonly tokens: number
   readonly gradNorm: number
   readonly learningRate: number
+  /** The update was skipped: loss-scaled gradients overflowed (mixed precision). */
+  readonly skipped: boolean
+}
+
+/** After a loss-scaled step: an overflow halves the scale and takes back the step count; clean steps in a row double it. */
+const adjustScale = (scaler: Optimizer.LossScaler, optimizer: Optimizer.AdamW, skipped: boolean) => {
+  if (skipped) {
+    scaler.scale /= 2
+    scaler.goodSteps = 0
+    scaler.skipped++
+    optimizer.step-- // the GPU left parameters and moments as they were
+    return
+  }
+  if (++scaler.goodSteps >= Optimizer.growthInterval) {
+    scaler.scale *= 2
+    scaler.goodSteps = 0
+  }
 }
 
 /**
@@ -176,16 +194,19 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
     previous?.dispose()
     value.dispose()
   }
+  // Mixed precision scales the loss (Optimizer.LossScaler); fp32 takes the gradients as they are.
+  const scaler = TensorCoreMatMul.current() === "mixed" ? optimizer.scaler : undefined
   for (const batch of microBatches) {
     let result: Objective | undefined
     const { value, grads } = tf.variableGrads(() => {
       result = lossOf(trainable.model, batch)
       for (const metric of Object.values(result.metrics)) tf.keep(metric)
-      return result.loss
+      return scaler === undefined ? result.loss : tf.mul(tf.keep(result.loss), scaler.scale)
     }, variables)
     const { metrics, tokens: batchTokens } = result!
     tokens += batchTokens
-    addWeighted("loss", value, batchTokens)
+    if (scaler !== undefined) value.dispose()
+    addWeighted("loss", scaler === undefined ? value : result!.loss, batchTokens)
     for (const [name, metric] of Object.entries(metrics)) addWeighted(`metric.${name}`, metric, batchTokens)
     for (const [id, grad] of Object.entries(grads)) {
       const name = nameOf.get(id)!
@@ -200,23 +221,30 @@ export const step = Effect.fn("Training.step")(function*<Batch>(
   }
   const divisor = Math.max(tokens, 1)
   for (const [name, sum] of sums) {
-    sums.set(name, tf.tidy(() => tf.div(sum, divisor)))
+    sums.set(name, tf.tidy(() => tf.div(sum, divisor * (scaler?.scale ?? 1))))
     sum.dispose()
   }
   const norm = options.maxGradNorm === undefined ? globalNorm(sums) : clipByGlobalNorm(sums, options.maxGradNorm)
-  Optimizer.update(optimizer, sums, options.learningRate)
+  // An overflowed step is skipped on the GPU itself: the host learns of it at the step's one read.
+  const apply = scaler === undefined ? undefined : tf.tidy(() => tf.cast(tf.isFinite(norm), "float32") as tf.Scalar)
+  Optimizer.update(optimizer, sums, options.learningRate, apply)
   tf.dispose([...sums.values()])
+  apply?.dispose()
   const names = [...scalarSums.keys()]
   const read = tf.stack([...scalarSums.values(), norm])
   tf.dispose([...scalarSums.values(), norm])
   const values = yield* Effect.promise(() => read.data()).pipe(Effect.ensuring(Effect.sync(() => read.dispose())))
   const mean = (name: string) => values[names.indexOf(name)] / divisor
+  const gradNorm = values[names.length]
+  const skipped = scaler !== undefined && !Number.isFinite(gradNorm)
+  if (scaler !== undefined) adjustScale(scaler, optimizer, skipped)
   return {
     loss: mean("loss"),
     metrics: Object.fromEntries(names.filter((name) => name.startsWith("metric.")).map((name) => [name.slice("metric.".length), mean(name)])),
     tokens,
-    gradNorm: values[names.length],
-    learningRate: options.learningRate
+    gradNorm,
+    learningRate: options.learningRate,
+    skipped
   } satisfies StepResult
 })
 
