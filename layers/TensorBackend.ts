@@ -158,8 +158,7 @@ const loadWebGpu = Effect.gen(function*() {
     try: () => import("webgpu"),
     catch: (cause) => unavailable("webgpu", `the webgpu package (Dawn) failed to load (${String(cause)})`)
   })
-  // CASCADE_DAWN_BACKEND=null: Dawn's null device, which compiles and validates every kernel but runs none (the CPU suite's check of our WGSL).
-  const gpu = dawn.create([...dawnToggles, ...(process.env.CASCADE_DAWN_BACKEND ? [`backend=${process.env.CASCADE_DAWN_BACKEND}`] : [])])
+  const gpu = dawn.create(dawnToggles)
   const adapter = yield* Effect.tryPromise({
     try: () => gpu.requestAdapter({ powerPreference: "high-performance" }),
     catch: (cause) => unavailable("webgpu", `no adapter (${String(cause)})`)

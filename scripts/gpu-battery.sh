@@ -2,9 +2,11 @@
 # What one call to the GPU machine checks and measures, in order of importance, each step under a
 # timeout so that the call ends within BUDGET seconds (default 570) and keeps what it has:
 #   1. the GPU suite (scripts/gpu-suite.ts): parity, training, resume, generation, vocabulary blocks;
-#   2. bench-gpu distill-step, whole logits and with the LM head in chunks, then PyTorch fp32, tf32
-#      and bf16 autocast on the same machine (../shared/bench/ref_distill_bench_gpu.py), back to back;
-#   3. the kernels' time of one step (bench --case profile) and matmul TFLOP/s (bench --case matmul);
+#   2. bench-gpu distill-step in fp32 and mixed precision (whole logits, and with the LM head in
+#      chunks), then PyTorch fp32, tf32 and bf16 autocast on the same machine
+#      (../shared/bench/ref_distill_bench_gpu.py), back to back;
+#   3. the kernels' time of one mixed step (bench --case profile) and matmul TFLOP/s in fp32 and on the
+#      tensor cores under two tilings (bench --case matmul);
 #   4. forward and decode, the serving bench, every command (scripts/every-command.sh).
 # Logs and JSON lines go to $OUT (what the device tool brings back).
 #
@@ -39,12 +41,13 @@ echo "== GPU suite"
 within 240 'CASCADE_TINY_MISTRAL=$PWD/.gpu/tiny-mistral gpu test > "$out/suite.log" 2>&1'
 grep "✓\|×\|passed" "$out/suite.log" | cut -c1-700
 echo "== bench-gpu distill-step beside PyTorch (t=$(($(date +%s) - start)) s)"
-within 80 'bench --case distill-step --steps 3'
-within 80 'bench --case distill-step --steps 3 --head-chunk 2048'
+within 80 'bench --case distill-step --steps 3 --precision fp32'
+within 80 'bench --case distill-step --steps 3 --precision mixed'
+within 80 'bench --case distill-step --steps 3 --precision mixed --head-chunk 2048'
 for precision in fp32 tf32 bf16; do within 45 "pytorch $precision"; done
 echo "== profile and matmul (t=$(($(date +%s) - start)) s)"
-within 80 'bench --case profile'
-within 80 'bench --case matmul --steps 3'
+within 80 'bench --case profile --precision mixed'
+within 80 'bench --case matmul --steps 3 --tiling 4,4,1,1 --tiling 4,4,2,2,staged'
 echo "== forward, decode, serving (t=$(($(date +%s) - start)) s)"
 within 60 'bench --case forward --steps 3'
 within 60 'bench --case decode --steps 3'

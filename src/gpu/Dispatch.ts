@@ -39,18 +39,25 @@ export const webGpuBackend = (): WebGpuBackend | undefined =>
 /** Whether the device has `feature` (e.g. shader-f16, chromium-experimental-subgroup-matrix). */
 export const hasFeature = (backend: WebGpuBackend, feature: string): boolean => backend.device.features.has(feature)
 
-const pipelines = new WeakMap<GPUDevice, Map<string, GPUComputePipeline>>()
+/** A compiled kernel and its bind group layout (asked of the pipeline once, not at every dispatch). */
+interface Compiled {
+  readonly pipeline: GPUComputePipeline
+  readonly layout: GPUBindGroupLayout
+}
+
+const pipelines = new WeakMap<GPUDevice, Map<string, Compiled>>()
 
 /**
  * The pipeline of kernel `key`, compiled once per device from `code()`: the key names everything the
  * code bakes in, so the code is generated only the first time (a step records hundreds of kernels).
  */
-const pipeline = (device: GPUDevice, key: string, code: () => string): GPUComputePipeline => {
+const pipeline = (device: GPUDevice, key: string, code: () => string): Compiled => {
   let cache = pipelines.get(device)
   if (cache === undefined) pipelines.set(device, (cache = new Map()))
   let found = cache.get(key)
   if (found === undefined) {
-    found = device.createComputePipeline({ layout: "auto", compute: { module: device.createShaderModule({ code: code() }), entryPoint: "main" } })
+    const compiled = device.createComputePipeline({ layout: "auto", compute: { module: device.createShaderModule({ code: code() }), entryPoint: "main" } })
+    found = { pipeline: compiled, layout: compiled.getBindGroupLayout(0) }
     cache.set(key, found)
   }
   return found
@@ -76,7 +83,7 @@ export interface Kernel {
 export const dispatch = (backend: WebGpuBackend, kernel: Kernel, buffers: ReadonlyArray<GPUBuffer>, groups: readonly [number, number, number]): void => {
   const compiled = pipeline(backend.device, kernel.key, kernel.code)
   const bindGroup = backend.device.createBindGroup({
-    layout: compiled.getBindGroupLayout(0),
+    layout: compiled.layout,
     entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } }))
   })
   backend.ensureCommandEncoderReady()
@@ -90,7 +97,7 @@ export const dispatch = (backend: WebGpuBackend, kernel: Kernel, buffers: Readon
     })
   }
   backend.computePassEncoder ??= backend.commandEncoder!.beginComputePass({})
-  backend.computePassEncoder.setPipeline(compiled)
+  backend.computePassEncoder.setPipeline(compiled.pipeline)
   backend.computePassEncoder.setBindGroup(0, bindGroup)
   backend.computePassEncoder.dispatchWorkgroups(...groups)
   backend.dispatchCountInPass++

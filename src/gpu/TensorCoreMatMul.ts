@@ -169,12 +169,17 @@ const convertShader = (batch: number, rows: number, columns: number, paddedRows:
 @group(0) @binding(1) var<storage, read_write> halves: array<vec4<f16>>;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) id: vec3u, @builtin(num_workgroups) groups: vec3u) {
-  let quad = ${linearIndex};
-  if (quad >= ${(batch * paddedRows * paddedColumns) / 4}u) { return; }
-  let flat = quad * 4u;
-  let b = flat / ${paddedRows * paddedColumns}u;
-  let r = (flat / ${paddedColumns}u) % ${paddedRows}u;
-  let c0 = flat % ${paddedColumns}u;
+  let invocation = ${linearIndex};
+  if (invocation >= ${(batch * paddedRows * paddedColumns) / 4}u) { return; }
+  let b = invocation / ${(paddedRows * paddedColumns) / 4}u;
+  let within = invocation % ${(paddedRows * paddedColumns) / 4}u;
+  // Neighbouring invocations read neighbouring source values: along a row, or down a column when transposed.
+  ${transposed
+    ? `let r = within % ${paddedRows}u;
+  let c0 = (within / ${paddedRows}u) * 4u;`
+    : `let r = within / ${paddedColumns / 4}u;
+  let c0 = (within % ${paddedColumns / 4}u) * 4u;`}
+  let quad = (b * ${paddedRows * paddedColumns}u + r * ${paddedColumns}u + c0) / 4u;
   var quadValues = vec4<f16>();
   if (r < ${rows}u) {
     for (var q = 0u; q < 4u; q++) {

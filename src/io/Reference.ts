@@ -5,6 +5,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
 import * as Model from "../model/Model.ts"
+import * as Vision from "../model/Vision.ts"
 import * as Safetensors from "./Safetensors.ts"
 
 export interface Reference {
@@ -81,4 +82,40 @@ export const compare = Effect.fn("Reference.compare")(function*(model: Model.Mod
     hiddenStates.push(maxAbsDiff(yield* read(state), yield* reference.tensor(`hidden_states.${i}`), real(model.config.hiddenSize)))
   }
   return { logits, hiddenStates } satisfies Comparison
+})
+
+export interface ImageComparison {
+  /** Each image's encoder features (the layer the projector takes). */
+  readonly encoded: ReadonlyArray<number>
+  /** The projected features of all images. */
+  readonly projected: number
+  /** The embeddings with the features spliced in at the image tokens. */
+  readonly embeddings: number
+  readonly logits: number
+}
+
+/**
+ * A Mistral 3 model's image side against a reference of scripts/make-vision-fixtures.py (its
+ * `pixel_values` [N, C, H, W] padded, `image_sizes` [N, 2], `vision_features.i`, `image_features`,
+ * `hidden_states.0` and `logits`); leaves the tensor count where it was.
+ */
+export const compareImages = Effect.fn("Reference.compareImages")(function*(model: Model.Model, vision: Vision.Vision, path: string) {
+  const reference = yield* open(path)
+  const file = yield* Safetensors.open(path)
+  const [n, c, h, w] = (yield* file.info("pixel_values")).shape
+  const pixels = yield* file.readFloat32("pixel_values")
+  const sizes = yield* file.readInt32("image_sizes")
+  const images = Array.from({ length: n }, (_, i) => tf.tensor3d(pixels.subarray(i * c * h * w, (i + 1) * c * h * w), [c, h, w]))
+  const features = Vision.imageFeatures(vision, images, Array.from({ length: n }, (_, i) => [sizes[2 * i], sizes[2 * i + 1]] as const))
+  tf.dispose(images)
+  const out = Model.forward(model, reference.ids, { hiddenStates: true, imageFeatures: { features: features.projected, tokenId: vision.config.imageTokenId } })
+  tf.dispose(out.hiddenStates.slice(1))
+  const encoded: Array<number> = []
+  for (const [i, image] of features.encoded.entries()) encoded.push(maxAbsDiff(yield* read(image), yield* reference.tensor(`vision_features.${i}`)))
+  return {
+    encoded,
+    projected: maxAbsDiff(yield* read(features.projected), yield* reference.tensor("image_features")),
+    embeddings: maxAbsDiff(yield* read(out.hiddenStates[0]), yield* reference.tensor("hidden_states.0")),
+    logits: maxAbsDiff(yield* read(out.logits), yield* reference.tensor("logits"))
+  } satisfies ImageComparison
 })

@@ -90,6 +90,11 @@ export interface ForwardOptions {
   readonly trace?: (layer: LayerTrace) => void
   /** Logits of the last position only ([B, 1, V]): what a prompt's prefill needs to go on decoding. */
   readonly lastLogitsOnly?: boolean
+  /**
+   * Rows [N, D] that replace, in order, the embeddings of the N positions whose id is `tokenId`:
+   * a Mistral 3 model's projected image features at its image tokens (Vision.imageFeatures).
+   */
+  readonly imageFeatures?: { readonly features: tf.Tensor2D; readonly tokenId: number }
 }
 
 export interface ForwardResult {
@@ -426,6 +431,26 @@ const embed = (table: RowBlocks.RowBlocks, ids: ReadonlyArray<ArrayLike<number>>
   return lookup(...table).reshape([b, t, d])
 }
 
+/** Embeddings [B, T, D] with the rows of `features` in place of the embeddings of `tokenId`, in order; differentiable in both. */
+const splice = (embeddings: tf.Tensor3D, ids: ReadonlyArray<ArrayLike<number>>, { features, tokenId }: { features: tf.Tensor2D; tokenId: number }) => {
+  const [b, t, d] = embeddings.shape
+  const source = new Int32Array(b * t)
+  const isImage = new Float32Array(b * t)
+  let next = 0
+  ids.forEach((row, i) => Array.from(row).forEach((id, j) => {
+    if (id === tokenId) {
+      source[i * t + j] = next++
+      isImage[i * t + j] = 1
+    }
+  }))
+  if (next !== features.shape[0]) throw new RangeError(`Model.forward: ${next} image tokens but ${features.shape[0]} image feature rows`)
+  if (features.shape[1] !== d) throw new RangeError(`Model.forward: image features of width ${features.shape[1]}, embeddings of ${d}`)
+  if (next === 0) return embeddings
+  const mask = tf.tensor2d(isImage, [b * t, 1])
+  const placed = tf.mul(tf.gather(features, tf.tensor1d(source, "int32")), mask)
+  return tf.add(tf.mul(embeddings.reshape([b * t, d]), tf.sub(1, mask)), placed).reshape([b, t, d]) as tf.Tensor3D
+}
+
 /** The LM head's blocks: lm_head, or the input embedding when tied. */
 export const head = (model: Model): RowBlocks.RowBlocks => model.weights.lmHead ?? model.weights.embed
 
@@ -476,7 +501,7 @@ const run = (model: Model, ids: ReadonlyArray<ArrayLike<number>>, options: Forwa
       ...(positions === undefined ? sharedTables(model, offset, t) : tablesAt(model, positions, t)),
       mask: attentionMask(keyMask, offset, t, config.slidingWindow, documents)
     }
-    let x = embed(weights.embed, ids)
+    let x = options.imageFeatures === undefined ? embed(weights.embed, ids) : splice(embed(weights.embed, ids), ids, options.imageFeatures)
     const hiddenStates: Array<tf.Tensor3D> = []
     const layers: Array<{ k: tf.Tensor4D; v: tf.Tensor4D }> = []
     weights.layers.forEach((layer, i) => {
