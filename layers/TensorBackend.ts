@@ -10,6 +10,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { Config, Context, Effect, Layer, Schema } from "effect"
 import { BackendUnavailable } from "../src/Errors.ts"
+import * as SplitKGuard from "../src/gpu/SplitKGuard.ts"
 import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import * as GpuMemory from "../src/GpuMemory.ts"
 
@@ -181,6 +182,7 @@ const loadWebGpu = Effect.gen(function*() {
   // Importing the module registered tfjs's own factory (when first imported); ours replaces it.
   if (tf.findBackendFactory("webgpu") !== null) tf.removeBackend("webgpu")
   tf.registerBackend("webgpu", () => new webgpu.WebGPUBackend(device, adapter.info), 3)
+  SplitKGuard.install()
   TensorCoreMatMul.install(adapter.info as TensorCoreMatMul.AdapterSubgroups)
   const info = adapter.info
   const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "WebGPU"

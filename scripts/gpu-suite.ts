@@ -304,6 +304,40 @@ const bindingKernels = Effect.gen(function*() {
 }).pipe(onBackend(underTest))
 
 /**
+ * A few tokens through a wide projection, x [6, 4096] @ W [256, 4096]^T with values exact in float32:
+ * tfjs' split-K program (forced) against exact sums, and the product as the engine runs it (the
+ * guard sends it to the small-output program), which must be exact.
+ */
+const splitKProducts = Effect.gen(function*() {
+  const [m, k, n] = [6, 4096, 256]
+  const xValue = (i: number, c: number) => (((i * 5 + c * 11) % 13) - 6) / 8
+  const wValue = (r: number, c: number) => (((r * 7 + c * 3) % 17) - 8) / 8
+  const x = tf.tensor2d(Float32Array.from({ length: m * k }, (_, j) => xValue(Math.floor(j / k), j % k)), [m, k])
+  const w = tf.tensor2d(Float32Array.from({ length: n * k }, (_, j) => wValue(Math.floor(j / k), j % k)), [n, k])
+  const expected = Float64Array.from({ length: m * n }, (_, j) => {
+    let sum = 0
+    for (let c = 0; c < k; c++) sum += xValue(Math.floor(j / n), c) * wValue(j % n, c)
+    return sum
+  })
+  // The flag exists on webgpu only; -1 is tfjs' own choice.
+  const onWebGpu = underTest === "webgpu"
+  const error = (program: number) =>
+    Effect.promise(async () => {
+      if (onWebGpu) tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", program)
+      const product = matMul(x, w, false, true)
+      if (onWebGpu) tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", -1)
+      const values = (await product.data()) as Float32Array
+      product.dispose()
+      return maxAbsDiff(values, expected)
+    })
+  const forcedSplitK = yield* error(1)
+  const guarded = yield* error(-1)
+  tf.dispose([x, w])
+  yield* expect(guarded === 0, `the engine's product is off by ${guarded} (split-K forced: ${forcedSplitK})`)
+  return `split-K forced: off by ${forcedSplitK}; as the engine runs it: exact`
+}).pipe(onBackend(underTest))
+
+/**
  * A vocabulary matrix larger than one storage binding, on the backend under test: made (seeded as
  * transformers initialises), saved and loaded back in blocks with the same logits, within 1e-4 of
  * the CPU's logits from the saved checkpoint (one tensor there), one training step, and logits past
@@ -477,7 +511,8 @@ const lossScaling = Effect.gen(function*() {
   const model = yield* Pretrained.load(parent)
   const run = yield* Training.trainable(model)
   const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
-  const ids = [[1, 17, 300, 42, 7, 9], [1, 5, 11, 13, 2, 3]]
+  // 2 x 12 tokens: products of 24 rows, past the 16 below which products stay on tfjs' fp32 kernel.
+  const ids = [[1, 17, 300, 42, 7, 9, 3, 8, 21, 34, 55, 89], [1, 5, 11, 13, 2, 3, 4, 6, 10, 12, 14, 16]]
   const objective = crossEntropy(ids, ids.map((row) => row.map((id) => (id + 1) % model.config.vocabSize)))
   const snapshot = () => Effect.promise(() => Promise.all([...run.variables.values(), ...adam.expAvg.values()].map((t) => t.data() as Promise<Float32Array>)))
   const before = yield* snapshot()
@@ -532,6 +567,7 @@ const program = Effect.gen(function*() {
     ["an overflowing loss-scaled step is skipped on the GPU and the scale halves", () => lossScaling],
     ["30 distillation steps in mixed precision stay within 2% of fp32", () => (trained ? mixedDistillation(dir, trained) : Effect.die(new CheckFailed("needs the training check")))],
     ["gather, matMul and read-back on blocks up to one binding (vocabulary kernels)", () => bindingKernels],
+    ["a few tokens through a 4096-wide projection (tfjs' split-K kernel kept out)", () => splitKProducts],
     ["a vocabulary matrix larger than one binding loads, runs, trains and saves", () => wideVocabulary(dir)]
   ]
   for (const [name, check] of checks.filter(([name]) => name.includes(args.only))) {

@@ -6,6 +6,7 @@
  * inputs (the parent's weights, the statistics, the targets and options), so that a pipeline
  * keeps a child only while they are the same.
  */
+import * as tf from "@tensorflow/tfjs"
 import { Effect } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
@@ -15,6 +16,7 @@ import * as Config from "../src/model/Config.ts"
 import { CheckpointError, PruneError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Model from "../src/model/Model.ts"
+import * as Vision from "../src/model/Vision.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Pruning from "../src/prune/Pruning.ts"
 import type { FloatDtype } from "../src/io/Safetensors.ts"
@@ -186,16 +188,23 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
   }
 
   const plan = Pruning.plan(parent.config, stats, options.targets, selection)
-  const { model: child, tie } = yield* Effect.acquireRelease(
-    Pruning.build(parent, plan),
-    ({ model }) => Effect.sync(() => Model.dispose(model))
+  // A Mistral 3 parent's image side goes along: the projector's output turned into the child's basis.
+  const vision = yield* Vision.loadIfPresent(options.modelDir)
+  const writers = vision === undefined ? [] : Vision.residualWriters(vision)
+  const { model: child, tie, written } = yield* Effect.acquireRelease(
+    Pruning.build(parent, plan, writers),
+    ({ model, written }) => Effect.sync(() => {
+      Model.dispose(model)
+      tf.dispose([...written, ...writers.slice(1)])
+    })
   )
+  const childVision = vision === undefined ? undefined : yield* Vision.intoHidden(vision, child.config.hiddenSize, written)
   const result = { ...report(parent, plan, tie, stats, calibration, selection), inputs }
 
   // Written aside and renamed into place, so OUT is never half a checkpoint.
   const staging = `${path.resolve(options.out)}.partial-${process.pid}`
   yield* Effect.tryPromise({ try: () => fs.rm(staging, { recursive: true, force: true }), catch: io(staging, "cannot clear") })
-  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config), companionsFrom: options.modelDir })
+  yield* Pretrained.save(staging, child, { dtype: options.dtype ?? Pretrained.storedDtype(parent.config), companionsFrom: options.modelDir, vision: childVision })
   yield* Files.writeJson(path.join(staging, reportName), result)
   yield* Effect.tryPromise({
     try: async () => {

@@ -13,9 +13,12 @@ import * as fs from "node:fs"
 import * as path from "node:path"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Reference from "../src/io/Reference.ts"
+import * as Safetensors from "../src/io/Safetensors.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
-import { localFixture, onBackend } from "./support.ts"
+import { calibrate } from "../stages/Calibrate.ts"
+import { prune } from "../stages/Prune.ts"
+import { localFixture, markovData, onBackend, tempDir } from "./support.ts"
 
 const models = ["vl-tiny", "vl-bias", "vl-ministral3"]
 const prompts = (model: string) =>
@@ -39,6 +42,53 @@ describe("Vision", () => {
         }).pipe(onBackend("wasm")))
     }
   }
+
+  it.effect("saved with its image side, a Mistral3ForConditionalGeneration comes back with the same tensors and the same logits", () =>
+    Effect.gen(function*() {
+      const dir = localFixture("vision/vl-bias")
+      const prompt = "reference-two-16x8-8x16.safetensors"
+      const out = path.join(yield* tempDir, "vl-bias")
+      yield* Pretrained.save(out, yield* Pretrained.load(dir), { dtype: "F32", vision: yield* Vision.load(dir) })
+      const [original, saved] = yield* Effect.all([dir, out].map((folder) => Safetensors.open(path.join(folder, "model.safetensors"))))
+      assert.deepStrictEqual([...saved.names].sort(), [...original.names].sort())
+      for (const name of original.names) assert.deepStrictEqual(yield* saved.readFloat32(name), yield* original.readFloat32(name), name)
+      const config = JSON.parse(fs.readFileSync(path.join(out, "config.json"), "utf8")) as Record<string, unknown>
+      const fixture = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8")) as Record<string, unknown>
+      assert.deepStrictEqual([config.architectures, config.model_type, config.vision_config, config.image_token_index], [fixture.architectures, fixture.model_type, fixture.vision_config, fixture.image_token_index])
+      const diff = yield* Reference.compareImages(yield* Pretrained.load(out), yield* Vision.load(out), path.join(dir, prompt))
+      assert.isAtMost(Math.max(...diff.encoded, diff.projected, diff.logits), 1e-4)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("pruning turns the projector with the text model: a full-rank rotation keeps the logits on image prompts, a narrower child is a Mistral3ForConditionalGeneration", () =>
+    Effect.gen(function*() {
+      const parentDir = localFixture("vision/vl-bias")
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
+      const stats = path.join(dir, "stats")
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const rotated = path.join(dir, "rotated")
+      yield* prune({ modelDir: parentDir, statsDir: stats, out: rotated, targets: { hidden: 48 } })
+      for (const prompt of prompts("vl-bias")) {
+        const diff = yield* Reference.compareImages(yield* Pretrained.load(rotated), yield* Vision.load(rotated), path.join(parentDir, prompt))
+        assert.isAtMost(diff.logits, 1e-4, `${prompt}: logits after a full-rank rotation`)
+      }
+      const narrow = path.join(dir, "narrow")
+      yield* prune({ modelDir: parentDir, statsDir: stats, out: narrow, targets: { hidden: 32, layers: 1 } })
+      const config = JSON.parse(fs.readFileSync(path.join(narrow, "config.json"), "utf8")) as { architectures: Array<string>; text_config: { hidden_size: number } }
+      assert.deepStrictEqual([config.architectures, config.text_config.hidden_size], [["Mistral3ForConditionalGeneration"], 32])
+      const child = yield* Vision.load(narrow)
+      const features = Vision.imageFeatures(child, [tf.zeros([3, 16, 16]) as tf.Tensor3D], [[16, 16]])
+      assert.deepStrictEqual(features.projected.shape, [4, 32])
+      tf.dispose([...features.encoded, features.projected])
+    }).pipe(onBackend("wasm")), { timeout: 120_000 })
+
+  it.effect("a text model narrower than its image side's projection is not saved with it", () =>
+    Effect.gen(function*() {
+      const vision = yield* Vision.load(localFixture("vision/vl-tiny"))
+      const narrower = yield* Pretrained.load(localFixture("mistral-headdim"))
+      const error = yield* Pretrained.save(path.join(yield* tempDir, "x"), narrower, { dtype: "F32", vision }).pipe(Effect.flip)
+      assert.match(error.message, /projects into 48 dimensions, the text model has \d+/)
+    }).pipe(onBackend("wasm")))
 
   it.effect("a prompt whose image tokens do not match the features is refused, naming both counts", () =>
     Effect.gen(function*() {

@@ -17,6 +17,7 @@ import * as Checkpoint from "./Checkpoint.ts"
 import * as Config from "../model/Config.ts"
 import { CheckpointError } from "../Errors.ts"
 import * as Model from "../model/Model.ts"
+import * as Vision from "../model/Vision.ts"
 import type { FloatDtype } from "./Safetensors.ts"
 
 const sameShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>) =>
@@ -90,6 +91,12 @@ export const configJson = (config: Config.ModelConfig, dtype: FloatDtype): Recor
   dtype: { F32: "float32", BF16: "bfloat16", F16: "float16" }[dtype]
 })
 
+/** A Mistral3ForConditionalGeneration's config.json around the text model's: the wrapper's fields as loaded, the text config as it is now. */
+const mistral3Json = (config: Config.ModelConfig, vision: Vision.Vision, dtype: FloatDtype): Record<string, unknown> => {
+  const { architectures: _architectures, dtype: textDtype, torch_dtype: _torchDtype, tie_word_embeddings: tied, ...text } = configJson(config, dtype)
+  return { ...vision.raw, architectures: ["Mistral3ForConditionalGeneration"], model_type: "mistral3", dtype: textDtype, tie_word_embeddings: tied, text_config: text }
+}
+
 /** The files of a model folder besides its weights and config that a derived model needs as they are. */
 const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
 
@@ -100,18 +107,35 @@ const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_toke
 export const save = Effect.fn("Pretrained.save")(function*(
   dir: string,
   model: Model.Model,
-  options: { readonly dtype: FloatDtype; readonly maxShardBytes?: number; readonly companionsFrom?: string }
+  options: { readonly dtype: FloatDtype; readonly maxShardBytes?: number; readonly companionsFrom?: string; readonly vision?: Vision.Vision }
 ) {
   const tensors = Model.tensorsOfWeights(model.config, model.weights)
+  const text = Model.tensorShapes(model.config).map(({ name, shape }) => ({
+    name,
+    shape,
+    data: Effect.promise(() => Model.storedValues(tensors, name))
+  }))
+  const { vision } = options
+  if (vision !== undefined && vision.config.textHiddenSize !== model.config.hiddenSize) {
+    return yield* new CheckpointError({
+      file: path.join(dir, "config.json"),
+      reason: `the image side projects into ${vision.config.textHiddenSize} dimensions, the text model has ${model.config.hiddenSize}`
+    })
+  }
+  // With its image side, the Mistral3ForConditionalGeneration it came from, under the names transformers' save_pretrained writes.
+  const stored = vision === undefined ? (name: string) => name : (name: string) => (name === "lm_head.weight" ? mistral3Layouts[1].lmHead : name.replace(/^model\./, mistral3Layouts[1].model))
   yield* Checkpoint.save(dir, {
-    config: configJson(model.config, options.dtype),
+    config: vision === undefined ? configJson(model.config, options.dtype) : mistral3Json(model.config, vision, options.dtype),
     dtype: options.dtype,
     maxShardBytes: options.maxShardBytes,
-    tensors: Model.tensorShapes(model.config).map(({ name, shape }) => ({
-      name,
-      shape,
-      data: Effect.promise(() => Model.storedValues(tensors, name))
-    }))
+    tensors: [
+      ...text.map((tensor) => ({ ...tensor, name: stored(tensor.name) })),
+      ...(vision === undefined ? [] : Vision.namedTensors(vision).map(([name, tensor]) => ({
+        name,
+        shape: tensor.shape,
+        data: Effect.promise(() => tensor.data() as Promise<Float32Array>)
+      })))
+    ]
   })
   const from = options.companionsFrom
   if (from === undefined) return

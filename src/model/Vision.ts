@@ -68,6 +68,8 @@ export interface VisionWeights {
 export interface Vision {
   readonly config: VisionConfig
   readonly weights: VisionWeights
+  /** The Mistral3 config.json it came from: what a save writes back around the text model's config. */
+  readonly raw: Readonly<Record<string, unknown>>
 }
 
 /** An image's size in pixels, [height, width], as transformers' `image_sizes`. */
@@ -166,7 +168,17 @@ const tensorShapes = (config: VisionConfig): Array<{ name: string; shape: Array<
 
 /** Loads the encoder and projector of the Mistral3 checkpoint in `dir`; released with the scope. */
 export const load = Effect.fn("Vision.load")(function*(dir: string) {
+  return yield* fromCheckpoint(yield* Checkpoint.open(dir))
+})
+
+/** The image side of the checkpoint in `dir` where it has one (a Mistral3 config and its encoder's weights), else undefined. */
+export const loadIfPresent = Effect.fn("Vision.loadIfPresent")(function*(dir: string) {
   const checkpoint = yield* Checkpoint.open(dir)
+  const present = record(checkpoint.rawConfig).model_type === "mistral3" && layouts.some(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`))
+  return present ? yield* fromCheckpoint(checkpoint) : undefined
+})
+
+const fromCheckpoint = Effect.fnUntraced(function*(checkpoint: Checkpoint.Checkpoint) {
   const config = yield* decodeConfig(checkpoint.rawConfig, checkpoint.configPath)
   const layout = layouts.find(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`)) ?? layouts[0]
   const stored = (name: string) => name.replace(/^tower:/, layout.tower).replace(/^projector:/, layout.projector)
@@ -210,8 +222,80 @@ export const load = Effect.fn("Vision.load")(function*(dir: string) {
     linear2: get("projector:linear_2.weight"),
     linear2Bias: tensors.get("projector:linear_2.bias") as tf.Tensor1D | undefined
   }
-  return { config, weights } satisfies Vision
+  return { config, weights, raw: record(checkpoint.rawConfig) } satisfies Vision
 })
+
+/**
+ * What the image side writes into the text model's residual stream, as matrices [text D, in]: the
+ * projector's last map, and its bias as a column. Pruning turns them as it turns the embeddings.
+ */
+export const residualWriters = (vision: Vision): Array<tf.Tensor2D> => {
+  const { linear2, linear2Bias } = vision.weights
+  return linear2Bias === undefined ? [linear2] : [linear2, linear2Bias.reshape([-1, 1]) as tf.Tensor2D]
+}
+
+/**
+ * The image side of a child whose text model is `hidden` wide, from `residualWriters` turned into
+ * its basis (in that order); released with the scope. The projector's inner width is the text
+ * model's in transformers, so a narrower child keeps the `hidden` inner units that carry most (the
+ * norm of a unit's row in linear_1 times that of its column in the turned linear_2): exact at full
+ * width, a start for the projector training each child then gets. The encoder is shared.
+ */
+export const intoHidden = Effect.fn("Vision.intoHidden")(function*(vision: Vision, hidden: number, [linear2, bias]: ReadonlyArray<tf.Tensor2D>) {
+  const { weights } = vision
+  const width = vision.config.textHiddenSize
+  const kept = width === hidden ? undefined : yield* Effect.promise(async () => {
+    const scores = tf.tidy(() => tf.mul(tf.norm(weights.linear1, "euclidean", 1), tf.norm(linear2, "euclidean", 0)))
+    const values = await scores.data()
+    scores.dispose()
+    return Int32Array.from(Array.from(values, (score, unit) => [score, unit]).sort((a, b) => b[0] - a[0]).slice(0, hidden).map(([, unit]) => unit).sort((a, b) => a - b))
+  })
+  const inner = yield* Effect.acquireRelease(
+    Effect.sync(() => tf.tidy(() => {
+      const units = kept === undefined ? undefined : tf.tensor1d(kept, "int32")
+      return {
+        linear1: units === undefined ? weights.linear1.clone() : tf.gather(weights.linear1, units),
+        linear1Bias: weights.linear1Bias === undefined ? undefined : units === undefined ? weights.linear1Bias.clone() : tf.gather(weights.linear1Bias, units),
+        linear2: units === undefined ? linear2.clone() : tf.gather(linear2, units, 1),
+        linear2Bias: bias === undefined ? undefined : bias.reshape([hidden])
+      }
+    }) as { linear1: tf.Tensor2D; linear1Bias: tf.Tensor1D | undefined; linear2: tf.Tensor2D; linear2Bias: tf.Tensor1D | undefined }),
+    (made) => Effect.sync(() => tf.dispose(Object.values(made).filter((t) => t !== undefined)))
+  )
+  return { ...vision, config: { ...vision.config, textHiddenSize: hidden }, weights: { ...weights, ...inner } } satisfies Vision
+})
+
+/** The checkpoint names and tensors of the encoder and projector, as transformers' save_pretrained writes them. */
+export const namedTensors = (vision: Vision): Array<readonly [string, tf.Tensor]> => {
+  const { weights } = vision
+  const saved = layouts[1]
+  const tower = (name: string, tensor: tf.Tensor) => [`${saved.tower}${name}`, tensor] as const
+  const projector = (name: string, tensor: tf.Tensor | undefined) => (tensor === undefined ? [] : [[`${saved.projector}${name}`, tensor] as const])
+  return [
+    tower("patch_conv.weight", weights.patchConv),
+    tower("ln_pre.weight", weights.lnPre),
+    ...weights.layers.flatMap((layer, i) => {
+      const at = `transformer.layers.${i}.`
+      return [
+        tower(`${at}attention_norm.weight`, layer.attentionNorm),
+        tower(`${at}attention.q_proj.weight`, layer.q),
+        tower(`${at}attention.k_proj.weight`, layer.k),
+        tower(`${at}attention.v_proj.weight`, layer.v),
+        tower(`${at}attention.o_proj.weight`, layer.o),
+        tower(`${at}ffn_norm.weight`, layer.ffnNorm),
+        tower(`${at}feed_forward.gate_proj.weight`, layer.gate),
+        tower(`${at}feed_forward.up_proj.weight`, layer.up),
+        tower(`${at}feed_forward.down_proj.weight`, layer.down)
+      ]
+    }),
+    ...projector("norm.weight", weights.projectorNorm),
+    ...projector("patch_merger.merging_layer.weight", weights.merging),
+    ...projector("linear_1.weight", weights.linear1),
+    ...projector("linear_1.bias", weights.linear1Bias),
+    ...projector("linear_2.weight", weights.linear2),
+    ...projector("linear_2.bias", weights.linear2Bias)
+  ]
+}
 
 const activate = (x: tf.Tensor, activation: Activation): tf.Tensor => {
   switch (activation) {

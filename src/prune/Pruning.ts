@@ -200,6 +200,8 @@ export interface Pruned {
   readonly model: Model.Model
   /** Present when the child is tied by `plan.tieFrom`. */
   readonly tie: TieFit | undefined
+  /** The `residualWriters` given to `build`, turned into the child's hidden space as its own writers are. */
+  readonly written: ReadonlyArray<tf.Tensor2D>
 }
 
 /** ||approximation - target|| and ||target|| (Frobenius), as one [2] tensor: read later, with the other errors. */
@@ -239,14 +241,19 @@ const fitTurn = Effect.fn("Pruning.fitTurn")(function*(parent: Model.Model, plan
   return symmetricEigen(symmetricFit(Float64Array.from(gramValues), Float64Array.from(crossValues), h), h)
 })
 
-/** Builds the pruned model and says how its tie was formed; its tensors are new and belong to the caller. */
-export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, plan: Plan) {
+/**
+ * Builds the pruned model and says how its tie was formed; its tensors are new and belong to the
+ * caller. `residualWriters` are other matrices [D, in] whose outputs enter the residual stream as
+ * the embeddings do (a Mistral 3 projector's last linear map, its bias as a column): they come back
+ * in `written` as Q^T W, so that what they write lands in the child's basis, exactly at full rank.
+ */
+export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, plan: Plan, residualWriters: ReadonlyArray<tf.Tensor2D> = []) {
   const config = plan.config
   const d = parent.config.hiddenSize
   const h = config.hiddenSize
   const rule = plan.tieFrom
   const turn = rule === "fit" ? yield* fitTurn(parent, plan, d, h) : undefined
-  const { weights, errors } = tf.tidy(() => {
+  const { weights, errors, written } = tf.tidy(() => {
     let q = plan.rotation || rule !== undefined ? basisOf(plan, d, h) : undefined // [D, H]
     let tied: { matrix: RowBlocks.RowBlocks; norm: tf.Tensor1D } | undefined
     let errors: tf.Tensor | undefined
@@ -299,13 +306,13 @@ export const build = Effect.fn("Pruning.build")(function*(parent: Model.Model, p
       if (config.tieWordEmbeddings) return { embed, layers, norm: parent.weights.norm.clone(), lmHead: undefined }
       return { embed, layers, norm: q ? constantNorm() : parent.weights.norm.clone(), lmHead: head.map((block) => reader(block, parent.weights.norm)) }
     })()
-    return { weights, errors } as unknown as tf.TensorContainer
-  }) as unknown as { weights: Model.Weights; errors: tf.Tensor | undefined }
+    return { weights, errors, written: residualWriters.map(writer) } as unknown as tf.TensorContainer
+  }) as unknown as { weights: Model.Weights; errors: tf.Tensor | undefined; written: Array<tf.Tensor2D> }
   const model = Model.make(config, weights)
-  if (rule === undefined || errors === undefined) return { model, tie: undefined } satisfies Pruned
+  if (rule === undefined || errors === undefined) return { model, tie: undefined, written } satisfies Pruned
   const terms = yield* Effect.promise(() => errors.data()).pipe(Effect.ensuring(Effect.sync(() => errors.dispose())))
   const tie: TieFit = { rule, inputError: terms[0] / terms[1], outputError: terms[2] / terms[3] }
-  return { model, tie } satisfies Pruned
+  return { model, tie, written } satisfies Pruned
 })
 
 /** The pruned model alone (see `build`). */
