@@ -125,3 +125,33 @@ export const output = (backend: WebGpuBackend, shape: ReadonlyArray<number>): { 
 
 /** A tensor for a kernel's output, as tfjs ops return them (counted in tf.memory, freed by dispose). */
 export const tensorOf = (info: tf.TensorInfo): tf.Tensor => tf.engine().makeTensorFromTensorInfo(info)
+
+/** One call of tfjs' `BatchMatMul`: `op(a) @ op(b)` on `backend`. */
+export interface Product {
+  readonly a: tf.TensorInfo
+  readonly b: tf.TensorInfo
+  readonly transposeA: boolean
+  readonly transposeB: boolean
+  readonly backend: WebGpuBackend
+}
+
+/**
+ * Puts `serve` in front of the webgpu backend's `BatchMatMul` kernel, whatever is registered there
+ * now (tfjs' own, or another wrapper); `serve` gets each product and the kernel it wraps. False
+ * where tfjs-backend-webgpu is not loaded.
+ */
+export const wrapBatchMatMul = (serve: (product: Product, wrapped: () => tf.TensorInfo) => tf.TensorInfo): boolean => {
+  const original = tf.getKernel("BatchMatMul", "webgpu")
+  if (original === undefined) return false
+  tf.unregisterKernel("BatchMatMul", "webgpu")
+  tf.registerKernel({
+    ...original,
+    kernelFunc: (args) => {
+      const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo }
+      const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
+      const wrapped = () => original.kernelFunc(args) as tf.TensorInfo
+      return serve({ a, b, transposeA, transposeB, backend: args.backend as unknown as WebGpuBackend }, wrapped)
+    }
+  })
+  return true
+}

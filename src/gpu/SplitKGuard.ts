@@ -6,6 +6,7 @@
  * instead, the one it picks for the same shapes when K is shorter.
  */
 import * as tf from "@tensorflow/tfjs"
+import { wrapBatchMatMul } from "./Dispatch.ts"
 
 /** tfjs-backend-webgpu's MatMulProgramType value of its small-output program (webgpu_util.ts). */
 const smallOutputSize = 2
@@ -36,24 +37,15 @@ let installed = false
 /** Puts the guard in front of tfjs' `BatchMatMul` for webgpu, once. */
 export const install = (): void => {
   if (installed) return
-  const original = tf.getKernel("BatchMatMul", "webgpu")
-  if (original === undefined) return
-  tf.unregisterKernel("BatchMatMul", "webgpu")
-  tf.registerKernel({
-    ...original,
-    kernelFunc: (args) => {
-      const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo }
-      const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
-      const threshold = (args.backend as unknown as Backend).thresholdToIncreaseWorkgroups
-      if (!picksSplitK(a.shape, b.shape, transposeA, transposeB, threshold)) return original.kernelFunc(args)
-      const chosen = tf.env().getNumber("WEBGPU_MATMUL_PROGRAM_TYPE")
-      tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", smallOutputSize)
-      try {
-        return original.kernelFunc(args)
-      } finally {
-        tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", chosen)
-      }
+  installed = wrapBatchMatMul(({ a, b, transposeA, transposeB, backend }, wrapped) => {
+    const threshold = (backend as unknown as Backend).thresholdToIncreaseWorkgroups
+    if (!picksSplitK(a.shape, b.shape, transposeA, transposeB, threshold)) return wrapped()
+    const chosen = tf.env().getNumber("WEBGPU_MATMUL_PROGRAM_TYPE")
+    tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", smallOutputSize)
+    try {
+      return wrapped()
+    } finally {
+      tf.env().set("WEBGPU_MATMUL_PROGRAM_TYPE", chosen)
     }
   })
-  installed = true
 }

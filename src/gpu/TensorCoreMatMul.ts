@@ -17,7 +17,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import { bufferOf, dispatch, hasFeature, linearGroups, linearIndex, output, type WebGpuBackend, webGpuBackend } from "./Dispatch.ts"
+import { bufferOf, dispatch, hasFeature, linearGroups, linearIndex, output, type WebGpuBackend, webGpuBackend, wrapBatchMatMul } from "./Dispatch.ts"
 
 export const Precision = Schema.Literals(["fp32", "mixed"])
 export type Precision = typeof Precision.Type
@@ -97,21 +97,10 @@ export const fits = (info: AdapterSubgroups): boolean =>
  */
 export const install = (info: AdapterSubgroups): void => {
   if (installed || !fits(info)) return
-  const original = tf.getKernel("BatchMatMul", "webgpu")
-  if (original === undefined) return
-  tf.unregisterKernel("BatchMatMul", "webgpu")
-  tf.registerKernel({
-    ...original,
-    kernelFunc: (args) => {
-      const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo }
-      const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
-      const product = precision === "mixed" ? plan(a.shape, b.shape, transposeA, transposeB) : undefined
-      return product === undefined
-        ? original.kernelFunc(args)
-        : record(args.backend as unknown as WebGpuBackend, product, a, b)
-    }
+  installed = wrapBatchMatMul(({ a, b, transposeA, transposeB, backend }, wrapped) => {
+    const product = precision === "mixed" ? plan(a.shape, b.shape, transposeA, transposeB) : undefined
+    return product === undefined ? wrapped() : record(backend, product, a, b)
   })
-  installed = true
 }
 
 /** A product's shapes: logical [M, K] x [K, N], batched, with the f16 copies' padded sizes. */
