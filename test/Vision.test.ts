@@ -16,7 +16,9 @@ import * as Reference from "../src/io/Reference.ts"
 import * as Safetensors from "../src/io/Safetensors.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
+import * as Dataset from "../src/data/Dataset.ts"
 import { calibrate } from "../stages/Calibrate.ts"
+import { evaluate, imageSideOf } from "../stages/Evaluate.ts"
 import { prune } from "../stages/Prune.ts"
 import { localFixture, markovData, onBackend, tempDir } from "./support.ts"
 
@@ -88,6 +90,35 @@ describe("Vision", () => {
       const narrower = yield* Pretrained.load(localFixture("mistral-headdim"))
       const error = yield* Pretrained.save(path.join(yield* tempDir, "x"), narrower, { dtype: "F32", vision }).pipe(Effect.flip)
       assert.match(error.message, /projects into 48 dimensions, the text model has \d+/)
+    }).pipe(onBackend("wasm")))
+
+  it.effect("cascade eval on lines with images: the NLL transformers gives, image tokens as inputs only (PNG files, the processor's settings from preprocessor_config.json)", () =>
+    Effect.gen(function*() {
+      const data = localFixture("vision/eval/data.jsonl")
+      const expected = JSON.parse(fs.readFileSync(localFixture("vision/eval/expected.json"), "utf8")) as { models: Record<string, { nll: number; tokens: number }> }
+      for (const name of ["vl-tiny", "vl-ministral3"]) {
+        const dir = localFixture(`vision/${name}`)
+        const model = yield* Pretrained.load(dir)
+        const images = yield* imageSideOf(dir, undefined)
+        const result = yield* evaluate(model, Dataset.sequences(data, { vocabSize: model.config.vocabSize }), { file: data, images, batchSize: 3 })
+        assert.strictEqual(result.tokens, expected.models[name].tokens, name)
+        assert.approximately(result.nll, expected.models[name].nll, 1e-5, name)
+      }
+    }).pipe(onBackend("wasm")))
+
+  it.effect("a line with images fails naming its line: images and placeholders that do not pair, or a model with no image side", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const data = path.join(dir, "data.jsonl")
+      const image = localFixture("vision/processor/images/gradient-w37-h23.png")
+      fs.writeFileSync(data, [JSON.stringify({ input_ids: [1, 5, 6] }), JSON.stringify({ input_ids: [1, 10, 5, 10], images: [image] })].join("\n"))
+      const vlDir = localFixture("vision/vl-tiny")
+      const model = yield* Pretrained.load(vlDir)
+      const unpaired = yield* evaluate(model, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* imageSideOf(vlDir, undefined) }).pipe(Effect.flip)
+      assert.match(unpaired.message, /data\.jsonl:2\b.*1 images but 2 image placeholders/)
+      const textOnly = yield* Pretrained.load(localFixture("mistral-headdim"))
+      const blind = yield* evaluate(textOnly, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* imageSideOf(localFixture("mistral-headdim"), undefined) }).pipe(Effect.flip)
+      assert.match(blind.message, /data\.jsonl:2\b.*has images but the model has no image side/)
     }).pipe(onBackend("wasm")))
 
   it.effect("a prompt whose image tokens do not match the features is refused, naming both counts", () =>

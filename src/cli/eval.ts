@@ -2,7 +2,7 @@
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
-import { evaluate } from "../../stages/Evaluate.ts"
+import { evaluate, imageSideOf } from "../../stages/Evaluate.ts"
 import * as Dataset from "../data/Dataset.ts"
 import * as Pretrained from "../io/Pretrained.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
@@ -13,7 +13,7 @@ export const evalCommand = Command.make(
   {
     model: Flag.String("model").pipe(Flag.withDescription("Hugging Face checkpoint folder")),
     data: Flag.String("data").pipe(
-      Flag.withDescription(`JSONL file, one {"input_ids": [...]} or {"text": "..."} per line`)
+      Flag.withDescription(`JSONL file, one {"input_ids": [...]} or {"text": "..."} per line, with "images": [files] for a Mistral 3 model (one per [IMG] placeholder)`)
     ),
     json: Flag.Boolean("json").pipe(Flag.withDescription("Print one JSON line {tokens, nll, ppl}"), Flag.withDefault(false)),
     batch: Flag.Int("batch").pipe(Flag.withDescription("Sequences per forward pass"), Flag.withDefault(8))
@@ -24,7 +24,7 @@ export const evalCommand = Command.make(
       const loaded = yield* Pretrained.load(model)
       const tokenizer = yield* Tokenizer.loadIfPresent(model)
       const sequences = Dataset.sequences(data, { vocabSize: loaded.config.vocabSize, tokenizer })
-      return yield* evaluate(loaded, sequences, { batchSize: batch })
+      return yield* evaluate(loaded, sequences, { batchSize: batch, file: data, images: yield* imageSideOf(model, tokenizer) })
     }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
     yield* Console.log(
       json

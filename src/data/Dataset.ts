@@ -1,11 +1,13 @@
 /**
- * Training and evaluation data: JSONL files whose lines are `{"input_ids": [...]}` or `{"text": "..."}`,
+ * Training and evaluation data: JSONL files whose lines are `{"input_ids": [...]}` or `{"text": "..."}`
+ * (with `"images": [files]` for a model that sees images: one per image placeholder, in order),
  * read as a stream so that a file of any size passes through in bounded memory. A line that cannot
  * be used fails the stream with a `DataError` naming the file and line.
  */
 import { Effect, Schema, Stream } from "effect"
 import { createReadStream } from "node:fs"
 import { access } from "node:fs/promises"
+import * as path from "node:path"
 import { createInterface } from "node:readline"
 import { DataError } from "../Errors.ts"
 import type { Tokenizer } from "../io/Tokenizer.ts"
@@ -38,15 +40,20 @@ async function* numbered(input: AsyncIterable<string>): AsyncGenerator<Line> {
   }
 }
 
+/** Image files of a line, relative to the data file: one per image placeholder of its ids or text. */
+const images = Schema.optional(Schema.Array(Schema.String))
+
 const Record = Schema.Union([
-  Schema.Struct({ input_ids: Schema.Array(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))) }),
-  Schema.Struct({ text: Schema.String })
+  Schema.Struct({ input_ids: Schema.Array(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))), images }),
+  Schema.Struct({ text: Schema.String, images })
 ])
 const decodeRecord = Schema.decodeUnknownEffect(Record)
 
 export interface Sequence {
   readonly line: number
   readonly ids: ReadonlyArray<number>
+  /** Image files (absolute paths), in the order of their placeholders in `ids`; a Mistral 3 model's. */
+  readonly images?: ReadonlyArray<string> | undefined
 }
 
 /**
@@ -66,7 +73,7 @@ export const sequences = (
       })
       const record = yield* decodeRecord(json).pipe(
         Effect.mapError(() =>
-          new DataError({ file, line, reason: `expected {"input_ids": [non-negative integers]} or {"text": string}` })
+          new DataError({ file, line, reason: `expected {"input_ids": [non-negative integers]} or {"text": string}, with optional "images": [files]` })
         )
       )
       let ids: ReadonlyArray<number>
@@ -78,7 +85,7 @@ export const sequences = (
       }
       const outside = ids.find((id) => id >= options.vocabSize)
       if (outside !== undefined) return yield* fail(`token id ${outside} is outside the vocabulary (${options.vocabSize})`)
-      return { line, ids }
+      return { line, ids, images: record.images?.map((image) => path.resolve(path.dirname(file), image)) }
     })
   ))
 

@@ -17,6 +17,7 @@
 import { Effect, Schema } from "effect"
 import jpeg from "jpeg-js"
 import { readFile } from "node:fs/promises"
+import * as path from "node:path"
 import pngjs from "pngjs"
 
 /** An image file that cannot be used: unreadable, corrupt, or in a format we do not read. */
@@ -326,4 +327,46 @@ export const tokenGrid = (height: number, width: number, patchSize: number, merg
   const grid = Array.from({ length: rows }, () => row).flat()
   grid[grid.length - 1] = ids.imageEnd
   return grid
+}
+
+/** Mistral's ids of the three image tokens ([IMG] 10, [IMG_BREAK] 12, [IMG_END] 13), where no tokenizer says otherwise. */
+export const mistralImageTokens: ImageTokenIds = { image: 10, imageBreak: 12, imageEnd: 13 }
+
+/**
+ * The image processor's settings of a model folder: its preprocessor_config.json (as transformers
+ * saves it) where there is one, else transformers' defaults with the encoder's patch size and the
+ * largest image it takes. `mergeSize` is the projector's.
+ */
+export const processorConfig = (dir: string, encoder: { readonly patchSize: number; readonly mergeSize: number; readonly imageSize: number }) => {
+  const file = path.join(dir, "preprocessor_config.json")
+  return Effect.tryPromise({
+    try: () => readFile(file, "utf8").then((text) => JSON.parse(text) as Record<string, unknown>, (error: NodeJS.ErrnoException) => (error.code === "ENOENT" ? undefined : Promise.reject(error))),
+    catch: (cause) => new ImageError({ file, reason: `cannot be read as JSON: ${describe(cause)}` })
+  }).pipe(Effect.map((json): PixtralImageConfig => {
+    const patch = (json?.patch_size as { height?: number } | undefined)?.height ?? encoder.patchSize
+    const size = json?.size as { longest_edge?: number } | undefined
+    return {
+      ...pixtralDefaults,
+      patchSize: patch,
+      spatialMergeSize: encoder.mergeSize,
+      longestEdge: size?.longest_edge ?? encoder.imageSize,
+      ...(typeof json?.rescale_factor === "number" ? { rescaleFactor: json.rescale_factor } : {}),
+      ...(Array.isArray(json?.image_mean) ? { imageMean: json.image_mean as unknown as readonly [number, number, number] } : {}),
+      ...(Array.isArray(json?.image_std) ? { imageStd: json.image_std as unknown as readonly [number, number, number] } : {})
+    }
+  }))
+}
+
+/**
+ * Token ids with one `tokens.image` placeholder per image, each expanded into its image's grid, as
+ * PixtralProcessor does; undefined when placeholders and images do not pair up.
+ */
+export const expandPlaceholders = (ids: ReadonlyArray<number>, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Array<number> | undefined => {
+  if (ids.filter((id) => id === tokens.image).length !== images.length) return undefined
+  let next = 0
+  return ids.flatMap((id) => {
+    if (id !== tokens.image) return [id]
+    const { height, width } = images[next++]
+    return tokenGrid(height, width, config.patchSize, config.spatialMergeSize, tokens)
+  })
 }

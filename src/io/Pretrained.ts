@@ -98,7 +98,7 @@ const mistral3Json = (config: Config.ModelConfig, vision: Vision.Vision, dtype: 
 }
 
 /** The files of a model folder besides its weights and config that a derived model needs as they are. */
-const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+const companionFiles = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json"]
 
 /**
  * Saves `model` as a checkpoint folder, reading one tensor at a time off the backend; with
