@@ -34,6 +34,7 @@ import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as PolicyLoss from "../src/train/PolicyLoss.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Vision from "../src/model/Vision.ts"
 import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Random from "../src/Random.ts"
 import * as RunFolder from "../src/train/RunFolder.ts"
@@ -352,7 +353,8 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     })
   }
 
-  yield* Pretrained.save(out, policy.model, { dtype: options.dtype ?? Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir })
+  // A Mistral 3 model's image side, untouched by text training, saved with it: the output stays whole.
+  yield* Pretrained.save(out, policy.model, { dtype: options.dtype ?? Pretrained.storedDtype(reference.config), companionsFrom: options.modelDir, vision: yield* Vision.loadIfPresent(options.modelDir) })
   const done: State = { format: setup.format, step: options.steps, identity }
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* RunFolder.removeCheckpoint(out)

@@ -28,6 +28,7 @@ import * as Loss from "../src/train/Loss.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Vision from "../src/model/Vision.ts"
 import type { FloatDtype } from "../src/io/Safetensors.ts"
 import * as Random from "../src/Random.ts"
 import * as RunFolder from "../src/train/RunFolder.ts"
@@ -173,7 +174,8 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
     )
   )
 
-  yield* Pretrained.save(out, trainable.model, { dtype: options.dtype ?? Pretrained.storedDtype(config), companionsFrom: options.modelDir })
+  // A Mistral 3 model's image side, untouched by text training, saved with it: the output stays whole.
+  yield* Pretrained.save(out, trainable.model, { dtype: options.dtype ?? Pretrained.storedDtype(config), companionsFrom: options.modelDir, vision: yield* Vision.loadIfPresent(options.modelDir) })
   const done = state(true)
   yield* Files.writeJson(path.join(out, "state.json"), done)
   yield* RunFolder.removeCheckpoint(out)

@@ -18,7 +18,9 @@ import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { calibrate } from "../stages/Calibrate.ts"
+import { distill } from "../stages/Distill.ts"
 import { evaluate, imageSideOf } from "../stages/Evaluate.ts"
+import * as Teacher from "../layers/Teacher.ts"
 import { prune } from "../stages/Prune.ts"
 import { localFixture, markovData, onBackend, tempDir } from "./support.ts"
 
@@ -82,6 +84,16 @@ describe("Vision", () => {
       const features = Vision.imageFeatures(child, [tf.zeros([3, 16, 16]) as tf.Tensor3D], [[16, 16]])
       assert.deepStrictEqual(features.projected.shape, [4, 32])
       tf.dispose([...features.encoded, features.projected])
+      // Distilled from the parent (text only), the child stays whole: its image side saved along, unchanged.
+      const distilled = path.join(dir, "distilled")
+      yield* distill({
+        studentDir: narrow, data, out: distilled, seq: 32, steps: 2, seed: 1, batch: 2, accumulate: 1, learningRate: 1e-3, minLearningRate: 1e-4,
+        warmupSteps: 0, weightDecay: 0, maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 10
+      }).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
+      const [before, after] = yield* Effect.all([narrow, distilled].map((folder) => Safetensors.open(path.join(folder, "model.safetensors"))))
+      const visionNames = before.names.filter((name) => name.startsWith("vision_tower.") || name.startsWith("multi_modal_projector."))
+      assert.isAbove(visionNames.length, 0)
+      for (const name of visionNames) assert.deepStrictEqual(yield* after.readFloat32(name), yield* before.readFloat32(name), name)
     }).pipe(onBackend("wasm")), { timeout: 120_000 })
 
   it.effect("a text model narrower than its image side's projection is not saved with it", () =>
