@@ -47,12 +47,13 @@ export const imageSideOf = Effect.fn("Evaluate.imageSideOf")(function*(dir: stri
 })
 
 /** A sequence with its images processed and their placeholders expanded into their token grids. */
-interface Prepared {
+export interface Prepared {
   readonly ids: ReadonlyArray<number>
   readonly images: ReadonlyArray<Images.ProcessedImage>
 }
 
-const prepare = (file: string, side: ImageSide | undefined) => (sequence: Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
+/** A sequence of the JSONL `file` with its images decoded and preprocessed for `side`, their placeholders expanded. */
+export const prepare = (file: string, side: ImageSide | undefined) => (sequence: Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
   Effect.gen(function*() {
     const files = sequence.images ?? []
     if (files.length === 0) return { ids: sequence.ids, images: [] }

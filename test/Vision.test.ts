@@ -21,6 +21,7 @@ import { calibrate } from "../stages/Calibrate.ts"
 import { distill } from "../stages/Distill.ts"
 import { evaluate, imageSideOf } from "../stages/Evaluate.ts"
 import * as Teacher from "../layers/Teacher.ts"
+import { trainProjector } from "../stages/ProjectorTrain.ts"
 import { prune } from "../stages/Prune.ts"
 import { localFixture, markovData, onBackend, tempDir } from "./support.ts"
 
@@ -94,6 +95,24 @@ describe("Vision", () => {
       const visionNames = before.names.filter((name) => name.startsWith("vision_tower.") || name.startsWith("multi_modal_projector."))
       assert.isAbove(visionNames.length, 0)
       for (const name of visionNames) assert.deepStrictEqual(yield* after.readFloat32(name), yield* before.readFloat32(name), name)
+    }).pipe(onBackend("wasm")), { timeout: 120_000 })
+
+  it.effect("the projector-only step brings a pruned child's distributions on image prompts toward its parent's, the encoder and the text model untouched", () =>
+    Effect.gen(function*() {
+      const parentDir = localFixture("vision/vl-tiny")
+      const dir = yield* tempDir
+      const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: path.join(dir, "stats"), seq: 32 })
+      const child = path.join(dir, "child")
+      yield* prune({ modelDir: parentDir, statsDir: path.join(dir, "stats"), out: child, targets: { hidden: 32, layers: 1 } })
+      const out = path.join(dir, "projected")
+      const result = yield* trainProjector({ studentDir: child, teacherDir: parentDir, data: localFixture("vision/eval/data.jsonl"), out, steps: 60, learningRate: 1e-2 })
+      assert.isBelow(result.klAfter, 0.8 * result.klBefore, JSON.stringify(result))
+      const [before, after] = yield* Effect.all([child, out].map((folder) => Safetensors.open(path.join(folder, "model.safetensors"))))
+      for (const name of before.names) {
+        const same = Reference.maxAbsDiff(yield* after.readFloat32(name), yield* before.readFloat32(name)) === 0
+        assert.strictEqual(same, !name.startsWith("multi_modal_projector."), `${name} ${same ? "unchanged" : "changed"}`)
+      }
     }).pipe(onBackend("wasm")), { timeout: 120_000 })
 
   it.effect("a text model narrower than its image side's projection is not saved with it", () =>

@@ -12,6 +12,7 @@ import { evalCommand } from "./eval.ts"
 import { grpoCommand } from "./grpo.ts"
 import { odpoCommand } from "./odpo.ts"
 import { postTrainCommand } from "./post-train.ts"
+import { projectorCommand } from "./projector.ts"
 import { pruneCommand } from "./prune.ts"
 import { pwrmCommand } from "./pwrm.ts"
 import { cascade } from "./root.ts"
@@ -23,7 +24,7 @@ import { teacherCacheCommand } from "./teacher-cache.ts"
 const version = "0.1.0"
 
 const program = cascade.pipe(
-  Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand, postTrainCommand]),
+  Command.withSubcommands([runCommand, evalCommand, calibrateCommand, pruneCommand, distillCommand, teacherCacheCommand, serveCommand, sftCommand, pwrmCommand, grpoCommand, odpoCommand, postTrainCommand, projectorCommand]),
   // The CLI module prints help; its parse errors, like ours, are printed here as one line.
   Command.run({ version, renderErrors: false }),
   Effect.catch((error) =>

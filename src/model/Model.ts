@@ -447,7 +447,13 @@ const splice = (embeddings: tf.Tensor3D, ids: ReadonlyArray<ArrayLike<number>>, 
   if (features.shape[1] !== d) throw new RangeError(`Model.forward: image features of width ${features.shape[1]}, embeddings of ${d}`)
   if (next === 0) return embeddings
   const mask = tf.tensor2d(isImage, [b * t, 1])
-  const placed = tf.mul(tf.gather(features, tf.tensor1d(source, "int32")), mask)
+  // Rows placed by a product with a one-hot [B*T, N], not a gather: gather's gradient needs a kernel
+  // the wasm backend lacks (UnsortedSegmentSum), and the projector is trained through this.
+  const places = new Float32Array(b * t * next)
+  isImage.forEach((image, position) => {
+    if (image === 1) places[position * next + source[position]] = 1
+  })
+  const placed = matMul(tf.tensor2d(places, [b * t, next]), features)
   return tf.add(tf.mul(embeddings.reshape([b * t, d]), tf.sub(1, mask)), placed).reshape([b, t, d]) as tf.Tensor3D
 }
 

@@ -422,6 +422,32 @@ export const imageFeatures = (vision: Vision, images: ReadonlyArray<tf.Tensor3D>
       if (index < 0 || index >= states.length) throw new RangeError(`Vision: vision_feature_layer ${vision.config.featureLayer} of ${states.length} hidden states`)
       return states[index]
     })
-    const projected = tf.concat(encoded.map((features, i) => project(vision, features, sizes[i])), 0) as tf.Tensor2D
-    return { encoded, projected }
+    return { encoded, projected: projectAll(vision, encoded, sizes) }
   })
+
+/** The projected features of images already encoded (ImageFeatures.encoded), in order: the projector alone, for training it. */
+export const projectAll = (vision: Vision, encoded: ReadonlyArray<tf.Tensor2D>, sizes: ReadonlyArray<ImageSize>): tf.Tensor2D =>
+  tf.tidy(() => tf.concat(encoded.map((features, i) => project(vision, features, sizes[i])), 0) as tf.Tensor2D)
+
+/** The projector's weights by name (what the projector-only stage trains). */
+export const projectorWeights = (vision: Vision): Map<string, tf.Tensor> => {
+  const { projectorNorm, merging, linear1, linear1Bias, linear2, linear2Bias } = vision.weights
+  const named: Array<[string, tf.Tensor | undefined]> = [
+    ["norm", projectorNorm], ["merging", merging], ["linear1", linear1], ["linear1Bias", linear1Bias], ["linear2", linear2], ["linear2Bias", linear2Bias]
+  ]
+  return new Map(named.filter((entry): entry is [string, tf.Tensor] => entry[1] !== undefined))
+}
+
+/** The image side with other projector weights, by projectorWeights' names (the encoder is kept). */
+export const withProjector = (vision: Vision, weights: ReadonlyMap<string, tf.Tensor>): Vision => ({
+  ...vision,
+  weights: {
+    ...vision.weights,
+    projectorNorm: weights.get("norm") as tf.Tensor1D,
+    merging: weights.get("merging") as tf.Tensor2D,
+    linear1: weights.get("linear1") as tf.Tensor2D,
+    linear1Bias: weights.get("linear1Bias") as tf.Tensor1D | undefined,
+    linear2: weights.get("linear2") as tf.Tensor2D,
+    linear2Bias: weights.get("linear2Bias") as tf.Tensor1D | undefined
+  }
+})
