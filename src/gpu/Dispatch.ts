@@ -126,12 +126,36 @@ export const output = (backend: WebGpuBackend, shape: ReadonlyArray<number>): { 
 /** A tensor for a kernel's output, as tfjs ops return them (counted in tf.memory, freed by dispose). */
 export const tensorOf = (info: tf.TensorInfo): tf.Tensor => tf.engine().makeTensorFromTensorInfo(info)
 
-/** One call of tfjs' `BatchMatMul`: `op(a) @ op(b)` on `backend`. */
+/** A product `op(a) @ op(b)`'s sizes: logical [M, K] x [K, N], each operand's batch (the product of its leading axes). */
+export interface ProductShape {
+  readonly m: number
+  readonly k: number
+  readonly n: number
+  readonly batchA: number
+  readonly batchB: number
+}
+
+/** The number of elements of a shape (of a batch: its leading axes). */
+export const volume = (dims: ReadonlyArray<number>): number => dims.reduce((x, y) => x * y, 1)
+
+export const productShape = (aShape: ReadonlyArray<number>, bShape: ReadonlyArray<number>, transposeA: boolean, transposeB: boolean): ProductShape => {
+  const [ar, br] = [aShape.length, bShape.length]
+  return {
+    m: transposeA ? aShape[ar - 1] : aShape[ar - 2],
+    k: transposeA ? aShape[ar - 2] : aShape[ar - 1],
+    n: transposeB ? bShape[br - 2] : bShape[br - 1],
+    batchA: volume(aShape.slice(0, -2)),
+    batchB: volume(bShape.slice(0, -2))
+  }
+}
+
+/** One call of tfjs' `BatchMatMul`: `op(a) @ op(b)` on `backend`, with its sizes. */
 export interface Product {
   readonly a: tf.TensorInfo
   readonly b: tf.TensorInfo
   readonly transposeA: boolean
   readonly transposeB: boolean
+  readonly shape: ProductShape
   readonly backend: WebGpuBackend
 }
 
@@ -150,7 +174,8 @@ export const wrapBatchMatMul = (serve: (product: Product, wrapped: () => tf.Tens
       const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo }
       const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
       const wrapped = () => original.kernelFunc(args) as tf.TensorInfo
-      return serve({ a, b, transposeA, transposeB, backend: args.backend as unknown as WebGpuBackend }, wrapped)
+      const shape = productShape(a.shape, b.shape, transposeA, transposeB)
+      return serve({ a, b, transposeA, transposeB, shape, backend: args.backend as unknown as WebGpuBackend }, wrapped)
     }
   })
   return true

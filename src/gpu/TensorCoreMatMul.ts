@@ -17,7 +17,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema } from "effect"
-import { bufferOf, dispatch, hasFeature, linearGroups, linearIndex, output, type WebGpuBackend, webGpuBackend, wrapBatchMatMul } from "./Dispatch.ts"
+import { bufferOf, dispatch, hasFeature, linearGroups, linearIndex, output, type ProductShape, productShape, volume, type WebGpuBackend, webGpuBackend, wrapBatchMatMul } from "./Dispatch.ts"
 
 export const Precision = Schema.Literals(["fp32", "mixed"])
 export type Precision = typeof Precision.Type
@@ -97,19 +97,14 @@ export const fits = (info: AdapterSubgroups): boolean =>
  */
 export const install = (info: AdapterSubgroups): void => {
   if (installed || !fits(info)) return
-  installed = wrapBatchMatMul(({ a, b, transposeA, transposeB, backend }, wrapped) => {
-    const product = precision === "mixed" ? plan(a.shape, b.shape, transposeA, transposeB) : undefined
+  installed = wrapBatchMatMul(({ a, b, transposeA, transposeB, shape, backend }, wrapped) => {
+    const product = precision === "mixed" ? plan(a.shape, b.shape, shape, transposeA, transposeB) : undefined
     return product === undefined ? wrapped() : record(backend, product, a, b)
   })
 }
 
-/** A product's shapes: logical [M, K] x [K, N], batched, with the f16 copies' padded sizes. */
-interface Plan {
-  readonly m: number
-  readonly n: number
-  readonly k: number
-  readonly batchA: number
-  readonly batchB: number
+/** A product's shapes, with its output's and the f16 copies' padded sizes. */
+interface Plan extends ProductShape {
   readonly outShape: ReadonlyArray<number>
   readonly transposeA: boolean
   readonly transposeB: boolean
@@ -121,21 +116,14 @@ interface Plan {
 }
 
 const roundUp = (x: number, to: number) => Math.ceil(x / to) * to
-const product = (dims: ReadonlyArray<number>) => dims.reduce((x, y) => x * y, 1)
 
 /** How the tensor cores would do `op(a) @ op(b)`, or undefined where tfjs' kernel should (narrow, or batches that broadcast partly). */
-const plan = (aShape: ReadonlyArray<number>, bShape: ReadonlyArray<number>, transposeA: boolean, transposeB: boolean, tiling = defaultTiling): Plan | undefined => {
-  const [ar, br] = [aShape.length, bShape.length]
-  const m = transposeA ? aShape[ar - 1] : aShape[ar - 2]
-  const k = transposeA ? aShape[ar - 2] : aShape[ar - 1]
-  const n = transposeB ? bShape[br - 2] : bShape[br - 1]
-  const batchA = product(aShape.slice(0, -2))
-  const batchB = product(bShape.slice(0, -2))
+const plan = (aShape: ReadonlyArray<number>, bShape: ReadonlyArray<number>, { m, k, n, batchA, batchB }: ProductShape, transposeA: boolean, transposeB: boolean, tiling = defaultTiling): Plan | undefined => {
   // A fragment is 16x16: narrower products (a decode step's few rows) gain nothing from padding to one.
   if (m < 16 || n < 16 || k < 16) return undefined
   // Whole batches only: equal, or one operand shared by every product of the other.
   const outer = tf.broadcast_util.assertAndGetBroadcastShape(aShape.slice(0, -2), bShape.slice(0, -2))
-  if (product(outer) !== Math.max(batchA, batchB) || (batchA !== batchB && Math.min(batchA, batchB) !== 1)) return undefined
+  if (volume(outer) !== Math.max(batchA, batchB) || (batchA !== batchB && Math.min(batchA, batchB) !== 1)) return undefined
   return {
     m, n, k, batchA, batchB, transposeA, transposeB, tiling,
     outShape: [...outer, m, n],
@@ -338,7 +326,7 @@ const record = (backend: WebGpuBackend, p: Plan, a: tf.TensorInfo, b: tf.TensorI
  * tfjs' kernel would do it: what the CPU suite compiles on Dawn's null device.
  */
 export const kernelSources = (aShape: ReadonlyArray<number>, bShape: ReadonlyArray<number>, transposeA: boolean, transposeB: boolean, tiling: Tiling): Array<string> => {
-  const p = plan(aShape, bShape, transposeA, transposeB, tiling)
+  const p = plan(aShape, bShape, productShape(aShape, bShape, transposeA, transposeB), transposeA, transposeB, tiling)
   if (p === undefined) return []
   return [
     convertShader(p.batchA, p.m, p.k, p.mp, p.kp, p.transposeA),
