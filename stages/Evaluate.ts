@@ -73,11 +73,8 @@ const batchNll = Effect.fnUntraced(function*(model: Model.Model, batch: Readonly
   const ids = batch.map(({ ids }) => Array.from({ length: width }, (_, i) => ids[i] ?? 0))
   const mask = batch.map(({ ids }) => Array.from({ length: width }, (_, i) => (i < ids.length ? 1 : 0)))
   const images = batch.flatMap((sequence) => sequence.images)
-  const features = side === undefined || images.length === 0 ? undefined : tf.tidy(() => {
-    const pixels = images.map((image) => tf.tensor3d(image.pixelValues, [3, image.height, image.width]))
-    // The encoder's features are dropped with the tidy; the projected ones are what is spliced in.
-    return Vision.imageFeatures(side.vision, pixels, images.map((image) => [image.height, image.width] as const)).projected
-  })
+  // The encoder's features are dropped with the tidy; the projected ones are what is spliced in.
+  const features = side === undefined || images.length === 0 ? undefined : tf.tidy(() => Vision.featuresOfImages(side.vision, images).projected)
   const { logits } = Model.forward(model, ids.map((row) => row.slice(0, -1)), {
     attentionMask: mask.map((row) => row.slice(0, -1)),
     imageFeatures: features === undefined ? undefined : { features, tokenId: side!.tokens.image }
@@ -86,12 +83,11 @@ const batchNll = Effect.fnUntraced(function*(model: Model.Model, batch: Readonly
   const logProbs = Loss.tokenLogProbs(logits, ids.map((row) => row.slice(1)))
   logits.dispose()
   const values = yield* Reference.read(logProbs)
-  const imageTokens = side === undefined ? [] : [side.tokens.image, side.tokens.imageBreak, side.tokens.imageEnd]
   let nll = 0
   let tokens = 0
   batch.forEach(({ ids: sequence }, row) => {
     for (let i = 0; i < sequence.length - 1; i++) {
-      if (imageTokens.includes(sequence[i + 1])) continue
+      if (side !== undefined && Images.isImageToken(side.tokens, sequence[i + 1])) continue
       nll -= values[row * (width - 1) + i]
       tokens++
     }

@@ -10,13 +10,14 @@ import * as tf from "@tensorflow/tfjs"
 import { Effect, Stream } from "effect"
 import * as path from "node:path"
 import * as Dataset from "../src/data/Dataset.ts"
+import * as Images from "../src/data/Images.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
-import { type ImageSide, imageSideOf, prepare } from "./Evaluate.ts"
+import { type ImageSide, imageSideOf, type Prepared, prepare } from "./Evaluate.ts"
 
 export interface ProjectorOptions {
   /** The child: a Mistral 3 model whose projector is trained. */
@@ -82,22 +83,20 @@ const meanKl = (model: Model.Model, vision: Vision.Vision, lines: ReadonlyArray<
   })
 
 /** The teacher's and the child's fixed parts of one prepared line. */
-const fixedLine = (teacher: Model.Model, teacherSide: ImageSide, studentSide: ImageSide, prepared: { ids: ReadonlyArray<number>; images: ReadonlyArray<{ height: number; width: number; pixelValues: Float32Array }> }) =>
-  Effect.promise(async () => {
-    const sizes = prepared.images.map((image) => [image.height, image.width] as const)
-    const imageTokens = [studentSide.tokens.image, studentSide.tokens.imageBreak, studentSide.tokens.imageEnd]
-    const textTargets = prepared.ids.slice(1).map((id) => (imageTokens.includes(id) ? 0 : 1))
+const fixedLine = (teacher: Model.Model, teacherSide: ImageSide, studentSide: ImageSide, prepared: Prepared) =>
+  Effect.sync((): Line => {
+    const textTargets = prepared.ids.slice(1).map((id) => (Images.isImageToken(studentSide.tokens, id) ? 0 : 1))
     const parts = tf.tidy(() => {
-      const pixels = prepared.images.map((image) => tf.tensor3d(image.pixelValues, [3, image.height, image.width]))
-      const seen = Vision.imageFeatures(teacherSide.vision, pixels, sizes).projected
+      const seen = Vision.featuresOfImages(teacherSide.vision, prepared.images).projected
       const { logits } = Model.forward(teacher, [prepared.ids.slice(0, -1)], { imageFeatures: { features: seen, tokenId: teacherSide.tokens.image } })
       return {
         teacher: tf.logSoftmax(logits.squeeze([0])) as tf.Tensor2D,
-        encoded: [...Vision.imageFeatures(studentSide.vision, pixels, sizes).encoded],
+        encoded: [...Vision.featuresOfImages(studentSide.vision, prepared.images).encoded],
         textTargets: tf.tensor2d(textTargets, [textTargets.length, 1])
       }
     }) as unknown as { teacher: tf.Tensor2D; encoded: Array<tf.Tensor2D>; textTargets: tf.Tensor2D }
-    return { ids: prepared.ids, sizes, ...parts, count: textTargets.filter((target) => target === 1).length } satisfies Line
+    const sizes = prepared.images.map((image) => [image.height, image.width] as const)
+    return { ids: prepared.ids, sizes, ...parts, count: textTargets.filter((target) => target === 1).length }
   })
 
 /** Trains the child's projector against the teacher and saves the child whole in `out`. */

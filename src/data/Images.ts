@@ -329,6 +329,9 @@ export const tokenGrid = (height: number, width: number, patchSize: number, merg
   return grid
 }
 
+/** Whether `id` is one of the image tokens: part of an image's grid, an input and never a target. */
+export const isImageToken = (tokens: ImageTokenIds, id: number): boolean => id === tokens.image || id === tokens.imageBreak || id === tokens.imageEnd
+
 /** Mistral's ids of the three image tokens ([IMG] 10, [IMG_BREAK] 12, [IMG_END] 13), where no tokenizer says otherwise. */
 export const mistralImageTokens: ImageTokenIds = { image: 10, imageBreak: 12, imageEnd: 13 }
 

@@ -425,6 +425,14 @@ export const imageFeatures = (vision: Vision, images: ReadonlyArray<tf.Tensor3D>
     return { encoded, projected: projectAll(vision, encoded, sizes) }
   })
 
+/** `imageFeatures` of preprocessed images, [C, H, W] values each (Images.preprocess), rather than tensors. */
+export const featuresOfImages = (vision: Vision, images: ReadonlyArray<{ readonly pixelValues: Float32Array; readonly height: number; readonly width: number }>): ImageFeatures => {
+  const pixels = images.map((image) => tf.tensor3d(image.pixelValues, [vision.config.channels, image.height, image.width]))
+  const features = imageFeatures(vision, pixels, images.map((image) => [image.height, image.width] as const))
+  tf.dispose(pixels)
+  return features
+}
+
 /** The projected features of images already encoded (ImageFeatures.encoded), in order: the projector alone, for training it. */
 export const projectAll = (vision: Vision, encoded: ReadonlyArray<tf.Tensor2D>, sizes: ReadonlyArray<ImageSize>): tf.Tensor2D =>
   tf.tidy(() => tf.concat(encoded.map((features, i) => project(vision, features, sizes[i])), 0) as tf.Tensor2D)
