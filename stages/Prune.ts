@@ -195,7 +195,7 @@ export const prune = Effect.fn("Prune.prune")(function*(options: PruneOptions) {
     Pruning.build(parent, plan, writers),
     ({ model, written }) => Effect.sync(() => {
       Model.dispose(model)
-      tf.dispose([...written, ...writers.slice(1)])
+      tf.dispose([...written, ...writers])
     })
   )
   const childVision = vision === undefined ? undefined : yield* Vision.intoHidden(vision, child.config.hiddenSize, written)

@@ -33,12 +33,15 @@ const mistral3Layouts = [
   { model: "language_model.model.", lmHead: "language_model.lm_head.weight" }
 ]
 
+/** A text model tensor's name (a bare `MistralForCausalLM`'s, which `Model` uses) in a Mistral3 checkpoint of `layout`. */
+const inLayout = (layout: (typeof mistral3Layouts)[number]) => (name: string) =>
+  name === "lm_head.weight" ? layout.lmHead : name.replace(/^model\./, layout.model)
+
 /** The checkpoint's name for a tensor of a bare `MistralForCausalLM` (the names `Model` uses). */
 const storedNames = (checkpoint: Checkpoint.Checkpoint): (name: string) => string => {
   if (!Config.isMistral3(checkpoint.rawConfig)) return (name) => name
   // With neither layout's embeddings present, the module names are the ones a missing-tensor error names.
-  const layout = mistral3Layouts.find(({ model }) => checkpoint.names.includes(`${model}embed_tokens.weight`)) ?? mistral3Layouts[0]
-  return (name) => (name === "lm_head.weight" ? layout.lmHead : name.replace(/^model\./, layout.model))
+  return inLayout(mistral3Layouts.find(({ model }) => checkpoint.names.includes(`${model}embed_tokens.weight`)) ?? mistral3Layouts[0])
 }
 
 /** Loads a checkpoint folder. The model's tensors are released when the scope closes. */
@@ -123,7 +126,7 @@ export const save = Effect.fn("Pretrained.save")(function*(
     })
   }
   // With its image side, the Mistral3ForConditionalGeneration it came from, under the names transformers' save_pretrained writes.
-  const stored = vision === undefined ? (name: string) => name : (name: string) => (name === "lm_head.weight" ? mistral3Layouts[1].lmHead : name.replace(/^model\./, mistral3Layouts[1].model))
+  const stored = vision === undefined ? (name: string) => name : inLayout(mistral3Layouts[1])
   yield* Checkpoint.save(dir, {
     config: vision === undefined ? configJson(model.config, options.dtype) : mistral3Json(model.config, vision, options.dtype),
     dtype: options.dtype,

@@ -228,10 +228,11 @@ const fromCheckpoint = Effect.fnUntraced(function*(checkpoint: Checkpoint.Checkp
 /**
  * What the image side writes into the text model's residual stream, as matrices [text D, in]: the
  * projector's last map, and its bias as a column. Pruning turns them as it turns the embeddings.
+ * New tensors, the caller's to dispose.
  */
 export const residualWriters = (vision: Vision): Array<tf.Tensor2D> => {
   const { linear2, linear2Bias } = vision.weights
-  return linear2Bias === undefined ? [linear2] : [linear2, linear2Bias.reshape([-1, 1]) as tf.Tensor2D]
+  return linear2Bias === undefined ? [linear2.clone()] : [linear2.clone(), linear2Bias.reshape([-1, 1]) as tf.Tensor2D]
 }
 
 /**
