@@ -178,10 +178,12 @@ export const loadIfPresent = Effect.fn("Vision.loadIfPresent")(function*(dir: st
   return present ? yield* fromCheckpoint(checkpoint) : undefined
 })
 
+/** A weight's name (`tower:...` or `projector:...`, as tensorShapes gives it) in a checkpoint of `layout`. */
+const inLayout = (layout: (typeof layouts)[number]) => (name: string) => name.replace(/^tower:/, layout.tower).replace(/^projector:/, layout.projector)
+
 const fromCheckpoint = Effect.fnUntraced(function*(checkpoint: Checkpoint.Checkpoint) {
   const config = yield* decodeConfig(checkpoint.rawConfig, checkpoint.configPath)
-  const layout = layouts.find(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`)) ?? layouts[0]
-  const stored = (name: string) => name.replace(/^tower:/, layout.tower).replace(/^projector:/, layout.projector)
+  const stored = inLayout(layouts.find(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`)) ?? layouts[0])
   const tensors = yield* Effect.acquireRelease(
     Effect.sync(() => new Map<string, tf.Tensor>()),
     (held) => Effect.sync(() => tf.dispose([...held.values()]))
@@ -197,19 +199,24 @@ const fromCheckpoint = Effect.fnUntraced(function*(checkpoint: Checkpoint.Checkp
     }
     tensors.set(name, tf.tensor(yield* checkpoint.readFloat32(stored(name)), shape, "float32"))
   }
+  return { config, weights: weightsFromNamed(config, tensors), raw: record(checkpoint.rawConfig) } satisfies Vision
+})
+
+/** The weights from tensors named as tensorShapes names them; the inverse of namedWeights. */
+const weightsFromNamed = (config: VisionConfig, tensors: ReadonlyMap<string, tf.Tensor>): VisionWeights => {
   const get = <T extends tf.Tensor>(name: string) => tensors.get(name) as T
-  const weights: VisionWeights = {
+  return {
     patchConv: get("tower:patch_conv.weight"),
     lnPre: get("tower:ln_pre.weight"),
     layers: Array.from({ length: config.layers }, (_, i) => {
-      const at = (name: string) => get<tf.Tensor2D>(`tower:transformer.layers.${i}.${name}`)
+      const at = <T extends tf.Tensor>(name: string) => get<T>(`tower:transformer.layers.${i}.${name}`)
       return {
-        attentionNorm: at("attention_norm.weight") as unknown as tf.Tensor1D,
+        attentionNorm: at("attention_norm.weight"),
         q: at("attention.q_proj.weight"),
         k: at("attention.k_proj.weight"),
         v: at("attention.v_proj.weight"),
         o: at("attention.o_proj.weight"),
-        ffnNorm: at("ffn_norm.weight") as unknown as tf.Tensor1D,
+        ffnNorm: at("ffn_norm.weight"),
         gate: at("feed_forward.gate_proj.weight"),
         up: at("feed_forward.up_proj.weight"),
         down: at("feed_forward.down_proj.weight")
@@ -218,12 +225,40 @@ const fromCheckpoint = Effect.fnUntraced(function*(checkpoint: Checkpoint.Checkp
     projectorNorm: get("projector:norm.weight"),
     merging: get("projector:patch_merger.merging_layer.weight"),
     linear1: get("projector:linear_1.weight"),
-    linear1Bias: tensors.get("projector:linear_1.bias") as tf.Tensor1D | undefined,
+    linear1Bias: get("projector:linear_1.bias"),
     linear2: get("projector:linear_2.weight"),
-    linear2Bias: tensors.get("projector:linear_2.bias") as tf.Tensor1D | undefined
+    linear2Bias: get("projector:linear_2.bias")
   }
-  return { config, weights, raw: record(checkpoint.rawConfig) } satisfies Vision
-})
+}
+
+/** The weights by the names tensorShapes gives them (the biases only where there are some). */
+const namedWeights = (weights: VisionWeights): Map<string, tf.Tensor> => {
+  const named: Array<[string, tf.Tensor | undefined]> = [
+    ["tower:patch_conv.weight", weights.patchConv],
+    ["tower:ln_pre.weight", weights.lnPre],
+    ...weights.layers.flatMap((layer, i): Array<[string, tf.Tensor]> => {
+      const at = `tower:transformer.layers.${i}.`
+      return [
+        [`${at}attention_norm.weight`, layer.attentionNorm],
+        [`${at}attention.q_proj.weight`, layer.q],
+        [`${at}attention.k_proj.weight`, layer.k],
+        [`${at}attention.v_proj.weight`, layer.v],
+        [`${at}attention.o_proj.weight`, layer.o],
+        [`${at}ffn_norm.weight`, layer.ffnNorm],
+        [`${at}feed_forward.gate_proj.weight`, layer.gate],
+        [`${at}feed_forward.up_proj.weight`, layer.up],
+        [`${at}feed_forward.down_proj.weight`, layer.down]
+      ]
+    }),
+    ["projector:norm.weight", weights.projectorNorm],
+    ["projector:patch_merger.merging_layer.weight", weights.merging],
+    ["projector:linear_1.weight", weights.linear1],
+    ["projector:linear_1.bias", weights.linear1Bias],
+    ["projector:linear_2.weight", weights.linear2],
+    ["projector:linear_2.bias", weights.linear2Bias]
+  ]
+  return new Map(named.filter((entry): entry is [string, tf.Tensor] => entry[1] !== undefined))
+}
 
 /**
  * What the image side writes into the text model's residual stream, as matrices [text D, in]: the
@@ -267,36 +302,8 @@ export const intoHidden = Effect.fn("Vision.intoHidden")(function*(vision: Visio
 })
 
 /** The checkpoint names and tensors of the encoder and projector, as transformers' save_pretrained writes them. */
-export const namedTensors = (vision: Vision): Array<readonly [string, tf.Tensor]> => {
-  const { weights } = vision
-  const saved = layouts[1]
-  const tower = (name: string, tensor: tf.Tensor) => [`${saved.tower}${name}`, tensor] as const
-  const projector = (name: string, tensor: tf.Tensor | undefined) => (tensor === undefined ? [] : [[`${saved.projector}${name}`, tensor] as const])
-  return [
-    tower("patch_conv.weight", weights.patchConv),
-    tower("ln_pre.weight", weights.lnPre),
-    ...weights.layers.flatMap((layer, i) => {
-      const at = `transformer.layers.${i}.`
-      return [
-        tower(`${at}attention_norm.weight`, layer.attentionNorm),
-        tower(`${at}attention.q_proj.weight`, layer.q),
-        tower(`${at}attention.k_proj.weight`, layer.k),
-        tower(`${at}attention.v_proj.weight`, layer.v),
-        tower(`${at}attention.o_proj.weight`, layer.o),
-        tower(`${at}ffn_norm.weight`, layer.ffnNorm),
-        tower(`${at}feed_forward.gate_proj.weight`, layer.gate),
-        tower(`${at}feed_forward.up_proj.weight`, layer.up),
-        tower(`${at}feed_forward.down_proj.weight`, layer.down)
-      ]
-    }),
-    ...projector("norm.weight", weights.projectorNorm),
-    ...projector("patch_merger.merging_layer.weight", weights.merging),
-    ...projector("linear_1.weight", weights.linear1),
-    ...projector("linear_1.bias", weights.linear1Bias),
-    ...projector("linear_2.weight", weights.linear2),
-    ...projector("linear_2.bias", weights.linear2Bias)
-  ]
-}
+export const namedTensors = (vision: Vision): Array<readonly [string, tf.Tensor]> =>
+  [...namedWeights(vision.weights)].map(([name, tensor]) => [inLayout(layouts[1])(name), tensor] as const)
 
 const activate = (x: tf.Tensor, activation: Activation): tf.Tensor => {
   switch (activation) {
@@ -439,24 +446,11 @@ export const projectAll = (vision: Vision, encoded: ReadonlyArray<tf.Tensor2D>, 
   tf.tidy(() => tf.concat(encoded.map((features, i) => project(vision, features, sizes[i])), 0) as tf.Tensor2D)
 
 /** The projector's weights by name (what the projector-only stage trains). */
-export const projectorWeights = (vision: Vision): Map<string, tf.Tensor> => {
-  const { projectorNorm, merging, linear1, linear1Bias, linear2, linear2Bias } = vision.weights
-  const named: Array<[string, tf.Tensor | undefined]> = [
-    ["norm", projectorNorm], ["merging", merging], ["linear1", linear1], ["linear1Bias", linear1Bias], ["linear2", linear2], ["linear2Bias", linear2Bias]
-  ]
-  return new Map(named.filter((entry): entry is [string, tf.Tensor] => entry[1] !== undefined))
-}
+export const projectorWeights = (vision: Vision): Map<string, tf.Tensor> =>
+  new Map([...namedWeights(vision.weights)].filter(([name]) => name.startsWith("projector:")))
 
 /** The image side with other projector weights, by projectorWeights' names (the encoder is kept). */
 export const withProjector = (vision: Vision, weights: ReadonlyMap<string, tf.Tensor>): Vision => ({
   ...vision,
-  weights: {
-    ...vision.weights,
-    projectorNorm: weights.get("norm") as tf.Tensor1D,
-    merging: weights.get("merging") as tf.Tensor2D,
-    linear1: weights.get("linear1") as tf.Tensor2D,
-    linear1Bias: weights.get("linear1Bias") as tf.Tensor1D | undefined,
-    linear2: weights.get("linear2") as tf.Tensor2D,
-    linear2Bias: weights.get("linear2Bias") as tf.Tensor1D | undefined
-  }
+  weights: weightsFromNamed(vision.config, new Map([...namedWeights(vision.weights), ...weights]))
 })
