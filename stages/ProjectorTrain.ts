@@ -2,7 +2,8 @@
  * The projector-only step of Ministral 3's recipe: each child gets a projector of its own, trained
  * with everything else frozen (the vision encoder, which every size shares, and the text model) so
  * that the child's next-token distributions on image prompts become its teacher's, the teacher
- * seeing the same images: forward KL over the text targets (image tokens are inputs, not targets).
+ * seeing the same images: forward KL over the text targets (image tokens are inputs, not targets),
+ * the distillation loss at temperature 1 (Loss.distillation).
  * The encoder's features and the teacher's log-probabilities are computed once; each step runs the
  * projector and the child's text model over one line of the data and updates the projector (AdamW).
  */
@@ -16,6 +17,7 @@ import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
+import * as Loss from "../src/train/Loss.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
 import { type ImageSide, imageSideOf, type Prepared, prepare } from "./Evaluate.ts"
 
@@ -38,15 +40,14 @@ export interface ProjectorResult {
   readonly klAfter: number
 }
 
-/** One line's fixed parts: its ids, the child's encoder features of its images and the teacher's log-probabilities [T-1, V] at its text targets' positions. */
+/** One line's fixed parts: its ids, the child's encoder features of its images and the teacher's target at its text targets. */
 interface Line {
   readonly ids: ReadonlyArray<number>
   readonly sizes: ReadonlyArray<Vision.ImageSize>
   readonly encoded: ReadonlyArray<tf.Tensor2D>
-  readonly teacher: tf.Tensor2D
-  /** 1 at the positions whose next token is a text token, [T-1, 1]. */
-  readonly textTargets: tf.Tensor2D
-  readonly count: number
+  readonly target: Loss.Target
+  /** The KL's positions: those whose next token is a text token. */
+  readonly batch: Loss.DistillationBatch
 }
 
 const sideOf = (dir: string) =>
@@ -56,19 +57,12 @@ const sideOf = (dir: string) =>
     return side
   })
 
-/** The child's log-probabilities [T-1, V] of a line with its projector as `vision` has it. */
-const studentLogProbs = (model: Model.Model, vision: Vision.Vision, line: Line) => {
-  const features = Vision.projectAll(vision, line.encoded, line.sizes)
-  const { logits } = Model.forward(model, [line.ids.slice(0, -1)], { imageFeatures: { features, tokenId: vision.config.imageTokenId } })
-  return tf.logSoftmax(logits.squeeze([0])) as tf.Tensor2D
-}
-
-/** Mean KL(teacher || child) per text target of a line. */
+/** Mean KL(teacher || child) per text target of a line, with the child's projector as `vision` has it (Loss.distillation at T = 1). */
 const klOf = (model: Model.Model, vision: Vision.Vision, line: Line): tf.Scalar =>
   tf.tidy(() => {
-    const student = studentLogProbs(model, vision, line)
-    const perPosition = tf.sum(tf.mul(tf.exp(line.teacher), tf.sub(line.teacher, student)), -1, true) // [T-1, 1]
-    return tf.div(tf.sum(tf.mul(perPosition, line.textTargets)), line.count) as tf.Scalar
+    const features = Vision.projectAll(vision, line.encoded, line.sizes)
+    const { logits } = Model.forward(model, [line.ids.slice(0, -1)], { imageFeatures: { features, tokenId: vision.config.imageTokenId } })
+    return Loss.distillation(logits, line.target, line.batch, Loss.defaultOptions).loss
   })
 
 const meanKl = (model: Model.Model, vision: Vision.Vision, lines: ReadonlyArray<Line>) =>
@@ -82,22 +76,26 @@ const meanKl = (model: Model.Model, vision: Vision.Vision, lines: ReadonlyArray<
     return total / lines.length
   })
 
-/** The teacher's and the child's fixed parts of one prepared line. */
-const fixedLine = (teacher: Model.Model, teacherSide: ImageSide, studentSide: ImageSide, prepared: Prepared) =>
-  Effect.sync((): Line => {
-    const textTargets = prepared.ids.slice(1).map((id) => (Images.isImageToken(studentSide.tokens, id) ? 0 : 1))
-    const parts = tf.tidy(() => {
+/** The teacher's and the child's fixed parts of one prepared line; released with the scope. */
+const fixedLine = Effect.fnUntraced(function*(teacher: Model.Model, teacherSide: ImageSide, studentSide: ImageSide, student: Model.Model, prepared: Prepared) {
+  const batch: Loss.DistillationBatch = {
+    mask: [prepared.ids.slice(1).map((id) => (Images.isImageToken(studentSide.tokens, id) ? 0 : 1))],
+    targets: [prepared.ids.slice(1)]
+  }
+  const logProbs = yield* Effect.acquireRelease(
+    Effect.sync(() => tf.tidy(() => {
       const seen = Vision.featuresOfImages(teacherSide.vision, prepared.images).projected
-      const { logits } = Model.forward(teacher, [prepared.ids.slice(0, -1)], { imageFeatures: { features: seen, tokenId: teacherSide.tokens.image } })
-      return {
-        teacher: tf.logSoftmax(logits.squeeze([0])) as tf.Tensor2D,
-        encoded: [...Vision.featuresOfImages(studentSide.vision, prepared.images).encoded],
-        textTargets: tf.tensor2d(textTargets, [textTargets.length, 1])
-      }
-    }) as unknown as { teacher: tf.Tensor2D; encoded: Array<tf.Tensor2D>; textTargets: tf.Tensor2D }
-    const sizes = prepared.images.map((image) => [image.height, image.width] as const)
-    return { ids: prepared.ids, sizes, ...parts, count: textTargets.filter((target) => target === 1).length }
-  })
+      return tf.logSoftmax(Model.forward(teacher, [prepared.ids.slice(0, -1)], { imageFeatures: { features: seen, tokenId: teacherSide.tokens.image } }).logits) as tf.Tensor3D
+    })),
+    (tensor) => Effect.sync(() => tensor.dispose())
+  )
+  const target = yield* Loss.teacherTarget({ _tag: "Full", logProbs }, student.config.vocabSize, batch.mask, Loss.defaultOptions)
+  const encoded = yield* Effect.acquireRelease(
+    Effect.sync(() => tf.tidy(() => [...Vision.featuresOfImages(studentSide.vision, prepared.images).encoded])),
+    (tensors) => Effect.sync(() => tf.dispose(tensors))
+  )
+  return { ids: prepared.ids, sizes: prepared.images.map((image) => [image.height, image.width] as const), encoded, target, batch } satisfies Line
+})
 
 /** Trains the child's projector against the teacher and saves the child whole in `out`. */
 export const trainProjector = Effect.fn("ProjectorTrain.train")(function*(options: ProjectorOptions) {
@@ -110,10 +108,7 @@ export const trainProjector = Effect.fn("ProjectorTrain.train")(function*(option
     Stream.runCollect
   )
   if (prepared.length === 0) return yield* new CheckpointError({ file: options.data, reason: "has no line with images to train a projector on" })
-  const lines = yield* Effect.acquireRelease(
-    Effect.forEach(prepared, (line) => fixedLine(teacher, teacherSide, studentSide, line)),
-    (made) => Effect.sync(() => tf.dispose(made.flatMap((line) => [line.teacher, line.textTargets, ...line.encoded])))
-  )
+  const lines = yield* Effect.forEach(prepared, (line) => fixedLine(teacher, teacherSide, studentSide, student, line))
   const variables = new Map([...Vision.projectorWeights(studentSide.vision)].map(([name, tensor]) => [name, tf.variable(tensor.clone())] as const))
   yield* Effect.addFinalizer(() => Effect.sync(() => tf.dispose([...variables.values()])))
   const vision = Vision.withProjector(studentSide.vision, variables)
