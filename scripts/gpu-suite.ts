@@ -207,6 +207,15 @@ const logitsOf = (model: Model.Model, ids: ReadonlyArray<ReadonlyArray<number>>)
     return values
   })
 
+/** The final hidden states (before the LM head) of `ids`, read asynchronously. */
+const hiddenOf = (model: Model.Model, ids: ReadonlyArray<ReadonlyArray<number>>) =>
+  Effect.promise(async () => {
+    const hidden = Model.forwardHidden(model, ids)
+    const values = (await hidden.data()) as Float32Array
+    hidden.dispose()
+    return values
+  })
+
 /** Next-token cross-entropy through a one-hot (tf.gather's gradient is not on every backend), a mean over the tokens. */
 const crossEntropy = (ids: ReadonlyArray<ReadonlyArray<number>>, targets: ReadonlyArray<ReadonlyArray<number>>) =>
   (model: Model.Model, _batch?: unknown): Training.Objective => ({
@@ -374,14 +383,16 @@ const wideVocabulary = (dir: string) =>
       const tooMany = limited ? Math.floor(limit / (4 * vocab)) + 1 : 0
       const refused = limited ? yield* Effect.try({ try: () => Model.forward(loaded, [new Array(tooMany).fill(0)]), catch: (error) => error as Error }).pipe(Effect.flip) : undefined
       yield* expect(!limited || refused instanceof LogitsTooLarge, `${tooMany} tokens' logits were not refused: ${String(refused)}`)
+      const finalHidden = yield* hiddenOf(loaded, ids)
       const run = yield* Training.trainable(loaded)
       const adam = yield* Optimizer.make(run.variables, Optimizer.defaultConfig)
       const step = yield* Training.step(run, adam, [undefined], crossEntropy(ids, targets), { learningRate, maxGradNorm: 1 })
       const moved = maxAbsDiff(yield* logitsOf(run.model, ids), logits)
-      return { blocks, blockRows: made.weights.embed.map((block) => block.shape[0]), logits, roundTrip, step, moved, refused: refused?.message }
+      return { blocks, finalHidden, blockRows: made.weights.embed.map((block) => block.shape[0]), logits, roundTrip, step, moved, refused: refused?.message }
     }).pipe(onBackend(underTest))
-    const cpu = yield* Effect.gen(function*() {
-      return yield* logitsOf(yield* Pretrained.load(folder), ids)
+    const [cpu, cpuHidden] = yield* Effect.gen(function*() {
+      const loaded = yield* Pretrained.load(folder)
+      return [yield* logitsOf(loaded, ids), yield* hiddenOf(loaded, ids)] as const
     }).pipe(onBackend("cpu"))
     const diff = maxAbsDiff(gpu.logits, cpu)
     // Where they differ: by token, and by the vocabulary block a logit comes from.
@@ -399,7 +410,7 @@ const wideVocabulary = (dir: string) =>
       yield* Effect.acquireRelease(Effect.sync(() => RowBlocks.forceRows(16384)), () => Effect.sync(() => RowBlocks.forceRows(undefined)))
       return maxAbsDiff(yield* logitsOf(yield* Pretrained.load(folder), ids), cpu)
     }).pipe(onBackend(underTest))
-    yield* expect(diff <= 1e-4, `logits differ from the cpu's by ${diff} (by token and block: ${diff <= 1e-4 ? "" : whereDiffers()}; in blocks of 16384 rows: ${smallBlocks})`)
+    yield* expect(diff <= 1e-4, `logits differ from the cpu's by ${diff} (by token and block: ${diff <= 1e-4 ? "" : whereDiffers()}; in blocks of 16384 rows: ${smallBlocks}; final hidden states differ by ${maxAbsDiff(gpu.finalHidden, cpuHidden)})`)
     const loss = crossEntropyOf(cpu, vocab, targets)
     yield* expect(Math.abs(gpu.step.loss - loss) <= 1e-4, `the step's loss ${gpu.step.loss}, the cpu logits' ${loss}`)
     yield* expect(Number.isFinite(gpu.step.gradNorm) && gpu.step.gradNorm > 0 && gpu.moved > 0, `the step did not train: ${JSON.stringify(gpu.step)}`)
