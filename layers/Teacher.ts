@@ -18,6 +18,7 @@ import * as Dataset from "../src/data/Dataset.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import * as Vision from "../src/model/Vision.ts"
 import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 import { type Annotated, type Batch, type Output, Teacher, TeacherError } from "../src/train/Teacher.ts"
 import { TensorBackend } from "./TensorBackend.ts"
@@ -52,6 +53,7 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
     Effect.gen(function*() {
       yield* TensorBackend // the model's tensors live on it
       const model = yield* Pretrained.load(dir)
+      const vision = yield* Vision.loadIfPresent(dir)
       const vocab = model.config.vocabSize
       const source = `in-process ${dir} (weights ${(yield* Checkpoint.fingerprint(dir)).slice(0, 16)})`
       const { topK, batchAhead = 1 } = options
@@ -63,7 +65,7 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
       }
       const annotateBatch = (batch: Batch) =>
         Effect.tryPromise({
-          try: () => logProbsOf(model, batch, topK),
+          try: () => logProbsOf(model, vision, batch, topK),
           catch: (cause) => new TeacherError({ source, request: describeBatch(batch), reason: String(cause) })
         }).pipe(Effect.map((teacher): Annotated => ({ batch, teacher })))
       return Teacher.of({
@@ -74,11 +76,17 @@ export const inProcess = (dir: string, options: InProcessOptions = {}) =>
     })
   )
 
-/** The teacher's log-softmax (or its top-k) at every position of the rows, zero at padding. */
-const logProbsOf = async (model: Model.Model, batch: Batch, topK: number | undefined): Promise<Output> => {
+/**
+ * The teacher's log-softmax (or its top-k) at every position of the rows, zero at padding; the rows'
+ * images seen through the teacher's own image side.
+ */
+const logProbsOf = async (model: Model.Model, vision: Vision.Vision | undefined, batch: Batch, topK: number | undefined): Promise<Output> => {
   const rows = batch.rows
+  const images = rows.flatMap((row) => row.images ?? [])
+  if (images.length > 0 && vision === undefined) throw new Error("the rows have images but the teacher has no image side (not a Mistral 3 with its vision encoder)")
   const tensors = tf.tidy(() => {
-    const logits = Model.forward(model, rows.map((row) => row.ids), Dataset.rowMasks(rows, batch.documentMask ?? false)).logits
+    const imageFeatures = images.length === 0 ? undefined : { features: Vision.featuresOfImages(vision!, images).projected, tokenId: vision!.config.imageTokenId }
+    const logits = Model.forward(model, rows.map((row) => row.ids), { ...Dataset.rowMasks(rows, batch.documentMask ?? false), imageFeatures }).logits
     const logProbs = tf.logSoftmax(logits)
     if (topK === undefined) return [logProbs]
     const { values, indices } = tf.topk(logProbs, topK)
@@ -412,6 +420,12 @@ export const remote = (urls: ReadonlyArray<string>, options: RemoteOptions) =>
         vocab: undefined,
         annotate: (batches) =>
           batches.pipe(
+            // A completion of token ids carries no pixels: the server would see its image tokens blind.
+            Stream.mapEffect((batch) =>
+              batch.rows.some((row) => (row.images?.length ?? 0) > 0)
+                ? Effect.fail(new TeacherError({ source, request: describeBatch(batch), reason: "the rows have images, which a remote teacher is not sent: use a teacher in process" }))
+                : Effect.succeed(batch)
+            ),
             // Requests of consecutive batches share the ones in flight. Results come back in order, so
             // a batch is complete when its last request is (a batch with none is closed by a no-op).
             Stream.flatMap((batch) => {

@@ -22,16 +22,19 @@ import * as Dataset from "../src/data/Dataset.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Report from "../src/report/Report.ts"
-import * as Generate from "../src/model/Generate.ts"
 import * as Plot from "../src/report/Plot.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
+import type * as Model from "../src/model/Model.ts"
+import * as Vision from "../src/model/Vision.ts"
 import * as Pruning from "../src/prune/Pruning.ts"
 import * as Tasks from "../src/data/Tasks.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { calibrate } from "./Calibrate.ts"
 import { distill, type StepMetrics } from "./Distill.ts"
-import { evaluate } from "./Evaluate.ts"
+import { continuations, evaluate } from "./Evaluate.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import { prune } from "./Prune.ts"
+import { trainProjector } from "./ProjectorTrain.ts"
 import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 
 const Phase = Schema.Struct({
@@ -60,7 +63,11 @@ export const CascadeConfig = Schema.Struct({
     calib: Schema.String,
     heldout: Schema.String,
     recall: Schema.optional(Schema.String),
-    arith: Schema.optional(Schema.String)
+    arith: Schema.optional(Schema.String),
+    /** Image-text lines (`{"text", "images"}`) spread through the distillation data, which the projector step also trains on. */
+    images: Schema.optional(Schema.String),
+    /** Questions about pictures (`{"prompt", "answer", "images"}`), scored by exact match: visual accuracy. */
+    visual: Schema.optional(Schema.String)
   }),
   sizes: Schema.Array(Schema.Struct({
     name: Schema.String,
@@ -81,9 +88,15 @@ export const CascadeConfig = Schema.Struct({
    * Ministral 3's query scaling past `seq / factor` (0.1 when left out, 0 turns it off).
    */
   long: Schema.optional(Schema.Struct({ ...Phase.fields, factor: Schema.Number, scalingBeta: Schema.optional(Schema.Finite) })),
+  /**
+   * The projector-only step (RECIPE.md: a new projector per size): after pruning, each child of a
+   * Mistral 3 parent trains its projector alone on `data.images` against the teacher, then distils.
+   */
+  projector: Schema.optional(Schema.Struct({ steps: Schema.Int, lr: Schema.Number, lines: Schema.optional(Schema.Int) })),
   evaluation: Schema.optional(Schema.Struct({
     recallLimit: Schema.optional(Schema.Int),
-    arithLimit: Schema.optional(Schema.Int)
+    arithLimit: Schema.optional(Schema.Int),
+    visualLimit: Schema.optional(Schema.Int)
   })),
   seed: Schema.optional(Schema.Int),
   /** Dtype of the pruned and distilled models (`--dtype`); the parent's by default. */
@@ -104,6 +117,7 @@ export interface Measurement {
   readonly nll: number
   readonly recall: number | undefined
   readonly arith: number | undefined
+  readonly visual: number | undefined
 }
 
 export interface CascadeEvents {
@@ -114,26 +128,64 @@ const exists = (file: string) => Effect.promise(() => fs.access(file).then(() =>
 const io = (file: string, what: string) => (cause: unknown) => new CheckpointError({ file, reason: `${what} (${String(cause)})` })
 
 /**
- * `file`'s sequences tokenized once into `dir` as `{"input_ids"}` lines, so no run tokenizes the
- * corpus twice; the copy is named by the data and the tokenizer (`tokenizerDir`'s) it was made of,
- * so that changed data is never read from a stale copy.
+ * `files`' sequences tokenized once into `dir` as `{"input_ids"}` lines (with their `"images"`, as
+ * absolute paths), the later files' lines spread evenly through the first's, so no run tokenizes
+ * the corpus twice; the copy is named by the data and the tokenizer (`tokenizerDir`'s) it was made
+ * of, so that changed data is never read from a stale copy.
  */
 const tokenizedCopy = Effect.fn("Cascade.tokenizedCopy")(function*(
-  file: string,
+  files: ReadonlyArray<string>,
   dir: string,
   vocabSize: number,
   tokenizer: Tokenizer.Tokenizer | undefined,
   tokenizerDir: string
 ) {
-  const made = `${yield* Files.sha256(file)} ${(yield* TeacherCacheFormat.tokenizerHash(tokenizerDir)) ?? "none"}`
-  const out = path.join(dir, `${path.basename(file).replace(/\.jsonl$/, "")}-${createHash("sha256").update(made).digest("hex").slice(0, 16)}.ids.jsonl`)
+  const made = `${(yield* Effect.forEach(files, Files.sha256)).join(" ")} ${(yield* TeacherCacheFormat.tokenizerHash(tokenizerDir)) ?? "none"}`
+  const out = path.join(dir, `${path.basename(files[0]).replace(/\.jsonl$/, "")}-${createHash("sha256").update(made).digest("hex").slice(0, 16)}.ids.jsonl`)
   if (yield* exists(out)) return out
-  const lines = yield* Dataset.sequences(file, { vocabSize, tokenizer }).pipe(
-    Stream.map(({ ids }) => JSON.stringify({ input_ids: ids })),
-    Stream.runCollect
-  )
-  yield* Files.writeText(out, lines.join("\n") + "\n")
+  const [first, ...rest] = yield* Effect.forEach(files, (file) =>
+    Dataset.sequences(file, { vocabSize, tokenizer }).pipe(
+      Stream.map(({ ids, imageFiles }) => JSON.stringify(imageFiles === undefined ? { input_ids: ids } : { input_ids: ids, images: imageFiles })),
+      Stream.runCollect
+    ))
+  yield* Files.writeText(out, spreadThrough(first, rest.flat()).join("\n") + "\n")
   return out
+})
+
+/** `others` spread evenly through `lines`: the j-th of m before line floor((j + 1) n / (m + 1)) of n. */
+const spreadThrough = <A>(lines: ReadonlyArray<A>, others: ReadonlyArray<A>): Array<A> => {
+  const out: Array<A> = []
+  let j = 0
+  for (let i = 0; i <= lines.length; i++) {
+    for (; j < others.length && Math.floor(((j + 1) * lines.length) / (others.length + 1)) === i; j++) out.push(others[j])
+    if (i < lines.length) out.push(lines[i])
+  }
+  return out
+}
+
+/**
+ * Greedy exact-match accuracy of `model` (loaded from `dir`) on a task file; undefined without the
+ * file or a tokenizer, or for questions about pictures when the model has no image side.
+ */
+const taskAccuracy = Effect.fn("Cascade.taskAccuracy")(function*(
+  model: Model.Model,
+  dir: string,
+  tokenizer: Tokenizer.Tokenizer | undefined,
+  file: string | undefined,
+  limit: number | undefined
+) {
+  if (file === undefined || tokenizer === undefined) return undefined
+  const tasks = yield* Tasks.read(file, { limit })
+  const images = tasks.some((task) => (task.images?.length ?? 0) > 0) ? yield* ImageSide.of(dir, tokenizer) : undefined
+  if (images === undefined && tasks.some((task) => (task.images?.length ?? 0) > 0)) return undefined
+  const greedy = continuations(model, tokenizer, images, {
+    maxNewTokens: 8,
+    temperature: 0,
+    stopTokenIds: tokenizer.eosId === undefined ? [] : [tokenizer.eosId],
+    stopStrings: ["\n"],
+    decode: (ids) => tokenizer.decode(ids)
+  })
+  return (yield* Tasks.score(tasks, greedy, { batchSize: 50 })).accuracy
 })
 
 /**
@@ -152,6 +204,7 @@ export const measure = Effect.fn("Cascade.measure")(function*(
     heldout: yield* hashOf(config.data.heldout),
     recall: yield* hashOf(config.data.recall),
     arith: yield* hashOf(config.data.arith),
+    visual: yield* hashOf(config.data.visual),
     evaluation: config.evaluation
   })
   const cached = (yield* Files.readJsonIfPresent(cache)) as { identity?: string; measurement?: Measurement } | undefined
@@ -160,24 +213,7 @@ export const measure = Effect.fn("Cascade.measure")(function*(
     const model = yield* Pretrained.load(dir)
     const tokenizer = yield* Tokenizer.loadIfPresent(dir)
     const heldout = yield* evaluate(model, Dataset.sequences(config.data.heldout, { vocabSize: model.config.vocabSize, tokenizer }))
-    const accuracy = (file: string | undefined, limit: number | undefined) =>
-      Effect.gen(function*() {
-        if (file === undefined || tokenizer === undefined) return undefined
-        const tasks = yield* Tasks.read(file, { limit })
-        const greedy = (prompts: Array<string>) =>
-          Effect.map(
-            Generate.generate(model, prompts.map((prompt) => tokenizer.encode(prompt)), {
-              maxNewTokens: 8,
-              temperature: 0,
-              stopTokenIds: tokenizer.eosId === undefined ? [] : [tokenizer.eosId],
-              stopStrings: ["\n"],
-              decode: (ids) => tokenizer.decode(ids),
-              batchSize: 50
-            }),
-            (generations) => generations.map((g) => g.text ?? "")
-          )
-        return (yield* Tasks.score(tasks, greedy, { batchSize: 50 })).accuracy
-      })
+    const accuracy = (file: string | undefined, limit: number | undefined) => taskAccuracy(model, dir, tokenizer, file, limit)
     return {
       model: name,
       dir,
@@ -187,7 +223,8 @@ export const measure = Effect.fn("Cascade.measure")(function*(
       ffn: model.config.intermediateSize,
       nll: heldout.nll,
       recall: yield* accuracy(config.data.recall, config.evaluation?.recallLimit),
-      arith: yield* accuracy(config.data.arith, config.evaluation?.arithLimit)
+      arith: yield* accuracy(config.data.arith, config.evaluation?.arithLimit),
+      visual: yield* accuracy(config.data.visual, config.evaluation?.visualLimit)
     } satisfies Measurement
   }).pipe(Effect.scoped)
   yield* Effect.tryPromise({ try: () => fs.mkdir(path.dirname(cache), { recursive: true }), catch: io(cache, "cannot create folder") })
@@ -201,6 +238,8 @@ interface Generation {
   readonly teacher: string
   readonly stats: string
   readonly pruned: string
+  /** The pruned child with its own projector (the projector-only step), where the run has one. */
+  readonly projected: string | undefined
   readonly short: string
   readonly long: string | undefined
 }
@@ -231,8 +270,11 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
   const root = config.parent
   const rootModel = yield* Effect.scoped(Effect.map(Pretrained.load(root), (m) => m.config))
   const tokenizer = yield* Tokenizer.loadIfPresent(root)
-  const train = yield* tokenizedCopy(config.data.train, path.join(runDir, "data"), rootModel.vocabSize, tokenizer, root)
+  const train = yield* tokenizedCopy([config.data.train, ...(config.data.images === undefined ? [] : [config.data.images])], path.join(runDir, "data"), rootModel.vocabSize, tokenizer, root)
 
+  // A Mistral 3 parent's children each train a projector of their own, where the run says how.
+  const sees = yield* Effect.scoped(Effect.map(Vision.loadIfPresent(root), (vision) => vision !== undefined))
+  const projectorStep = sees && config.projector !== undefined && config.data.images !== undefined
   const generations: Array<Generation> = []
   let current = root
   for (const [i, size] of config.sizes.entries()) {
@@ -244,6 +286,7 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
       teacher,
       stats: path.join(base, "stats"),
       pruned: path.join(base, "pruned"),
+      projected: projectorStep ? path.join(base, "projected") : undefined,
       short: path.join(base, "short"),
       long: config.long ? path.join(base, "long") : undefined
     }
@@ -285,7 +328,11 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
           onStep: (metrics) => events.onStep?.(`${label} ${name}`, metrics, options.steps)
         }).pipe(Effect.scoped, Effect.provide(TeacherSources.inProcess(teacher, { topK: options.topK })))
       })
-    yield* phase("short", generation.pruned, generation.short, config.short)
+    if (generation.projected !== undefined) {
+      yield* Console.log(`${label} projector step: ${config.projector!.steps} steps on ${config.data.images}, teacher ${teacher}`)
+      yield* projectorOf(generation.pruned, generation.projected, teacher, config)
+    }
+    yield* phase("short", generation.projected ?? generation.pruned, generation.short, config.short)
     if (config.long && generation.long) {
       yield* phase("long", generation.short, generation.long, config.long, {
         factor: config.long.factor,
@@ -306,6 +353,43 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
   return rows
 })
 
+/** What the projector step did for a child: its KL to the teacher and its visual accuracy, before and after. */
+export interface ProjectorEffect {
+  readonly klBefore: number
+  readonly klAfter: number
+  readonly visualBefore: number | undefined
+  readonly visualAfter: number | undefined
+}
+
+/**
+ * The projector-only step from `pruned` into `out`, with its effect in `out/projector.json`; done
+ * again only when the child, the teacher, the data or the options changed.
+ */
+const projectorOf = Effect.fn("Cascade.projectorOf")(function*(pruned: string, out: string, teacher: string, config: CascadeConfig) {
+  const { steps, lr, lines } = config.projector!
+  const data = config.data.images!
+  const marker = path.join(out, "projector.json")
+  const identity = JSON.stringify({
+    student: yield* Checkpoint.fingerprint(pruned),
+    teacher: yield* Checkpoint.fingerprint(teacher),
+    data: yield* Files.sha256(data),
+    visual: config.data.visual === undefined ? null : yield* Files.sha256(config.data.visual),
+    steps,
+    lr,
+    lines
+  })
+  const done = (yield* Files.readJsonIfPresent(marker)) as { identity?: string; effect?: ProjectorEffect } | undefined
+  if (done?.identity === identity && done.effect !== undefined) return done.effect
+  const result = yield* trainProjector({ studentDir: pruned, teacherDir: teacher, data, out, steps, learningRate: lr, lines }).pipe(Effect.scoped)
+  const visualOf = (dir: string) =>
+    Effect.scoped(Effect.gen(function*() {
+      return yield* taskAccuracy(yield* Pretrained.load(dir), dir, yield* Tokenizer.loadIfPresent(dir), config.data.visual, config.evaluation?.visualLimit)
+    }))
+  const effect: ProjectorEffect = { klBefore: result.klBefore, klAfter: result.klAfter, visualBefore: yield* visualOf(pruned), visualAfter: yield* visualOf(out) }
+  yield* Files.writeJson(marker, { identity, effect })
+  return effect
+})
+
 const manifest = (config: CascadeConfig, generations: ReadonlyArray<Generation>) => ({
   format: "cascade-run/1",
   config,
@@ -315,17 +399,18 @@ const manifest = (config: CascadeConfig, generations: ReadonlyArray<Generation>)
 
 const percent = (x: number | undefined) => (x === undefined ? "-" : `${(100 * x).toFixed(1)}%`)
 
-/** The retention table as Markdown. */
+/** The retention table as Markdown; visual accuracy where a model was asked about pictures. */
 export const table = (rows: ReadonlyArray<Measurement>): string => {
   const parent = rows[0]
+  const visual = rows.some((row) => row.visual !== undefined)
   const lines = [
-    "| model | parameters | layers / hidden / FFN | held-out NLL | recall | arithmetic | recall retained | arithmetic retained |",
-    "|---|---:|---|---:|---:|---:|---:|---:|"
+    `| model | parameters | layers / hidden / FFN | held-out NLL | recall | arithmetic |${visual ? " visual |" : ""} recall retained | arithmetic retained |${visual ? " visual retained |" : ""}`,
+    `|---|---:|---|---:|---:|---:|${visual ? "---:|" : ""}---:|---:|${visual ? "---:|" : ""}`
   ]
   for (const row of rows) {
     const retained = (x: number | undefined, of: number | undefined) => (x === undefined || !of ? "-" : percent(x / of))
     lines.push(
-      `| ${row.model} | ${(row.parameters / 1e6).toFixed(3)}M | ${row.layers} / ${row.hidden} / ${row.ffn} | ${row.nll.toFixed(4)} | ${percent(row.recall)} | ${percent(row.arith)} | ${retained(row.recall, parent.recall)} | ${retained(row.arith, parent.arith)} |`
+      `| ${row.model} | ${(row.parameters / 1e6).toFixed(3)}M | ${row.layers} / ${row.hidden} / ${row.ffn} | ${row.nll.toFixed(4)} | ${percent(row.recall)} | ${percent(row.arith)} |${visual ? ` ${percent(row.visual)} |` : ""} ${retained(row.recall, parent.recall)} | ${retained(row.arith, parent.arith)} |${visual ? ` ${retained(row.visual, parent.visual)} |` : ""}`
     )
   }
   return lines.join("\n")
@@ -359,12 +444,29 @@ const writeReport = Effect.fn("Cascade.writeReport")(function*(runDir: string, r
       x: "parameters",
       y: "exact-match accuracy",
       logX: true,
-      series: [{ name: "recall", points: bySize((r) => r.recall) }, { name: "arithmetic", points: bySize((r) => r.arith) }]
+      series: [
+        { name: "recall", points: bySize((r) => r.recall) },
+        { name: "arithmetic", points: bySize((r) => r.arith) },
+        ...(short.some((r) => r.visual !== undefined) ? [{ name: "visual", points: bySize((r) => r.visual) }] : [])
+      ]
     }),
     "retention-nll.svg": Plot.svg({ title: "Held-out NLL against size", x: "parameters", y: "nats/token", logX: true, series: [{ name: "held-out NLL", points: bySize((r) => r.nll) }] })
   }
   for (const [name, content] of Object.entries(plots)) yield* Files.writeText(path.join(runDir, name), content)
-  const markdown = `# Cascade report\n\n${table(rows)}\n\nPlots: ${Object.keys(plots).join(", ")}\n\n${yield* device}\n`
+  const projectors = yield* Effect.forEach(generations, (g, i) =>
+    g.projected === undefined
+      ? Effect.succeed([])
+      : Effect.map(Files.readJsonIfPresent(path.join(g.projected, "projector.json")), (done) => {
+        const effect = (done as { effect?: ProjectorEffect } | undefined)?.effect
+        return effect === undefined ? [] : [`| ${i + 1}-${g.name} | ${effect.klBefore.toFixed(4)} | ${effect.klAfter.toFixed(4)} | ${percent(effect.visualBefore)} | ${percent(effect.visualAfter)} |`]
+      }))
+  const projectorTable = projectors.flat().length === 0 ? "" : [
+    "\n## The projector step (each child's own projector, before distillation)\n",
+    "| child | KL to the teacher before | after | visual accuracy before | after |",
+    "|---|---:|---:|---:|---:|",
+    ...projectors.flat()
+  ].join("\n") + "\n"
+  const markdown = `# Cascade report\n\n${table(rows)}\n${projectorTable}\nPlots: ${Object.keys(plots).join(", ")}\n\n${yield* device}\n`
   yield* Report.writeSection(path.join(runDir, "report.md"), "cascade", markdown)
   yield* Files.writeJson(path.join(runDir, "report.json"), { rows, generations })
 })

@@ -15,6 +15,8 @@ import * as path from "node:path"
 import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Dataset from "../src/data/Dataset.ts"
+import * as Images from "../src/data/Images.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Loss from "../src/train/Loss.ts"
@@ -77,10 +79,11 @@ const io = (file: string, what: string) => (cause: unknown) => new CheckpointErr
  */
 export const seededRows = (
   file: string,
-  options: { readonly vocabSize: number; readonly tokenizer?: Tokenizer | undefined; readonly seq: number; readonly seed: number; readonly window: number }
+  options: { readonly vocabSize: number; readonly tokenizer?: Tokenizer | undefined; readonly seq: number; readonly seed: number; readonly window: number },
+  side: ImageSide.ImageSide | undefined
 ) => {
   const epoch = (n: number) =>
-    Dataset.sequences(file, options).pipe(
+    ImageSide.packable(file, options, side).pipe(
       Dataset.pack(options.seq),
       Stream.zipWithIndex,
       Stream.grouped(options.window),
@@ -129,20 +132,21 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
   yield* RunFolder.truncateMetrics(out, step)
 
   const schedule = Training.scheduleOf(options)
-  const firstEpoch = yield* Dataset.sequences(options.data, { vocabSize: config.vocabSize, tokenizer: options.tokenizer }).pipe(
+  const side = yield* ImageSide.of(options.studentDir, options.tokenizer)
+  const firstEpoch = yield* ImageSide.packable(options.data, { vocabSize: config.vocabSize, tokenizer: options.tokenizer, seq }, side).pipe(
     Dataset.pack(seq),
     Stream.runCount
   )
   if (firstEpoch === 0) return yield* new DataError({ file: options.data, reason: "holds no tokens to train on" })
 
   const state = (complete: boolean): State => ({ format: "cascade-distill/1", step, rows, identity, complete })
-  const batches: Stream.Stream<Batch, DataError> = seededRows(options.data, {
+  const batches: Stream.Stream<Batch, DataError | Images.ImageError> = seededRows(options.data, {
     vocabSize: config.vocabSize,
     tokenizer: options.tokenizer,
     seq,
     seed: options.seed,
     window: shuffleWindow
-  }).pipe(
+  }, side).pipe(
     Stream.drop(rows),
     Stream.grouped(options.batch),
     Stream.map((group) => ({ rows: group.map((g) => g.row), indices: group.map((g) => g.index), documentMask }))
@@ -154,7 +158,7 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
     Stream.runForEach((microBatches) =>
       Effect.gen(function*() {
         const started = performance.now()
-        const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) => microBatch(batch, output, config.vocabSize, options.loss))
+        const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) => microBatch(batch, output, config.vocabSize, options.loss, side))
         const result = yield* Training.step(trainable, adam, prepared, lossOf(options.loss, options.headChunk), {
           learningRate: Optimizer.learningRate(schedule, step),
           maxGradNorm: options.maxGradNorm
@@ -191,28 +195,35 @@ export const distill = Effect.fn("Distill.distill")(function*(options: DistillOp
 
 interface MicroBatch {
   readonly ids: Array<Array<number>>
-  /** How the model reads the rows: padding, and the documents' starts with document masking. */
-  readonly masks: ReturnType<typeof Dataset.rowMasks>
+  /** How the model reads the rows: padding, the documents' starts with document masking, the rows' images. */
+  readonly masks: Loss.ForwardInputs
   /**
    * Positions the KL counts: every real token. The teacher's distribution after the row's last one
    * is as valid as any (no next token is needed), and every source gives it: in process from the
-   * logits there, the cache stores it, the remote source asks for one token past the row.
+   * logits there, the cache stores it, the remote source asks for one token past the row. A
+   * position before an image token is not counted: the image is input, not a prediction.
    */
   readonly mask: Array<Array<number>>
-  /** Positions the cross-entropy counts: real tokens with a next token in the row (the last has none). */
+  /** Positions the cross-entropy counts: real tokens with a next text token in the row (the last has none). */
   readonly crossEntropyMask: Array<Array<number>>
   readonly targets: Array<Array<number>>
   readonly target: Loss.Target
 }
 
-/** A batch and its teacher output as the loss consumes them; the target's tensors live with the scope. */
-const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, vocab: number, loss: Loss.Options) {
+/**
+ * A batch and its teacher output as the loss consumes them; the target's tensors and the rows'
+ * image features (the student's own, its image side frozen) live with the scope.
+ */
+const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, vocab: number, loss: Loss.Options, side: ImageSide.ImageSide | undefined) {
   const t = batch.rows[0].ids.length
   const ids = batch.rows.map((row) => [...row.ids])
-  const masks = Dataset.rowMasks(batch.rows, batch.documentMask ?? false)
-  const mask = masks.attentionMask
-  const crossEntropyMask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 ? 1 : 0)))
+  const rowMasks = Dataset.rowMasks(batch.rows, batch.documentMask ?? false)
+  const images = batch.rows.flatMap((row) => row.images ?? [])
+  const predicted = (row: Dataset.PackedRow, i: number) => side === undefined || images.length === 0 || !Images.isImageToken(side.tokens, row.ids[i + 1])
+  const mask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length && (i === row.length - 1 || predicted(row, i)) ? 1 : 0)))
+  const crossEntropyMask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 && predicted(row, i) ? 1 : 0)))
   const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
+  const masks: Loss.ForwardInputs = { ...rowMasks, imageFeatures: yield* ImageSide.rowFeatures(batch.rows, side) }
   const teacher = toLossTeacher(output, batch.rows.length, t)
   const target = yield* Loss.teacherTarget(teacher, vocab, mask, loss).pipe(
     Effect.ensuring(Effect.sync(() => tf.dispose(teacher._tag === "Full" ? [teacher.logProbs] : [teacher.ids, teacher.logProbs])))

@@ -1,18 +1,22 @@
 /**
  * Evaluation: the mean negative log-likelihood of next tokens and the perplexity, over a stream of
  * token sequences. The mean runs over every position after the first of each sequence, but image
- * tokens: a Mistral 3 model's images are inputs.
+ * tokens: a Mistral 3 model's images are inputs. And the continuations that exact-match tasks
+ * (Tasks.score) are scored on, questions about pictures included.
  */
 import * as tf from "@tensorflow/tfjs"
 import { Effect, Stream } from "effect"
 import type { Sequence } from "../src/data/Dataset.ts"
 import * as Images from "../src/data/Images.ts"
-import type { Tokenizer } from "../src/io/Tokenizer.ts"
-import { DataError } from "../src/Errors.ts"
+import { type ImageSide, type Prepared, prepare } from "../src/data/ImageSide.ts"
+import type { DataError } from "../src/Errors.ts"
 import * as Vision from "../src/model/Vision.ts"
 import * as Loss from "../src/train/Loss.ts"
 import * as Model from "../src/model/Model.ts"
 import * as Reference from "../src/io/Reference.ts"
+import type { Tokenizer } from "../src/io/Tokenizer.ts"
+import * as Tasks from "../src/data/Tasks.ts"
+import * as Generate from "../src/model/Generate.ts"
 
 export interface Perplexity {
   /** Number of predicted tokens. */
@@ -21,51 +25,6 @@ export interface Perplexity {
   readonly nll: number
   readonly ppl: number
 }
-
-/** What evaluating a Mistral 3 model on lines with images takes: its image side, its processor's settings, its image tokens. */
-export interface ImageSide {
-  readonly vision: Vision.Vision
-  readonly processor: Images.PixtralImageConfig
-  readonly tokens: Images.ImageTokenIds
-}
-
-/**
- * The image side of the model in `dir` where it has one: its encoder and projector, its processor's
- * settings (preprocessor_config.json, else defaults), and its image tokens (the tokenizer's, else Mistral's).
- */
-export const imageSideOf = Effect.fn("Evaluate.imageSideOf")(function*(dir: string, tokenizer: Tokenizer | undefined) {
-  const vision = yield* Vision.loadIfPresent(dir)
-  if (vision === undefined) return undefined
-  const { patchSize, spatialMergeSize, imageSize, imageTokenId } = vision.config
-  const processor = yield* Images.processorConfig(dir, { patchSize, mergeSize: spatialMergeSize, imageSize })
-  const tokens: Images.ImageTokenIds = {
-    image: imageTokenId,
-    imageBreak: tokenizer?.tokenId("[IMG_BREAK]") ?? Images.mistralImageTokens.imageBreak,
-    imageEnd: tokenizer?.tokenId("[IMG_END]") ?? Images.mistralImageTokens.imageEnd
-  }
-  return { vision, processor, tokens } satisfies ImageSide
-})
-
-/** A sequence with its images processed and their placeholders expanded into their token grids. */
-export interface Prepared {
-  readonly ids: ReadonlyArray<number>
-  readonly images: ReadonlyArray<Images.ProcessedImage>
-}
-
-/** A sequence of the JSONL `file` with its images decoded and preprocessed for `side`, their placeholders expanded. */
-export const prepare = (file: string, side: ImageSide | undefined) => (sequence: Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
-  Effect.gen(function*() {
-    const files = sequence.images ?? []
-    if (files.length === 0) return { ids: sequence.ids, images: [] }
-    if (side === undefined) return yield* new DataError({ file, line: sequence.line, reason: "has images but the model has no image side (not a Mistral 3 with its vision encoder)" })
-    const images = yield* Effect.forEach(files, (image) => Effect.map(Images.decode(image), (pixels) => Images.preprocess(pixels, side.processor)))
-    const ids = Images.expandPlaceholders(sequence.ids, images, side.processor, side.tokens)
-    if (ids === undefined) {
-      const placeholders = sequence.ids.filter((id) => id === side.tokens.image).length
-      return yield* new DataError({ file, line: sequence.line, reason: `has ${files.length} images but ${placeholders} image placeholders (id ${side.tokens.image})` })
-    }
-    return { ids, images }
-  })
 
 /** Summed NLL and token count of one padded batch, in float64; targets that are image tokens are not counted. */
 const batchNll = Effect.fnUntraced(function*(model: Model.Model, batch: ReadonlyArray<Prepared>, side: ImageSide | undefined) {
@@ -119,3 +78,30 @@ export const evaluate = <E, R>(
     }),
     Effect.withSpan("Evaluate.evaluate")
   )
+
+/**
+ * Continuations of tasks' prompts as `Generate.generate` makes them with `options` (one batch per
+ * call), each prompt's image placeholders expanded into their grids and the images' features spliced
+ * in (`images`: the model's image side); what `Tasks.score` runs.
+ */
+export const continuations = (
+  model: Model.Model,
+  tokenizer: Tokenizer,
+  images: ImageSide | undefined,
+  options: Generate.Options
+): Tasks.Generator<DataError | Images.ImageError, never> =>
+(prompts, tasks) =>
+  Effect.gen(function*() {
+    const prepared = yield* Effect.forEach(prompts, (prompt, i) =>
+      prepare("tasks", images)({ line: tasks[i]?.line ?? 0, ids: tokenizer.encode(prompt), imageFiles: tasks[i]?.images }))
+    const pictures = prepared.flatMap((p) => p.images)
+    const features = pictures.length === 0 || images === undefined ? undefined : tf.tidy(() => Vision.featuresOfImages(images.vision, pictures).projected)
+    return yield* Generate.generate(model, prepared.map((p) => p.ids), {
+      ...options,
+      batchSize: Math.max(prompts.length, options.batchSize ?? 1),
+      imageFeatures: features && { features, tokenId: images!.tokens.image }
+    }).pipe(
+      Effect.map((generations) => generations.map((g) => g.text ?? "")),
+      Effect.ensuring(Effect.sync(() => features?.dispose()))
+    )
+  })

@@ -22,11 +22,13 @@
  * its tokenizer. A killed run given the same options resumes from its last checkpoint and ends where
  * an uninterrupted run ends: prompts and samples are seeded by (seed, step).
  */
+import * as tf from "@tensorflow/tfjs"
 import { Effect, Schema, type Scope, Stream } from "effect"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Dataset from "../src/data/Dataset.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Generate from "../src/model/Generate.ts"
@@ -89,8 +91,11 @@ const TaskSchema = Schema.Union([
   Schema.Struct({ kind: Schema.Literal("code"), entry: Schema.String, tests: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("rubric"), items: Schema.Array(Schema.String) })
 ])
-/** A line of a GRPO prompt file: the prompt as the model reads it, and what checks a response. */
-export const GrpoPrompt = Schema.Struct({ prompt: Schema.String, task: TaskSchema })
+/**
+ * A line of a GRPO prompt file: the prompt as the model reads it, what checks a response, and for a
+ * Mistral 3 policy the images of the prompt's placeholders (files relative to the prompt file).
+ */
+export const GrpoPrompt = Schema.Struct({ prompt: Schema.String, task: TaskSchema, images: Schema.optional(Schema.Array(Schema.String)) })
 
 /** A micro-batch of the updates: whole groups, with what the loss needs of each response. */
 interface GrpoMicroBatch {
@@ -107,10 +112,10 @@ export const grpo = Effect.fn("Grpo.grpo")(function*(options: GrpoOptions) {
 })
 
 const grpoStep = (options: GrpoOptions) =>
-  Effect.fnUntraced(function*(run: Run, prompts: ReadonlyArray<{ readonly prompt: string; readonly task: Task }>, step: number, seed: number) {
+  Effect.fnUntraced(function*(run: Run, prompts: ReadonlyArray<{ readonly prompt: string; readonly task: Task; readonly images?: ReadonlyArray<string> }>, step: number, seed: number) {
     const rewards = yield* Rewards
     const started = performance.now()
-    const groups = yield* sample(run, prompts.map((p) => p.prompt), options.group, {
+    const groups = yield* sample(run, prompts, options.group, {
       maxNewTokens: options.maxNewTokens,
       temperature: options.temperature,
       seed,
@@ -209,12 +214,18 @@ export interface RunOptions extends RunFolder.Options {
 /** A default for `RunOptions.loop`: the last 32 tokens repeat a cycle of at most 8. */
 export const defaultLoop: Generate.LoopDetection = { window: 32, maxPeriod: 8, stop: true }
 
-/** What a step works with: the policy being trained and its optimizer, the frozen reference, the tokenizer. */
+/**
+ * What a step works with: the policy being trained and its optimizer, the frozen reference, the
+ * tokenizer, and a Mistral 3 policy's image side (frozen, so the reference's too).
+ */
 export interface Run {
   readonly policy: Training.Trainable
   readonly adam: Optimizer.AdamW
   readonly reference: Model.Model
   readonly tokenizer: Tokenizer.Tokenizer
+  readonly images: ImageSide.ImageSide | undefined
+  /** The prompt file, which prompts' image files are relative to and errors name. */
+  readonly promptFile: string
 }
 
 /** The lines of a prompt file, decoded by `schema`; a line that does not fit fails naming it. */
@@ -257,23 +268,43 @@ export interface Sampled {
   readonly finishReason: Generate.FinishReason
 }
 
-/** `copies` responses to each prompt from the policy, seeded: one group per prompt. */
+/** A prompt to sample from: its text and, for a Mistral 3 policy, its images (files relative to the prompt file). */
+export interface Prompted {
+  readonly prompt: string
+  readonly images?: ReadonlyArray<string> | undefined
+}
+
+/**
+ * `copies` responses to each prompt from the policy, seeded: one group per prompt. A prompt's images
+ * are seen through the policy's image side; their features live with the step's scope.
+ */
 export const sample = Effect.fnUntraced(function*(
   run: Run,
-  prompts: ReadonlyArray<string>,
+  prompts: ReadonlyArray<Prompted>,
   copies: number,
   options: { readonly maxNewTokens: number; readonly temperature: number; readonly seed: number; readonly loop: Generate.LoopDetection }
 ) {
-  const { tokenizer } = run
-  const encoded = prompts.map((prompt) => tokenizer.encode(prompt))
-  const generations = yield* Generate.generate(run.policy.model, encoded.flatMap((ids) => new Array<Array<number>>(copies).fill(ids)), {
+  const { tokenizer, images } = run
+  const prepared = yield* Effect.forEach(prompts, ({ prompt, images: files }) =>
+    ImageSide.prepare(run.promptFile, images)({ line: 0, ids: tokenizer.encode(prompt), imageFiles: files?.map((file) => path.resolve(path.dirname(run.promptFile), file)) }))
+  const features = yield* Effect.forEach(prepared, (p) =>
+    p.images.length === 0 || images === undefined
+      ? Effect.succeed(undefined)
+      : Effect.acquireRelease(Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(images.vision, p.images).projected)), (tensor) => Effect.sync(() => tensor.dispose())))
+  const seen = features.flatMap((f) => (f === undefined ? [] : new Array<tf.Tensor2D>(copies).fill(f)))
+  const imageFeatures = seen.length === 0 ? undefined : yield* Effect.acquireRelease(
+    Effect.sync(() => ({ features: tf.concat(seen, 0) as tf.Tensor2D, tokenId: images!.tokens.image })),
+    ({ features }) => Effect.sync(() => features.dispose())
+  )
+  const generations = yield* Generate.generate(run.policy.model, prepared.flatMap(({ ids }) => new Array<ReadonlyArray<number>>(copies).fill(ids)), {
     ...options,
     stopTokenIds: tokenizer.eosId === undefined ? [] : [tokenizer.eosId],
-    decode: (ids) => tokenizer.decode(ids)
+    decode: (ids) => tokenizer.decode(ids),
+    imageFeatures
   })
-  return encoded.map((prompt, g) =>
+  return prepared.map(({ ids: prompt }, g) =>
     generations.slice(g * copies, (g + 1) * copies).map((generation): Sampled => ({
-      completion: { prompt, response: generation.tokens },
+      completion: { prompt, response: generation.tokens, ...(features[g] === undefined ? {} : { images: { features: features[g]!, tokenId: images!.tokens.image } }) },
       text: generation.text ?? "",
       loops: generation.loopPeriod !== undefined,
       finishReason: generation.finishReason
@@ -339,7 +370,7 @@ export const runOnline = Effect.fn("Grpo.runOnline")(function*<P extends { reado
     differs
   })
   const { trainable: policy, adam } = yield* Training.startFrom(reference, resume, options.weightDecay)
-  const run: Run = { policy, adam, reference, tokenizer }
+  const run: Run = { policy, adam, reference, tokenizer, images: yield* ImageSide.of(options.modelDir, tokenizer), promptFile: options.prompts }
   const first = resume?.state.step ?? 0
   yield* RunFolder.truncateMetrics(out, first)
 

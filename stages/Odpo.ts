@@ -78,7 +78,7 @@ export const label = Effect.fnUntraced(function*(prompt: string, a: Sampled, b: 
 const odpoStep = (options: OdpoOptions) =>
   Effect.fnUntraced(function*(run: Run, prompts: ReadonlyArray<{ readonly prompt: string }>, step: number, seed: number) {
     const started = performance.now()
-    const groups = yield* sample(run, prompts.map((p) => p.prompt), 2, {
+    const groups = yield* sample(run, prompts, 2, {
       maxNewTokens: options.maxNewTokens,
       temperature: options.temperature,
       seed,

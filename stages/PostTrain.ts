@@ -5,7 +5,10 @@
  * - instruct: SFT with logit distillation from a teacher (stages/Sft.ts), then online DPO
  *   (stages/Odpo.ts) with the pairwise reward model's probabilities as labels;
  * - reasoning: SFT on chain-of-thought traces, GRPO on verifiable rewards (stages/Grpo.ts), GRPO on
- *   rubrics checked by an LLM judge, then online DPO.
+ *   rubrics checked by an LLM judge, then online DPO;
+ * - visual, for a Mistral 3 model whose config has it: SFT on chats about pictures, then GRPO on
+ *   questions about pictures with verifiable answers (the recipe's visual reasoning in RL). The
+ *   image side stays frozen; the text model learns.
  *
  * First the PWRM is trained (stages/PwrmTrain.ts) and, when the config says so, the judge fine-tuned
  * from a checkpoint on yes/no verdicts. The judge is served in this process over the OpenAI chat API
@@ -45,6 +48,9 @@ import * as Plot from "../src/report/Plot.ts"
 import * as Report from "../src/report/Report.ts"
 import * as Server from "../src/serve/Server.ts"
 import * as Tasks from "../src/data/Tasks.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
+import type { ImageError } from "../src/data/Images.ts"
+import { continuations } from "./Evaluate.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
 import { defaultLoop, grpo, GrpoPrompt, readPrompts, type Sampled } from "./Grpo.ts"
 import { label, odpo } from "./Odpo.ts"
@@ -124,6 +130,8 @@ export const PostTrainConfig = Schema.Struct({
   }),
   instruct: Schema.Struct({ sft: SftStep, odpo: OdpoStep }),
   reasoning: Schema.Struct({ sft: SftStep, grpoVerifiers: GrpoStep, grpoRubrics: GrpoStep, odpo: OdpoStep }),
+  /** The visual branch: chats whose user turns hold pictures, then GRPO on prompts with pictures (`"images"`). */
+  visual: Schema.optional(Schema.Struct({ sft: SftStep, grpo: GrpoStep })),
   evaluation: Schema.Struct({
     /** Held-out `{"prompt", "answer"}` chat tasks. */
     arith: Schema.String,
@@ -135,6 +143,9 @@ export const PostTrainConfig = Schema.Struct({
     rubricLimit: Schema.optional(Schema.Int),
     /** Room for a description after its thinking (default `maxNewTokens`). */
     rubricMaxNewTokens: Schema.optional(Schema.Int),
+    /** Held-out `{"prompt", "answer", "images"}` chat questions about pictures: visual accuracy. */
+    visual: Schema.optional(Schema.String),
+    visualLimit: Schema.optional(Schema.Int),
     /** Room for the thinking and the answer. */
     maxNewTokens: Schema.Int,
     win: Schema.Struct({
@@ -160,7 +171,7 @@ export const decodeConfig = Schema.decodeUnknownEffect(PostTrainConfig)
 // ---------------------------------------------------------------------------------------------
 // The pipelines
 
-export const branches = ["instruct", "reasoning"] as const
+export const branches = ["instruct", "reasoning", "visual"] as const
 export type Branch = (typeof branches)[number]
 
 export type Step =
@@ -169,12 +180,17 @@ export type Step =
   | { readonly stage: "grpo"; readonly name: string; readonly options: typeof GrpoStep.Type; readonly judge: boolean }
   | { readonly stage: "odpo"; readonly name: string; readonly options: typeof OdpoStep.Type }
 
-/** A branch's steps in order; each trains the model the one before it wrote. */
+/** A branch's steps in order; each trains the model the one before it wrote. None for a branch the config leaves out. */
 export const pipeline = (config: PostTrainConfig, branch: Branch): ReadonlyArray<Step> =>
   branch === "instruct"
     ? [
       { stage: "sft", name: "sft-distill", options: config.instruct.sft },
       { stage: "odpo", name: "odpo", options: config.instruct.odpo }
+    ]
+    : branch === "visual"
+    ? config.visual === undefined ? [] : [
+      { stage: "sft", name: "sft-visual", options: config.visual.sft },
+      { stage: "grpo", name: "grpo-visual", options: config.visual.grpo, judge: false }
     ]
     : [
       { stage: "sft", name: "sft-cot", options: config.reasoning.sft },
@@ -542,6 +558,8 @@ export interface Row {
   readonly recall: number
   /** Mean rubric score of its held-out rubric prompts (the judge's decided items); undefined without a rubric evaluation. */
   readonly rubric: number | undefined
+  /** Held-out accuracy on questions about pictures; undefined without them or a model that sees. */
+  readonly visual: number | undefined
   /** Mean P(this model's response beats the previous model's), and its standard error; undefined for the start. */
   readonly winVsPrevious: number | undefined
   readonly winStdError: number | undefined
@@ -554,6 +572,7 @@ interface Measurement {
   readonly arith: number
   readonly recall: number
   readonly rubric: number | undefined
+  readonly visual: number | undefined
   readonly responses: ReadonlyArray<Sampled>
 }
 
@@ -568,7 +587,7 @@ const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage:
     })
   const start = yield* measurementOf(config.start)
   const rows: Array<Row> = [
-    { model: "start", branch: "-", stage: "-", dir: config.start, arith: start.arith, recall: start.recall, rubric: start.rubric, winVsPrevious: undefined, winStdError: undefined }
+    { model: "start", branch: "-", stage: "-", dir: config.start, arith: start.arith, recall: start.recall, rubric: start.rubric, visual: start.visual, winVsPrevious: undefined, winStdError: undefined }
   ]
   for (const { model, branch, stage, dir, previous } of lineage) {
     const after = yield* measurementOf(dir)
@@ -577,7 +596,7 @@ const measureAll = Effect.fnUntraced(function*(config: PostTrainConfig, lineage:
     const wins = yield* Effect.forEach(after.responses, (response, i) => label(prompts[Math.floor(i / config.evaluation.win.samples)], response, before.responses[i]))
     const winVsPrevious = wins.reduce((a, b) => a + b, 0) / wins.length
     const variance = wins.reduce((sum, p) => sum + (p - winVsPrevious) ** 2, 0) / Math.max(1, wins.length - 1)
-    rows.push({ model, branch, stage, dir, arith: after.arith, recall: after.recall, rubric: after.rubric, winVsPrevious, winStdError: Math.sqrt(variance / wins.length) })
+    rows.push({ model, branch, stage, dir, arith: after.arith, recall: after.recall, rubric: after.rubric, visual: after.visual, winVsPrevious, winStdError: Math.sqrt(variance / wins.length) })
   }
   return rows
 })
@@ -650,6 +669,15 @@ const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: strin
     })
   const accuracy = (file: string, limit: number | undefined) =>
     Effect.flatMap(Tasks.read(file, { limit }), (tasks) => Effect.map(Tasks.score(tasks, answers, { batchSize: 50 }), (score) => score.accuracy))
+  /** Greedy answers to questions about pictures, each read after the response's thinking; undefined for a model without eyes. */
+  const visualAccuracy = (file: string, limit: number | undefined) =>
+    Effect.gen(function*() {
+      const images = yield* ImageSide.of(dir, tokenizer)
+      if (images === undefined) return undefined
+      const greedy = continuations(model, tokenizer, images, { maxNewTokens: evaluation.maxNewTokens, temperature: 0, stopTokenIds, decode, loop: defaultLoop })
+      const seen: Tasks.Generator<DataError | ImageError, never> = (prompts, tasks) => Effect.map(greedy(prompts, tasks), (texts) => texts.map((text) => Generate.splitThinking(text).answer))
+      return (yield* Tasks.score(yield* Tasks.read(file, { limit }), seen, { batchSize: 50 })).accuracy
+    })
 
   const { win } = evaluation
   const encoded = prompts.map((prompt) => tokenizer.encode(prompt))
@@ -667,6 +695,7 @@ const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: strin
     arith: yield* accuracy(evaluation.arith, evaluation.arithLimit),
     recall: yield* accuracy(evaluation.recall, evaluation.recallLimit),
     rubric: evaluation.rubric === undefined ? undefined : yield* rubricScore(evaluation.rubric, evaluation.rubricLimit),
+    visual: evaluation.visual === undefined ? undefined : yield* visualAccuracy(evaluation.visual, evaluation.visualLimit),
     responses: generations.map((g, i) => ({
       completion: { prompt: encoded[Math.floor(i / win.samples)], response: g.tokens },
       text: g.text ?? "",
@@ -684,10 +713,10 @@ const percent = (x: number) => `${(100 * x).toFixed(1)}%`
 /** The report's table as Markdown. */
 export const table = (rows: ReadonlyArray<Row>): string =>
   [
-    "| model | branch | stage | chat arithmetic | recall | rubric score (judge) | PWRM win rate vs previous |",
-    "|---|---|---|---:|---:|---:|---:|",
+    "| model | branch | stage | chat arithmetic | recall | rubric score (judge) | visual | PWRM win rate vs previous |",
+    "|---|---|---|---:|---:|---:|---:|---:|",
     ...rows.map((r) =>
-      `| ${r.model} | ${r.branch} | ${r.stage} | ${percent(r.arith)} | ${percent(r.recall)} | ${fixed(r.rubric)} | ${
+      `| ${r.model} | ${r.branch} | ${r.stage} | ${percent(r.arith)} | ${percent(r.recall)} | ${fixed(r.rubric)} | ${r.visual === undefined ? "-" : percent(r.visual)} | ${
         r.winVsPrevious === undefined ? "-" : `${r.winVsPrevious.toFixed(3)} ± ${fixed(r.winStdError)}`
       } |`
     )

@@ -12,6 +12,7 @@ import { Effect, Stream } from "effect"
 import * as path from "node:path"
 import * as Dataset from "../src/data/Dataset.ts"
 import * as Images from "../src/data/Images.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import { CheckpointError } from "../src/Errors.ts"
 import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Tokenizer from "../src/io/Tokenizer.ts"
@@ -19,7 +20,6 @@ import * as Model from "../src/model/Model.ts"
 import * as Vision from "../src/model/Vision.ts"
 import * as Loss from "../src/train/Loss.ts"
 import * as Optimizer from "../src/train/Optimizer.ts"
-import { type ImageSide, imageSideOf, type Prepared, prepare } from "./Evaluate.ts"
 
 export interface ProjectorOptions {
   /** The child: a Mistral 3 model whose projector is trained. */
@@ -31,6 +31,8 @@ export interface ProjectorOptions {
   readonly out: string
   readonly steps: number
   readonly learningRate: number
+  /** The first this many lines with images are trained on; all when left out. */
+  readonly lines?: number | undefined
 }
 
 export interface ProjectorResult {
@@ -52,7 +54,7 @@ interface Line {
 
 const sideOf = (dir: string) =>
   Effect.gen(function*() {
-    const side = yield* imageSideOf(dir, yield* Tokenizer.loadIfPresent(dir))
+    const side = yield* ImageSide.of(dir, yield* Tokenizer.loadIfPresent(dir))
     if (side === undefined) return yield* new CheckpointError({ file: path.join(dir, "config.json"), reason: "has no image side (a Mistral 3 model with its vision encoder is needed)" })
     return side
   })
@@ -77,7 +79,7 @@ const meanKl = (model: Model.Model, vision: Vision.Vision, lines: ReadonlyArray<
   })
 
 /** The teacher's and the child's fixed parts of one prepared line; released with the scope. */
-const fixedLine = Effect.fnUntraced(function*(teacher: Model.Model, teacherSide: ImageSide, studentSide: ImageSide, student: Model.Model, prepared: Prepared) {
+const fixedLine = Effect.fnUntraced(function*(teacher: Model.Model, teacherSide: ImageSide.ImageSide, studentSide: ImageSide.ImageSide, student: Model.Model, prepared: ImageSide.Prepared) {
   const batch: Loss.DistillationBatch = {
     mask: [prepared.ids.slice(1).map((id) => (Images.isImageToken(studentSide.tokens, id) ? 0 : 1))],
     targets: [prepared.ids.slice(1)]
@@ -103,8 +105,9 @@ export const trainProjector = Effect.fn("ProjectorTrain.train")(function*(option
   const teacher = yield* Pretrained.load(options.teacherDir)
   const [studentSide, teacherSide] = [yield* sideOf(options.studentDir), yield* sideOf(options.teacherDir)]
   const prepared = yield* Dataset.sequences(options.data, { vocabSize: student.config.vocabSize, tokenizer: yield* Tokenizer.loadIfPresent(options.studentDir) }).pipe(
-    Stream.filter((sequence) => (sequence.images?.length ?? 0) > 0),
-    Stream.mapEffect(prepare(options.data, studentSide)),
+    Stream.filter((sequence) => (sequence.imageFiles?.length ?? 0) > 0),
+    Stream.take(options.lines ?? Infinity),
+    Stream.mapEffect(ImageSide.prepare(options.data, studentSide)),
     Stream.runCollect
   )
   if (prepared.length === 0) return yield* new CheckpointError({ file: options.data, reason: "has no line with images to train a projector on" })

@@ -22,6 +22,7 @@ import * as path from "node:path"
 import * as ChatData from "../src/data/ChatData.ts"
 import * as Checkpoint from "../src/io/Checkpoint.ts"
 import * as Dataset from "../src/data/Dataset.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import { CheckpointError, DataError } from "../src/Errors.ts"
 import * as Files from "../src/io/Files.ts"
 import * as Loss from "../src/train/Loss.ts"
@@ -117,7 +118,8 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   })
   if (finished !== undefined) return finished
 
-  const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize)
+  const side = yield* ImageSide.of(options.modelDir, yield* Tokenizer.loadIfPresent(options.modelDir))
+  const rows = yield* packedRows(options.modelDir, options.data, seq, config.vocabSize, side)
   const { trainable, adam } = yield* Training.startFrom(model, resume, options.weightDecay)
   let step = resume?.state.step ?? 0
   let consumed = resume?.state.rows ?? 0
@@ -146,7 +148,7 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
       Effect.gen(function*() {
         const started = performance.now()
         const prepared = yield* Effect.forEach(microBatches, ({ batch, teacher: output }) =>
-          microBatch(batch.indices.map((i) => rows[i]), documentMask, output, config.vocabSize, lossOptions)
+          microBatch(batch.indices.map((i) => rows[i]), documentMask, output, config.vocabSize, lossOptions, side)
         )
         const result = yield* Training.step(trainable, adam, prepared, objective, {
           learningRate: Optimizer.learningRate(schedule, step),
@@ -182,10 +184,27 @@ export const sft = Effect.fn("Sft.sft")(function*(options: SftOptions) {
   return done
 })
 
-/** The data set's packed rows, checked to hold something to learn and only ids the model knows. */
-const packedRows = Effect.fnUntraced(function*(modelDir: string, data: string, seq: number, vocab: number) {
+/**
+ * The data set's packed rows, checked to hold something to learn and only ids the model knows; a
+ * conversation's images preprocessed for the model's image side and their placeholders expanded.
+ */
+const packedRows = Effect.fnUntraced(function*(modelDir: string, data: string, seq: number, vocab: number, side: ImageSide.ImageSide | undefined) {
   const tokenizer = yield* Tokenizer.load(modelDir)
-  const examples = yield* Stream.runCollect(ChatData.examples(data, tokenizer))
+  const examples = yield* ChatData.examples(data, tokenizer).pipe(
+    Stream.mapEffect((example) =>
+      Effect.gen(function*() {
+        const files = example.imageFiles ?? []
+        if (files.length === 0) return example
+        const prepared = yield* ImageSide.prepare(data, side)({ line: example.line, ids: example.ids, imageFiles: files })
+        const seeing = ChatData.withImages(example, prepared.images, side!.processor, side!.tokens)!
+        if (seeing.ids.length > seq) {
+          return yield* new DataError({ file: data, line: example.line, reason: `is ${seeing.ids.length} tokens with its images' grids, longer than a row of ${seq} (--seq): a conversation with images is never cut` })
+        }
+        return seeing
+      })
+    ),
+    Stream.runCollect
+  )
   const rows = ChatData.pack(examples, seq, tokenizer.padId ?? 0)
   const outside = examples.find((example) => example.ids.some((id) => id >= vocab))
   if (outside !== undefined) {
@@ -208,8 +227,8 @@ function* seededOrder(count: number, seed: number, start: number): Generator<num
 
 interface MicroBatch {
   readonly ids: Array<Array<number>>
-  /** How the model reads the rows: padding, and the conversations' starts with document masking. */
-  readonly masks: ReturnType<typeof Dataset.rowMasks>
+  /** How the model reads the rows: padding, the conversations' starts with document masking, the rows' images. */
+  readonly masks: Loss.ForwardInputs
   /** Positions the loss counts: those whose next token is an assistant token. */
   readonly mask: Array<Array<number>>
   readonly targets: Array<Array<number>>
@@ -226,11 +245,13 @@ const microBatch = Effect.fnUntraced(function*(
   documentMask: boolean,
   output: Output | undefined,
   vocab: number,
-  loss: Loss.Options
+  loss: Loss.Options,
+  side: ImageSide.ImageSide | undefined
 ) {
   const t = rows[0].ids.length
   const ids = rows.map((row) => [...row.ids])
-  const masks = Dataset.rowMasks(rows, documentMask)
+  const imageFeatures = yield* ImageSide.rowFeatures(rows, side)
+  const masks: Loss.ForwardInputs = { ...Dataset.rowMasks(rows, documentMask), imageFeatures }
   const mask = rows.map(ChatData.lossMask)
   const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
   const teacher: Loss.Teacher = output === undefined

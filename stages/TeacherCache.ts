@@ -108,6 +108,12 @@ export const writeCache = Effect.fn("TeacherCache.writeCache")(function*(options
   const start = rows
   let current: ShardBuffer | undefined
   yield* Dataset.sequences(options.data, { vocabSize: config.vocabSize, tokenizer: options.tokenizer }).pipe(
+    // Rows are keyed by their index among text rows; an image's grid would move them, and its pixels are not cached.
+    Stream.mapEffect((sequence) =>
+      (sequence.imageFiles?.length ?? 0) > 0
+        ? Effect.fail(new DataError({ file: options.data, line: sequence.line, reason: "has images, which a teacher cache does not hold: distil from the teacher in process" }))
+        : Effect.succeed(sequence)
+    ),
     Dataset.pack(seq),
     Stream.drop(start),
     options.samples === undefined ? (s) => s : Stream.take(Math.max(0, options.samples - start)),

@@ -19,9 +19,11 @@ import * as Vision from "../src/model/Vision.ts"
 import * as Dataset from "../src/data/Dataset.ts"
 import { calibrate } from "../stages/Calibrate.ts"
 import { distill } from "../stages/Distill.ts"
-import { evaluate, imageSideOf } from "../stages/Evaluate.ts"
+import { evaluate } from "../stages/Evaluate.ts"
+import * as ImageSide from "../src/data/ImageSide.ts"
 import * as Teacher from "../layers/Teacher.ts"
 import { trainProjector } from "../stages/ProjectorTrain.ts"
+import { writeCache } from "../stages/TeacherCache.ts"
 import { prune } from "../stages/Prune.ts"
 import { localFixture, markovData, onBackend, tempDir } from "./support.ts"
 
@@ -97,6 +99,53 @@ describe("Vision", () => {
       for (const name of visionNames) assert.deepStrictEqual(yield* after.readFloat32(name), yield* before.readFloat32(name), name)
     }).pipe(onBackend("wasm")), { timeout: 120_000 })
 
+  it.effect("distillation on lines with images: student and teacher each see them through their own image side, text targets only", () =>
+    Effect.gen(function*() {
+      const parentDir = localFixture("vision/vl-tiny")
+      const data = localFixture("vision/eval/data.jsonl")
+      const dir = yield* tempDir
+      const run = (studentDir: string, out: string, steps: number) =>
+        distill({
+          studentDir, data, out, seq: 64, steps, seed: 1, batch: 2, accumulate: 1, learningRate: 3e-3, minLearningRate: 3e-3, warmupSteps: 0, weightDecay: 0,
+          maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 100
+        }).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
+      const klOf = (out: string) => fs.readFileSync(path.join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((line) => (JSON.parse(line) as { kl: number }).kl)
+      // The parent as its own student: KL 0 only where both splice the same features at the same tokens.
+      yield* run(parentDir, path.join(dir, "self"), 1)
+      assert.isAtMost(klOf(path.join(dir, "self"))[0], 1e-6, "the parent against itself")
+      // A pruned child learns the parent's distributions on these lines; its image side stays as it was.
+      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data: yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1), out: path.join(dir, "stats"), seq: 32 })
+      const child = path.join(dir, "child")
+      yield* prune({ modelDir: parentDir, statsDir: path.join(dir, "stats"), out: child, targets: { hidden: 32, layers: 1 } })
+      yield* run(child, path.join(dir, "distilled"), 16)
+      const curve = klOf(path.join(dir, "distilled"))
+      assert.isBelow(curve.slice(-2).reduce((a, b) => a + b) / 2, 0.8 * ((curve[0] + curve[1]) / 2), curve.map((kl) => kl.toFixed(3)).join(" "))
+      const [before, after] = yield* Effect.all([child, path.join(dir, "distilled")].map((folder) => Safetensors.open(path.join(folder, "model.safetensors"))))
+      for (const name of before.names.filter((name) => !name.startsWith("language_model.") && !name.startsWith("lm_head."))) {
+        assert.deepStrictEqual(yield* after.readFloat32(name), yield* before.readFloat32(name), name)
+      }
+      // A text-only student cannot read the lines.
+      const blind = path.join(dir, "blind")
+      yield* Pretrained.save(blind, yield* Pretrained.load(child), { dtype: "F32" })
+      const error = yield* run(blind, path.join(dir, "blind-out"), 1).pipe(Effect.flip)
+      assert.match(error.message, /data\.jsonl:1\b.*has images but the model has no image side/)
+    }).pipe(onBackend("wasm")), { timeout: 120_000 })
+
+  it.effect("images where they cannot go: a teacher cache refuses lines with images, a remote teacher rows with images, each naming what", () =>
+    Effect.gen(function*() {
+      const parentDir = localFixture("vision/vl-tiny")
+      const data = localFixture("vision/eval/data.jsonl")
+      const dir = yield* tempDir
+      const cached = yield* writeCache({ teacherDir: parentDir, data, out: path.join(dir, "cache"), seq: 64, topK: 4 }).pipe(Effect.provide(Teacher.inProcess(parentDir, { topK: 4 })), Effect.flip)
+      assert.match(cached.message, /data\.jsonl:1\b.*has images, which a teacher cache does not hold/)
+      // Refused before any request: nothing listens on the port.
+      const remote = yield* distill({
+        studentDir: parentDir, data, out: path.join(dir, "remote"), seq: 64, steps: 1, seed: 1, batch: 2, accumulate: 1, learningRate: 1e-3, minLearningRate: 1e-3,
+        warmupSteps: 0, weightDecay: 0, maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 100
+      }).pipe(Effect.scoped, Effect.provide(Teacher.remote(["http://127.0.0.1:9"], { topK: 4, retries: 0 })), Effect.flip)
+      assert.match(remote.message, /rows have images, which a remote teacher is not sent/)
+    }).pipe(onBackend("wasm")))
+
   it.effect("the projector-only step brings a pruned child's distributions on image prompts toward its parent's, the encoder and the text model untouched", () =>
     Effect.gen(function*() {
       const parentDir = localFixture("vision/vl-tiny")
@@ -130,7 +179,7 @@ describe("Vision", () => {
       for (const name of ["vl-tiny", "vl-ministral3"]) {
         const dir = localFixture(`vision/${name}`)
         const model = yield* Pretrained.load(dir)
-        const images = yield* imageSideOf(dir, undefined)
+        const images = yield* ImageSide.of(dir, undefined)
         const result = yield* evaluate(model, Dataset.sequences(data, { vocabSize: model.config.vocabSize }), { file: data, images, batchSize: 3 })
         assert.strictEqual(result.tokens, expected.models[name].tokens, name)
         assert.approximately(result.nll, expected.models[name].nll, 1e-5, name)
@@ -145,10 +194,10 @@ describe("Vision", () => {
       fs.writeFileSync(data, [JSON.stringify({ input_ids: [1, 5, 6] }), JSON.stringify({ input_ids: [1, 10, 5, 10], images: [image] })].join("\n"))
       const vlDir = localFixture("vision/vl-tiny")
       const model = yield* Pretrained.load(vlDir)
-      const unpaired = yield* evaluate(model, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* imageSideOf(vlDir, undefined) }).pipe(Effect.flip)
+      const unpaired = yield* evaluate(model, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* ImageSide.of(vlDir, undefined) }).pipe(Effect.flip)
       assert.match(unpaired.message, /data\.jsonl:2\b.*1 images but 2 image placeholders/)
       const textOnly = yield* Pretrained.load(localFixture("mistral-headdim"))
-      const blind = yield* evaluate(textOnly, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* imageSideOf(localFixture("mistral-headdim"), undefined) }).pipe(Effect.flip)
+      const blind = yield* evaluate(textOnly, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* ImageSide.of(localFixture("mistral-headdim"), undefined) }).pipe(Effect.flip)
       assert.match(blind.message, /data\.jsonl:2\b.*has images but the model has no image side/)
     }).pipe(onBackend("wasm")))
 

@@ -2,7 +2,8 @@
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
-import { evaluate, imageSideOf } from "../../stages/Evaluate.ts"
+import { evaluate } from "../../stages/Evaluate.ts"
+import * as ImageSide from "../data/ImageSide.ts"
 import * as Dataset from "../data/Dataset.ts"
 import * as Pretrained from "../io/Pretrained.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
@@ -24,7 +25,7 @@ export const evalCommand = Command.make(
       const loaded = yield* Pretrained.load(model)
       const tokenizer = yield* Tokenizer.loadIfPresent(model)
       const sequences = Dataset.sequences(data, { vocabSize: loaded.config.vocabSize, tokenizer })
-      return yield* evaluate(loaded, sequences, { batchSize: batch, file: data, images: yield* imageSideOf(model, tokenizer) })
+      return yield* evaluate(loaded, sequences, { batchSize: batch, file: data, images: yield* ImageSide.of(model, tokenizer) })
     }).pipe(Effect.scoped, Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend))))
     yield* Console.log(
       json

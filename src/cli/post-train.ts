@@ -38,6 +38,7 @@ const resolvePaths = (config: PostTrain.PostTrainConfig, file: string): PostTrai
       grpoRubrics: online(config.reasoning.grpoRubrics),
       odpo: online(config.reasoning.odpo)
     },
+    visual: config.visual === undefined ? undefined : { sft: sft(config.visual.sft), grpo: online(config.visual.grpo) },
     evaluation: {
       ...evaluation,
       arith: at(evaluation.arith),
@@ -52,9 +53,12 @@ export const postTrainCommand = Command.make(
   "post-train",
   {
     config: Argument.String("config").pipe(Argument.withDescription("Post-training config (.json); configs/post-train.json is the embedded default")),
-    branch: Flag.Literals("branch", ["instruct", "reasoning", "both"] as const).pipe(
-      Flag.withDescription("instruct (SFT with distillation, online DPO), reasoning (SFT on traces, GRPO on verifiers, GRPO on rubrics, online DPO), or both"),
-      Flag.withDefault("both")
+    branch: Flag.Literals("branch", ["instruct", "reasoning", "visual", "all", "both"] as const).pipe(
+      Flag.withDescription(
+        "instruct (SFT with distillation, online DPO), reasoning (SFT on traces, GRPO on verifiers, GRPO on rubrics, online DPO), " +
+          "visual (SFT on chats about pictures, GRPO on questions about pictures; where the config has it), all of them (all, the default), or both text branches (both)"
+      ),
+      Flag.withDefault("all")
     ),
     redo: Flag.Boolean("redo").pipe(Flag.withDescription("Start over instead of resuming the run folder"), Flag.withDefault(false)),
     precision: precisionFlag
@@ -73,7 +77,7 @@ export const postTrainCommand = Command.make(
 
     const bars = new Map<string, Progress.Progress>()
     const report = yield* PostTrain.run(config, {
-      branches: flags.branch === "both" ? PostTrain.branches : [flags.branch],
+      branches: flags.branch === "all" ? PostTrain.branches : flags.branch === "both" ? ["instruct", "reasoning"] : [flags.branch],
       events: {
         onStep: (label, step, total, summary) => {
           if (!bars.has(label)) bars.set(label, Progress.bar(label, total))

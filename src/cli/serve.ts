@@ -5,6 +5,7 @@ import { HttpServer } from "effect/http"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
 import * as Pretrained from "../io/Pretrained.ts"
 import * as Server from "../serve/Server.ts"
+import * as ImageSide from "../data/ImageSide.ts"
 import * as Tokenizer from "../io/Tokenizer.ts"
 import { cascade } from "./root.ts"
 import { atLeast } from "./TrainingFlags.ts"
@@ -45,7 +46,8 @@ export const serveCommand = Command.make(
   Effect.fn("cli.serve")(function*({ model, host, port, maxLogprobs, maxBatch, maxQueue, requestTimeout }) {
     const { backend } = yield* cascade
     yield* Effect.gen(function*() {
-      const served = { model: yield* Pretrained.load(model), tokenizer: yield* Tokenizer.loadIfPresent(model), name: model, maxLogprobs }
+      const tokenizer = yield* Tokenizer.loadIfPresent(model)
+      const served = { model: yield* Pretrained.load(model), tokenizer, name: model, maxLogprobs, images: yield* ImageSide.of(model, tokenizer) }
       const services = yield* Layer.build(Server.layer(served, { host, port, maxBatch, maxQueue, requestTimeout })).pipe(
         Effect.mapError(({ cause }) =>
           new ListenError({ address: `${host}:${port}`, reason: cause instanceof Error ? cause.message : String(cause) })

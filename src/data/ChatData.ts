@@ -3,7 +3,10 @@
  * `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`, rendered with the
  * tokenizer's chat template, tokenized, with the tokens the model learns to write marked: each
  * assistant turn's content and the end-of-sequence token (or whatever the template writes) that
- * closes it. The loss counts those tokens only.
+ * closes it. The loss counts those tokens only. For a Mistral 3 model a content may be a list of
+ * parts, as HF chat templates take them: `{"type": "text", "text"}` and `{"type": "image", "image":
+ * file}` (relative to the data file), which the template renders as the image placeholder; each
+ * placeholder is then expanded into its image's token grid (`withImages`), none of it learnt.
  *
  * Where the assistant tokens are. For each assistant turn the template renders the conversation up
  * to the turn with the generation prompt (what the model reads before it writes the turn) and up to
@@ -23,6 +26,8 @@
  * parent learned as a boundary.
  */
 import { Effect, Schema, Stream } from "effect"
+import * as path from "node:path"
+import { type ImageTokenIds, type PixtralImageConfig, type ProcessedImage, tokenGrid } from "./Images.ts"
 import { lines, type PackedRow } from "./Dataset.ts"
 import { DataError } from "../Errors.ts"
 import type { ChatMessage, Tokenizer } from "../io/Tokenizer.ts"
@@ -31,11 +36,17 @@ export interface Chat {
   /** 1-based line in the file. */
   readonly line: number
   readonly messages: ReadonlyArray<ChatMessage>
+  /** The image parts' files (absolute paths), in order. */
+  readonly imageFiles?: ReadonlyArray<string>
 }
 
 const roles = ["system", "user", "assistant"]
 
-const Record = Schema.Struct({ messages: Schema.Array(Schema.Struct({ role: Schema.String, content: Schema.String })) })
+const Part = Schema.Union([
+  Schema.Struct({ type: Schema.Literal("text"), text: Schema.String }),
+  Schema.Struct({ type: Schema.Literal("image"), image: Schema.String })
+])
+const Record = Schema.Struct({ messages: Schema.Array(Schema.Struct({ role: Schema.String, content: Schema.Union([Schema.String, Schema.Array(Part)]) })) })
 const decodeRecord = Schema.decodeUnknownEffect(Record)
 
 /** The conversations of a chat JSONL file; a line that is not one fails with a DataError naming it. */
@@ -45,14 +56,17 @@ export const read = (file: string): Stream.Stream<Chat, DataError> =>
       const fail = (reason: string) => new DataError({ file, line, reason })
       const json = yield* Effect.try({ try: () => JSON.parse(text) as unknown, catch: () => fail("is not valid JSON") })
       const { messages } = yield* decodeRecord(json).pipe(
-        Effect.mapError(() => fail(`expected {"messages": [{"role": string, "content": string}, ...]}`))
+        Effect.mapError(() => fail(`expected {"messages": [{"role": string, "content": string or [{"type": "text", "text"} or {"type": "image", "image": file}]}, ...]}`))
       )
       const stranger = messages.findIndex((message) => !roles.includes(message.role))
       if (stranger !== -1) {
         return yield* fail(`message ${stranger + 1} has role "${messages[stranger].role}"; expected ${roles.join(", ")}`)
       }
       if (!messages.some((message) => message.role === "assistant")) return yield* fail("has no assistant message to learn from")
-      return { line, messages }
+      const imageFiles = messages.flatMap((message) =>
+        typeof message.content === "string" ? [] : message.content.flatMap((part) => (part.type === "image" ? [path.resolve(path.dirname(file), part.image)] : []))
+      )
+      return { line, messages, imageFiles }
     })
   ))
 
@@ -62,6 +76,10 @@ export interface Example {
   readonly ids: ReadonlyArray<number>
   /** Per token: 1 for the tokens of assistant turns (the loss's targets), 0 for the rest. */
   readonly assistant: ReadonlyArray<number>
+  /** The image parts' files, one per placeholder in `ids`, in order. */
+  readonly imageFiles?: ReadonlyArray<string>
+  /** The images once preprocessed and their placeholders expanded (`withImages`). */
+  readonly images?: ReadonlyArray<ProcessedImage>
 }
 
 /**
@@ -99,8 +117,25 @@ export const tokenize = Effect.fn("ChatData.tokenize")(function*(tokenizer: Toke
     if (end <= start) return yield* fail(`the chat template renders assistant message ${i + 1} as no tokens`)
     assistant.fill(1, start, end)
   }
-  return { line: chat.line, ids, assistant } satisfies Example
+  return { line: chat.line, ids, assistant, imageFiles: chat.imageFiles } satisfies Example
 })
+
+/**
+ * The example with its images: each placeholder (`tokens.image`) expanded into its image's token
+ * grid, which is input, never a target; undefined when placeholders and images do not pair up.
+ */
+export const withImages = (example: Example, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Example | undefined => {
+  if (example.ids.filter((id) => id === tokens.image).length !== images.length) return undefined
+  const ids: Array<number> = []
+  const assistant: Array<number> = []
+  let next = 0
+  example.ids.forEach((id, i) => {
+    const grid = id === tokens.image ? tokenGrid(images[next].height, images[next++].width, config.patchSize, config.spatialMergeSize, tokens) : [id]
+    ids.push(...grid)
+    assistant.push(...grid.map(() => (id === tokens.image ? 0 : example.assistant[i])))
+  })
+  return { ...example, ids, assistant, images }
+}
 
 /** The tokenized conversations of a chat JSONL file. */
 export const examples = (file: string, tokenizer: Tokenizer): Stream.Stream<Example, DataError> =>
@@ -111,12 +146,16 @@ export interface Row extends PackedRow {
   readonly assistant: ReadonlyArray<number>
 }
 
-/** Packs whole conversations into rows of `length` tokens in order (see the module's comment). */
+/**
+ * Packs whole conversations into rows of `length` tokens in order (see the module's comment); a row
+ * carries its conversations' images. A conversation with images must fit a row (the caller checks).
+ */
 export const pack = (examples: ReadonlyArray<Example>, length: number, padId: number): Array<Row> => {
   const rows: Array<Row> = []
   let ids: Array<number> = []
   let assistant: Array<number> = []
   let starts: Array<number> = []
+  let images: Array<ProcessedImage> = []
   const flush = () => {
     if (ids.length === 0) return
     const padding = length - ids.length
@@ -124,11 +163,13 @@ export const pack = (examples: ReadonlyArray<Example>, length: number, padId: nu
       ids: [...ids, ...new Array<number>(padding).fill(padId)],
       length: ids.length,
       starts,
-      assistant: [...assistant, ...new Array<number>(padding).fill(0)]
+      assistant: [...assistant, ...new Array<number>(padding).fill(0)],
+      ...(images.length > 0 ? { images } : {})
     })
     ids = []
     assistant = []
     starts = []
+    images = []
   }
   for (const example of examples) {
     const size = Math.min(example.ids.length, length)
@@ -137,6 +178,7 @@ export const pack = (examples: ReadonlyArray<Example>, length: number, padId: nu
     starts.push(ids.length)
     ids.push(...example.ids.slice(0, size))
     assistant.push(...example.assistant.slice(0, size))
+    images.push(...(example.images ?? []))
   }
   flush()
   return rows

@@ -11,6 +11,7 @@ import * as path from "node:path"
 import { createInterface } from "node:readline"
 import { DataError } from "../Errors.ts"
 import type { Tokenizer } from "../io/Tokenizer.ts"
+import type { ProcessedImage } from "./Images.ts"
 
 export interface Line {
   /** 1-based line number in the file. */
@@ -53,7 +54,7 @@ export interface Sequence {
   readonly line: number
   readonly ids: ReadonlyArray<number>
   /** Image files (absolute paths), in the order of their placeholders in `ids`; a Mistral 3 model's. */
-  readonly images?: ReadonlyArray<string> | undefined
+  readonly imageFiles?: ReadonlyArray<string> | undefined
 }
 
 /**
@@ -85,19 +86,21 @@ export const sequences = (
       }
       const outside = ids.find((id) => id >= options.vocabSize)
       if (outside !== undefined) return yield* fail(`token id ${outside} is outside the vocabulary (${options.vocabSize})`)
-      return { line, ids, images: record.images?.map((image) => path.resolve(path.dirname(file), image)) }
+      return { line, ids, imageFiles: record.images?.map((image) => path.resolve(path.dirname(file), image)) }
     })
   ))
 
 /**
  * A row of a packed batch: `ids` has the packing length; positions from `length` on are padding.
  * `starts` are the positions where a document begins, ascending, 0 first (a row begins a document,
- * or the rest of one the row before cut): what document masking keeps apart.
+ * or the rest of one the row before cut): what document masking keeps apart. `images` are the
+ * images whose token grids lie in the row, in order (a Mistral 3 model's data); none when left out.
  */
 export interface PackedRow {
   readonly ids: ReadonlyArray<number>
   readonly length: number
   readonly starts: ReadonlyArray<number>
+  readonly images?: ReadonlyArray<ProcessedImage>
 }
 
 /**
@@ -109,28 +112,55 @@ export interface PackedRow {
  */
 export const documentMaskByDefault = true
 
+/** What packing takes: token ids, and the images whose grids they hold (ImageSide.prepare). */
+export interface Packable {
+  readonly ids: ReadonlyArray<number>
+  readonly images?: ReadonlyArray<ProcessedImage>
+}
+
+interface Pending {
+  readonly ids: ReadonlyArray<number>
+  readonly starts: ReadonlyArray<number>
+  readonly images: ReadonlyArray<ProcessedImage>
+}
+
+const nothingPending: Pending = { ids: [], starts: [], images: [] }
+
+/** The pending tokens as a last row, padded with `padId`. */
+const paddedRow = (pending: Pending, length: number, padId: number): PackedRow => ({
+  ids: pending.ids.concat(new Array(length - pending.ids.length).fill(padId)),
+  length: pending.ids.length,
+  starts: pending.starts,
+  ...(pending.images.length > 0 ? { images: pending.images } : {})
+})
+
 /**
  * Concatenates sequences and cuts them into rows of `length` tokens; the last row is padded (with
- * `padId`) and its padding masked out. Documents may share a row, as in pretraining.
+ * `padId`) and its padding masked out. Documents may share a row, as in pretraining. A sequence
+ * with images is never cut (its grids would be): it begins a new row where the current one has no
+ * room for it, and must fit one (ImageSide.packable refuses longer lines).
  */
-export const pack = (length: number, padId = 0) => <E, R>(sequences: Stream.Stream<Sequence, E, R>) =>
+export const pack = (length: number, padId = 0) => <E, R>(sequences: Stream.Stream<Packable, E, R>) =>
   sequences.pipe(
     Stream.mapAccum(
-      (): { readonly ids: Array<number>; readonly starts: Array<number> } => ({ ids: [], starts: [] }),
-      (pending, { ids }) => {
+      (): Pending => nothingPending,
+      (before, { ids, images = [] }) => {
+        const rows: Array<PackedRow> = []
+        const noRoom = images.length > 0 && before.ids.length > 0 && before.ids.length + ids.length > length
+        if (noRoom) rows.push(paddedRow(before, length, padId))
+        const pending = noRoom ? nothingPending : before
         const buffer = pending.ids.concat(ids)
         const starts = ids.length === 0 ? pending.starts : [...pending.starts, pending.ids.length]
-        const rows: Array<PackedRow> = []
+        // Every image here lies in the first row cut from the buffer: an image's sequence fits what was left of it.
+        const bufferImages = pending.images.concat(images)
         let start = 0
         for (; start + length <= buffer.length; start += length) {
-          rows.push({ ids: buffer.slice(start, start + length), length, starts: startsWithin(starts, start, start + length) })
+          const rowImages = start === 0 ? bufferImages : []
+          rows.push({ ids: buffer.slice(start, start + length), length, starts: startsWithin(starts, start, start + length), ...(rowImages.length > 0 ? { images: rowImages } : {}) })
         }
-        return [{ ids: buffer.slice(start), starts: startsWithin(starts, start, buffer.length) }, rows] as const
+        return [{ ids: buffer.slice(start), starts: startsWithin(starts, start, buffer.length), images: start === 0 ? bufferImages : [] }, rows] as const
       },
-      {
-        onHalt: ({ ids, starts }): ReadonlyArray<PackedRow> =>
-          ids.length === 0 ? [] : [{ ids: ids.concat(new Array(length - ids.length).fill(padId)), length: ids.length, starts }]
-      }
+      { onHalt: (pending): ReadonlyArray<PackedRow> => (pending.ids.length === 0 ? [] : [paddedRow(pending, length, padId)]) }
     )
   )
 

@@ -9,6 +9,7 @@
  * can be scored, and the scorer can be tested with a plain function.
  */
 import { Effect, Schema, Stream } from "effect"
+import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { lines } from "./Dataset.ts"
 import { DataError } from "../Errors.ts"
@@ -18,6 +19,8 @@ export interface Task {
   readonly line: number
   readonly prompt: string
   readonly answer: string
+  /** Image files (absolute paths) for the prompt's image placeholders, in order: a question about pictures. */
+  readonly images?: ReadonlyArray<string>
 }
 
 /** The evaluation files of the embedded default, shipped in the package's data/ folder. */
@@ -26,7 +29,7 @@ export const embedded = {
   arith: fileURLToPath(new URL("../../data/eval-arith.jsonl", import.meta.url))
 } as const
 
-const Record = Schema.Struct({ prompt: Schema.String, answer: Schema.String })
+const Record = Schema.Struct({ prompt: Schema.String, answer: Schema.String, images: Schema.optional(Schema.Array(Schema.String)) })
 const decodeRecord = Schema.decodeUnknownEffect(Record)
 
 /**
@@ -45,11 +48,12 @@ export const read = Effect.fn("Tasks.read")(function*(file: string, options: { r
           catch: () => new DataError({ file, line, reason: "is not valid JSON" })
         })
         const record = yield* decodeRecord(json).pipe(
-          Effect.mapError(() => new DataError({ file, line, reason: `expected {"prompt": string, "answer": string}` }))
+          Effect.mapError(() => new DataError({ file, line, reason: `expected {"prompt": string, "answer": string}, with optional "images": [files]` }))
         )
         if (record.prompt.length === 0) return yield* new DataError({ file, line, reason: "has an empty prompt" })
         if (normalise(record.answer) === "") return yield* new DataError({ file, line, reason: "has an empty answer" })
-        return { line, prompt: record.prompt, answer: record.answer } satisfies Task
+        const images = record.images?.map((image) => path.resolve(path.dirname(file), image))
+        return { line, prompt: record.prompt, answer: record.answer, ...(images === undefined ? {} : { images }) } satisfies Task
       })
     ),
     Stream.runCollect
@@ -98,8 +102,8 @@ export interface ScoreOptions {
   readonly stops?: ReadonlyArray<string>
 }
 
-/** Generates continuations of prompts, one per prompt, in order. */
-export type Generator<E, R> = (prompts: Array<string>) => Effect.Effect<ReadonlyArray<string>, E, R>
+/** Generates continuations of prompts, one per prompt, in order; the tasks they are of come along (their images). */
+export type Generator<E, R> = (prompts: Array<string>, tasks: ReadonlyArray<Task>) => Effect.Effect<ReadonlyArray<string>, E, R>
 
 /**
  * Scores tasks by exact match of the answer read from each continuation. A generator that returns a
@@ -115,7 +119,7 @@ export const score = <E, R>(
     const items: Array<Scored> = []
     for (let first = 0; first < tasks.length; first += size) {
       const batch = tasks.slice(first, first + size)
-      const continuations = yield* generate(batch.map((task) => task.prompt))
+      const continuations = yield* generate(batch.map((task) => task.prompt), batch)
       if (continuations.length !== batch.length) {
         return yield* Effect.die(
           new Error(`Tasks.score: the generator returned ${continuations.length} continuations for ${batch.length} prompts`)

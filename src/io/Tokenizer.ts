@@ -10,9 +10,12 @@ import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers"
 import { Effect, Schema } from "effect"
 import { TokenizerError } from "../Errors.ts"
 
+/** A part of a message's content, as HF chat templates take them: text, or an image the template marks with its placeholder. */
+export type ChatContentPart = { readonly type: "text"; readonly text: string } | { readonly type: "image"; readonly image?: string | undefined }
+
 export interface ChatMessage {
   readonly role: string
-  readonly content: string
+  readonly content: string | ReadonlyArray<ChatContentPart>
 }
 
 export interface Tokenizer {

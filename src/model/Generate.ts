@@ -50,6 +50,11 @@ export interface Options {
   readonly loop?: LoopDetection
   /** Rows decoded together at most, to bound memory. Default: all. */
   readonly batchSize?: number
+  /**
+   * A Mistral 3 model's projected image features for the prompts' image tokens, in order
+   * (Model.ForwardOptions): spliced in by the prompts' pass. The prompts must make one batch.
+   */
+  readonly imageFeatures?: Model.ForwardOptions["imageFeatures"]
 }
 
 export interface Candidate {
@@ -92,6 +97,9 @@ export const generate = Effect.fn("Generate.generate")(function*(
 ) {
   if (prompts.some((prompt) => prompt.length === 0)) return yield* Effect.die(new Error("Generate.generate: empty prompt"))
   const size = options.batchSize ?? Math.max(1, prompts.length)
+  if (options.imageFeatures !== undefined && prompts.length > size) {
+    return yield* Effect.die(new Error(`Generate.generate: image features for ${prompts.length} prompts in batches of ${size}`))
+  }
   const seed = options.seed ?? Math.floor(Math.random() * 2 ** 32)
   const results: Array<Generation> = []
   for (let first = 0; first < prompts.length; first += size) {
@@ -166,7 +174,12 @@ const decodeBatch = (model: Model.Model, rows: ReadonlyArray<Row>, options: Opti
     // The prompts in one pass; the cache is kept only when a second token is to follow.
     const prefill = yield* Effect.sync(() => {
       // Without prompt scores only the last position's logits are needed, not [B, width, V].
-      const logits = forward(ids, { attentionMask, useCache: options.maxNewTokens > 1, lastLogitsOnly: options.promptLogprobs === undefined })
+      const logits = forward(ids, {
+        attentionMask,
+        useCache: options.maxNewTokens > 1,
+        lastLogitsOnly: options.promptLogprobs === undefined,
+        imageFeatures: options.imageFeatures
+      })
       const k = options.promptLogprobs
       const prompt = k === undefined || width === 1 ? undefined : scorePrompt(logits, promptTargets, k).map(hold) as ScoreTensors
       const last = options.maxNewTokens > 0 ? hold(lastLogProbs(logits)) : undefined

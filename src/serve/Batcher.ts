@@ -62,12 +62,17 @@ export interface Batcher {
   readonly submit: (
     prompts: ReadonlyArray<ReadonlyArray<number>>,
     n: number,
-    options: Options
+    options: Options,
+    images?: ReadonlyArray<PromptImages | undefined>
   ) => Effect.Effect<Stream.Stream<Step, TimedOut>, QueueFull, Scope.Scope>
 }
 
+/** A prompt's image features for a Mistral 3 model, a row per image token of the prompt; the submitter's to dispose after its scope. */
+export type PromptImages = NonNullable<Model.ForwardOptions["imageFeatures"]>
+
 interface Request {
   readonly prompts: ReadonlyArray<ReadonlyArray<number>>
+  readonly images: ReadonlyArray<PromptImages | undefined> | undefined
   readonly n: number
   readonly options: Options
   readonly seed: number
@@ -212,7 +217,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
         sample,
         row: Generate.newRow(ids, Random.uniform(Generate.mixSeed(request.seed, prompt * request.n + sample)))
       }))
-      return { ids, sequences, decodes: request.options.maxNewTokens > 0, k: request.options.promptLogprobs }
+      return { ids, sequences, decodes: request.options.maxNewTokens > 0, k: request.options.promptLogprobs, images: request.images?.[prompt] }
     })
     const run = entries.filter((entry) => entry.decodes || entry.k !== undefined)
     if (run.length > 0) {
@@ -223,8 +228,11 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       const k = Math.max(-1, ...run.map((entry) => entry.k ?? -1))
       // Each joining sample names the row of the pass it continues.
       const joining = run.flatMap((entry, i) => (entry.decodes ? entry.sequences.map((sequence) => ({ sequence, from: i })) : []))
+      const seeing = run.flatMap((entry) => (entry.images === undefined ? [] : [entry.images]))
       const scores = yield* Effect.sync(() => {
+        const features = seeing.length === 0 ? undefined : hold(seeing.length === 1 ? seeing[0].features.clone() : tf.concat(seeing.map((images) => images.features), 0) as tf.Tensor2D)
         const out = Model.forward(model, ids, {
+          imageFeatures: features && { features, tokenId: seeing[0].tokenId },
           attentionMask: padding.map((pad) => Array.from({ length: width }, (_, j) => (j < pad ? 0 : 1))),
           positionIds: padding.map((pad) => Array.from({ length: width }, (_, j) => Math.max(0, j - pad))),
           useCache: joining.length > 0,
@@ -232,6 +240,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
           // [width, V] logits may not fit (one storage binding on a GPU, or memory).
           lastLogitsOnly: k < 0
         })
+        if (features !== undefined) release([features])
         const logits = hold(out.logits)
         // The pass's keys and values are held too: a failure while scoring or picking frees them.
         const passTensors = out.cache?.layers.flatMap(({ k, v }) => [k, v]).map(hold) ?? []
@@ -377,12 +386,13 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     }
   }).pipe(Effect.ensuring(Effect.sync(disposeBatch)), Effect.forkScoped)
 
-  const submit = (prompts: ReadonlyArray<ReadonlyArray<number>>, n: number, options: Options) =>
+  const submit = (prompts: ReadonlyArray<ReadonlyArray<number>>, n: number, options: Options, images?: ReadonlyArray<PromptImages | undefined>) =>
     Effect.gen(function*() {
       if (waiting.length >= limits.maxQueue) return yield* new QueueFull({ waiting: waiting.length })
       const steps = yield* Queue.unbounded<Step, TimedOut | Cause.Done>()
       const request: Request = {
         prompts,
+        images,
         n,
         options,
         seed: options.seed ?? Math.floor(Math.random() * 2 ** 32),

@@ -7,6 +7,9 @@
  *   vLLM's `prompt_logprobs`.
  * - `POST /v1/chat/completions`: `messages` through the tokenizer's chat template; `max_tokens` or
  *   `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `logprobs` and `top_logprobs`.
+ *   For a Mistral 3 model a message's content may hold `image_url` parts whose URL is a base64
+ *   `data:` URL (PNG or JPEG; nothing is fetched): the template renders their placeholders, each
+ *   expanded into its image's token grid, and the image features enter in the prompt's pass.
  *
  * Both take `n` (samples per prompt, each with its own finish reason and log-probs; with `seed`
  * sample i of prompt p draws from its own stream, so the same seed gives the same samples), vLLM's
@@ -32,12 +35,16 @@
  * chat, stop strings, echo) is a 400 saying that the model folder has none.
  */
 import { NodeHttpServer } from "@effect/platform-node"
+import * as tf from "@tensorflow/tfjs"
 import { Effect, Exit, Layer, Schema, SchemaIssue, Stream } from "effect"
 import { HttpEffect, HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { createServer } from "node:http"
 import type * as Generate from "../model/Generate.ts"
 import type * as Model from "../model/Model.ts"
 import type * as Tokenizer from "../io/Tokenizer.ts"
+import * as Images from "../data/Images.ts"
+import type * as ImageSide from "../data/ImageSide.ts"
+import * as Vision from "../model/Vision.ts"
 import * as Batcher from "./Batcher.ts"
 
 export interface Served {
@@ -48,6 +55,8 @@ export interface Served {
   readonly name: string
   /** The largest `logprobs` / `prompt_logprobs` / `top_logprobs` a request may ask for (vLLM's --max-logprobs, 20 by default). */
   readonly maxLogprobs?: number
+  /** A Mistral 3 model's image side: chat messages may then hold images (`image_url` parts with data URLs). */
+  readonly images?: ImageSide.ImageSide | undefined
 }
 
 export interface ServeOptions extends Partial<Limits> {
@@ -158,7 +167,13 @@ const ChatRequest = Schema.Struct({
   ...Common,
   messages: Schema.Array(Schema.Struct({
     role: Schema.String,
-    content: Schema.Union([Schema.String, Schema.Array(Schema.Struct({ type: Schema.Literal("text"), text: Schema.String }))])
+    content: Schema.Union([
+      Schema.String,
+      Schema.Array(Schema.Union([
+        Schema.Struct({ type: Schema.Literal("text"), text: Schema.String }),
+        Schema.Struct({ type: Schema.Literal("image_url"), image_url: Schema.Struct({ url: Schema.String }) })
+      ]))
+    ])
   })).check(Schema.isMinLength(1)),
   max_completion_tokens: Optional(Count),
   logprobs: Optional(Schema.Boolean),
@@ -251,7 +266,7 @@ interface Prompt {
 }
 
 /** The endpoints' work over the served model, decoded by `batcher`. */
-const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batcher: Batcher.Batcher, limits: Limits) => {
+const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount, images: side }: Served, batcher: Batcher.Batcher, limits: Limits) => {
   const { vocabSize, maxPositionEmbeddings } = model.config
   const stopTokenIds = [...new Set([tokenizer?.eosId, model.config.eosTokenId])].filter((id) => id !== undefined)
   const now = () => Math.floor(Date.now() / 1000)
@@ -317,7 +332,8 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
   const submit = (
     prompts: ReadonlyArray<ReadonlyArray<number>>,
     request: CompletionRequest | ChatRequest,
-    options: Pick<Generate.Options, "maxNewTokens" | "topLogprobs" | "promptLogprobs">
+    options: Pick<Generate.Options, "maxNewTokens" | "topLogprobs" | "promptLogprobs">,
+    images?: ReadonlyArray<Batcher.PromptImages | undefined>
   ) =>
     batcher.submit(prompts, request.n ?? 1, {
       ...options,
@@ -327,7 +343,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
       stopTokenIds: request.ignore_eos === true ? [] : stopTokenIds,
       stopStrings: stopStrings(request),
       decode: tokenizer && decodeText
-    }).pipe(
+    }, images).pipe(
       Effect.map(Stream.mapError((timedOut) =>
         new ApiError({
           status: 408,
@@ -533,6 +549,32 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
     }
   })
 
+  /**
+   * A chat prompt's images: each `data:` URL decoded and preprocessed for the model's image side, its
+   * placeholder in `ids` expanded into its token grid, and the projected features, released with the
+   * request. A 400 for an image the model cannot see, a URL that is not a data URL, or a bad image.
+   */
+  const withImages = (ids: ReadonlyArray<number>, urls: ReadonlyArray<string>) =>
+    Effect.gen(function*() {
+      if (urls.length === 0) return { ids, images: undefined }
+      if (side === undefined) return yield* invalid(`The model ${name} has no image side (not a Mistral 3 with its vision encoder): it cannot read image_url parts.`, "messages")
+      const pictures = yield* Effect.forEach(urls, (url, i) => {
+        const data = /^data:image\/[a-z+.-]+;base64,(.*)$/s.exec(url)
+        if (data === null) return invalid(`Image ${i + 1} is not a base64 data: URL (the server fetches nothing).`, "messages")
+        return Images.decodeBytes(`image ${i + 1}`, Buffer.from(data[1], "base64")).pipe(
+          Effect.map((pixels) => Images.preprocess(pixels, side.processor)),
+          Effect.mapError((error) => invalid(`${error.message}.`, "messages"))
+        )
+      })
+      const expanded = Images.expandPlaceholders(ids, pictures, side.processor, side.tokens)
+      if (expanded === undefined) return yield* invalid(`The chat template rendered ${ids.filter((id) => id === side.tokens.image).length} image placeholders for ${urls.length} images.`, "messages")
+      const features = yield* Effect.acquireRelease(
+        Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(side.vision, pictures).projected)),
+        (tensor) => Effect.sync(() => tensor.dispose())
+      )
+      return { ids: expanded, images: { features, tokenId: side.tokens.image } }
+    })
+
   const chat = Effect.fnUntraced(function*(request: ChatRequest) {
     yield* checkCommon(request)
     if (request.top_logprobs != null && request.top_logprobs > 0 && request.logprobs !== true) {
@@ -541,19 +583,25 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount }: Served, batc
     if (tokenizer === undefined) {
       return yield* withoutTokenizer("it has no chat template: send token-id prompts to /v1/completions", "messages")
     }
+    const urls = request.messages.flatMap(({ content }) => (typeof content === "string" ? [] : content.flatMap((part) => (part.type === "image_url" ? [part.image_url.url] : []))))
     const messages = request.messages.map(({ role, content }) => ({
       role,
-      content: typeof content === "string" ? content : content.map((part) => part.text).join("")
+      // Text alone as one string, as before images; with images, the parts as HF chat templates take them.
+      content: typeof content === "string"
+        ? content
+        : urls.length === 0
+        ? content.map((part) => (part.type === "text" ? part.text : "")).join("")
+        : content.map((part) => (part.type === "text" ? part : { type: "image" as const }))
     }))
     const text = yield* tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }).pipe(
       Effect.mapError((error) => invalid(error.message, "messages"))
     )
     // The template holds the special tokens (BOS) itself, so none are added, as in transformers and vLLM.
-    const ids = tokenizer.encode(text, { addSpecialTokens: false })
+    const { ids, images } = yield* withImages(tokenizer.encode(text, { addSpecialTokens: false }), urls)
     const maxTokens = request.max_completion_tokens ?? request.max_tokens ?? Math.max(0, maxPositionEmbeddings - ids.length)
     yield* checkPrompt(ids, maxTokens)
     const topLogprobs = request.logprobs === true ? request.top_logprobs ?? 0 : undefined
-    const steps = yield* submit([ids], request, { maxNewTokens: maxTokens, topLogprobs })
+    const steps = yield* submit([ids], request, { maxNewTokens: maxTokens, topLogprobs }, [images])
     const id = `chatcmpl-${crypto.randomUUID()}`
     const created = now()
     const reply = (object: string, choices: ReadonlyArray<unknown>) => ({ id, object, created, model: name, choices })

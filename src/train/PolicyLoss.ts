@@ -48,6 +48,8 @@ import type { Objective } from "./Training.ts"
 export interface Completion {
   readonly prompt: ReadonlyArray<number>
   readonly response: ReadonlyArray<number>
+  /** A Mistral 3 model's projected features of the prompt's images, one row per image token of the prompt. */
+  readonly images?: { readonly features: tf.Tensor2D; readonly tokenId: number }
 }
 
 /**
@@ -79,7 +81,9 @@ export const responseLogProbs = (model: Model.Model, completions: ReadonlyArray<
     const attentionMask = completions.map((c) =>
       Array.from({ length: width }, (_, j) => (j < c.prompt.length + c.response.length - 1 ? 1 : 0))
     )
-    const logits = Model.forward(model, ids, { attentionMask }).logits
+    const seeing = completions.flatMap((c) => (c.images === undefined ? [] : [c.images]))
+    const imageFeatures = seeing.length === 0 ? undefined : { features: tf.concat(seeing.map((images) => images.features), 0) as tf.Tensor2D, tokenId: seeing[0].tokenId }
+    const logits = Model.forward(model, ids, { attentionMask, imageFeatures }).logits
     const v = logits.shape[2]
     // Response token k of row i is predicted at position prompt.length - 1 + k; past the end, index 0.
     const index = new Int32Array(n * r)
