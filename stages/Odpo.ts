@@ -48,7 +48,8 @@ export interface OdpoMetrics {
   readonly seconds: number
 }
 
-const OdpoPrompt = Schema.Struct({ prompt: Schema.String })
+/** A prompt line: the prompt as the model reads it, and for a Mistral 3 policy its pictures (files relative to the prompt file; the PWRM judges the text). */
+const OdpoPrompt = Schema.Struct({ prompt: Schema.String, images: Schema.optional(Schema.Array(Schema.String)) })
 
 /** A micro-batch of the update: the A and B responses of some pairs, with their labels and reference log-probs. */
 interface OdpoMicroBatch {

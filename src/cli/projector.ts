@@ -16,11 +16,12 @@ export const projectorCommand = Command.make(
     out: Flag.String("out").pipe(Flag.withDescription("Output folder: the child with its new projector")),
     steps: Flag.Int("steps").pipe(Flag.withDescription("Updates, one line each"), Flag.withDefault(100)),
     lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (AdamW, constant)"), Flag.withDefault(1e-2)),
+    lines: Flag.Int("lines").pipe(Flag.withDescription("Train on the first N lines with images (default: all)"), Flag.optional),
     precision: precisionFlag
   },
   Effect.fn("cli.projector")(function*(flags) {
     const { backend } = yield* cascade
-    const result = yield* trainProjector({ studentDir: flags.student, teacherDir: flags.teacher, data: flags.data, out: flags.out, steps: flags.steps, learningRate: flags.lr }).pipe(
+    const result = yield* trainProjector({ studentDir: flags.student, teacherDir: flags.teacher, data: flags.data, out: flags.out, steps: flags.steps, learningRate: flags.lr, lines: Option.getOrUndefined(flags.lines) }).pipe(
       Effect.scoped,
       TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend)))
