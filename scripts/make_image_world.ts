@@ -20,7 +20,7 @@
  *                       one question each (visual accuracy);
  * - count.jsonl         `{"prompt", "answer", "images"}`: held-out counting questions for visual GRPO
  *                       (pictures in neither of the above);
- * - distill.jsonl       `{"text", "images"}` lines of train.jsonl for the children's projector step
+ * - distill.jsonl       `{"text", "images"}` 200 lines of train.jsonl for the children's projector step
  *                       and distillation (a slice: the children see what the parent learned from);
  * - sft-visual.jsonl    chat lines (`{"messages"}`, the picture an image part of the user's turn) of
  *                       training pictures' questions, for post-training;
@@ -144,7 +144,7 @@ export interface ImageWorldOptions {
   readonly sftLines: number
 }
 
-export const defaults: ImageWorldOptions = { seed: 20261, trainScenes: 2400, trainFlags: 1200, evalPictures: 300, countPrompts: 200, distillLines: 600, sftLines: 800 }
+export const defaults: ImageWorldOptions = { seed: 20261, trainScenes: 2400, trainFlags: 1200, evalPictures: 300, countPrompts: 200, distillLines: 200, sftLines: 800 }
 
 export interface Picture {
   readonly file: string
