@@ -44,6 +44,7 @@ const resolvePaths = (config: PostTrain.PostTrainConfig, file: string): PostTrai
       arith: at(evaluation.arith),
       recall: at(evaluation.recall),
       rubric: optional(evaluation.rubric),
+      visual: optional(evaluation.visual),
       win: { ...evaluation.win, prompts: evaluation.win.prompts.map(at) }
     }
   }
