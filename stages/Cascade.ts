@@ -273,7 +273,7 @@ export const run = Effect.fn("Cascade.run")(function*(config: CascadeConfig, eve
   const train = yield* tokenizedCopy([config.data.train, ...(config.data.images === undefined ? [] : [config.data.images])], path.join(runDir, "data"), rootModel.vocabSize, tokenizer, root)
 
   // A Mistral 3 parent's children each train a projector of their own, where the run says how.
-  const sees = yield* Effect.scoped(Effect.map(Vision.loadIfPresent(root), (vision) => vision !== undefined))
+  const sees = yield* Effect.scoped(Vision.isPresent(root))
   const projectorStep = sees && config.projector !== undefined && config.data.images !== undefined
   const generations: Array<Generation> = []
   let current = root
@@ -374,6 +374,7 @@ const projectorOf = Effect.fn("Cascade.projectorOf")(function*(pruned: string, o
     teacher: yield* Checkpoint.fingerprint(teacher),
     data: yield* Files.sha256(data),
     visual: config.data.visual === undefined ? null : yield* Files.sha256(config.data.visual),
+    visualLimit: config.evaluation?.visualLimit,
     steps,
     lr,
     lines

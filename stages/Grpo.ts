@@ -228,7 +228,7 @@ export interface Run {
   readonly promptFile: string
 }
 
-/** The lines of a prompt file, decoded by `schema`; a line that does not fit fails naming it. */
+/** The lines of a prompt file, decoded by `schema`, each with its line number; a line that does not fit fails naming it. */
 export const readPrompts = <A extends { readonly prompt: string }>(file: string, schema: Schema.Decoder<A>) =>
   Effect.gen(function*() {
     const decode = Schema.decodeUnknownEffect(schema)
@@ -236,6 +236,7 @@ export const readPrompts = <A extends { readonly prompt: string }>(file: string,
       Stream.mapEffect(({ line, text }) =>
         Effect.try({ try: () => JSON.parse(text) as unknown, catch: () => new DataError({ file, line, reason: "is not valid JSON" }) }).pipe(
           Effect.flatMap(decode),
+          Effect.map((prompt) => ({ ...prompt, line })),
           Effect.mapError((error) => (error instanceof DataError ? error : new DataError({ file, line, reason: error.message })))
         )
       ),
@@ -268,10 +269,11 @@ export interface Sampled {
   readonly finishReason: Generate.FinishReason
 }
 
-/** A prompt to sample from: its text and, for a Mistral 3 policy, its images (files relative to the prompt file). */
+/** A prompt to sample from: its text and, for a Mistral 3 policy, its images (files relative to the prompt file, whose line it is). */
 export interface Prompted {
   readonly prompt: string
   readonly images?: ReadonlyArray<string> | undefined
+  readonly line?: number
 }
 
 /**
@@ -285,13 +287,10 @@ export const sample = Effect.fnUntraced(function*(
   options: { readonly maxNewTokens: number; readonly temperature: number; readonly seed: number; readonly loop: Generate.LoopDetection }
 ) {
   const { tokenizer, images } = run
-  const prepared = yield* Effect.forEach(prompts, ({ prompt, images: files }) =>
-    ImageSide.prepare(run.promptFile, images)({ line: 0, ids: tokenizer.encode(prompt), imageFiles: files?.map((file) => path.resolve(path.dirname(run.promptFile), file)) }))
-  const features = yield* Effect.forEach(prepared, (p) =>
-    p.images.length === 0 || images === undefined
-      ? Effect.succeed(undefined)
-      : Effect.acquireRelease(Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(images.vision, p.images).projected)), (tensor) => Effect.sync(() => tensor.dispose())))
-  const seen = features.flatMap((f) => (f === undefined ? [] : new Array<tf.Tensor2D>(copies).fill(f)))
+  const prepared = yield* Effect.forEach(prompts, ({ prompt, images: files, line = 0 }) =>
+    ImageSide.prepare(run.promptFile, images)({ line, ids: tokenizer.encode(prompt), imageFiles: files?.map((file) => path.resolve(path.dirname(run.promptFile), file)) }))
+  const features = yield* Effect.forEach(prepared, (p) => (p.images.length === 0 || images === undefined ? Effect.succeed(undefined) : ImageSide.projected(images, p.images)))
+  const seen = features.flatMap((f) => (f === undefined ? [] : new Array<tf.Tensor2D>(copies).fill(f.features)))
   const imageFeatures = seen.length === 0 ? undefined : yield* Effect.acquireRelease(
     Effect.sync(() => ({ features: tf.concat(seen, 0) as tf.Tensor2D, tokenId: images!.tokens.image })),
     ({ features }) => Effect.sync(() => features.dispose())
@@ -304,7 +303,7 @@ export const sample = Effect.fnUntraced(function*(
   })
   return prepared.map(({ ids: prompt }, g) =>
     generations.slice(g * copies, (g + 1) * copies).map((generation): Sampled => ({
-      completion: { prompt, response: generation.tokens, ...(features[g] === undefined ? {} : { images: { features: features[g]!, tokenId: images!.tokens.image } }) },
+      completion: { prompt, response: generation.tokens, ...(features[g] === undefined ? {} : { images: features[g] }) },
       text: generation.text ?? "",
       loops: generation.loopPeriod !== undefined,
       finishReason: generation.finishReason

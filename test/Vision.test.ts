@@ -196,6 +196,11 @@ describe("Vision", () => {
       const model = yield* Pretrained.load(vlDir)
       const unpaired = yield* evaluate(model, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* ImageSide.of(vlDir, undefined) }).pipe(Effect.flip)
       assert.match(unpaired.message, /data\.jsonl:2\b.*1 images but 2 image placeholders/)
+      // A placeholder with no image at all would take another line's features in a shared batch.
+      const lone = path.join(dir, "lone.jsonl")
+      fs.writeFileSync(lone, JSON.stringify({ input_ids: [1, 10, 5] }) + "\n")
+      const orphan = yield* evaluate(model, Dataset.sequences(lone, { vocabSize: 512 }), { file: lone, images: yield* ImageSide.of(vlDir, undefined) }).pipe(Effect.flip)
+      assert.match(orphan.message, /lone\.jsonl:1\b.*1 image placeholders \(id 10\) but no images/)
       const textOnly = yield* Pretrained.load(localFixture("mistral-headdim"))
       const blind = yield* evaluate(textOnly, Dataset.sequences(data, { vocabSize: 512 }), { file: data, images: yield* ImageSide.of(localFixture("mistral-headdim"), undefined) }).pipe(Effect.flip)
       assert.match(blind.message, /data\.jsonl:2\b.*has images but the model has no image side/)

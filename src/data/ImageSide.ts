@@ -45,12 +45,14 @@ export interface Prepared {
 export const prepare = (file: string, side: ImageSide | undefined) => (sequence: Dataset.Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
   Effect.gen(function*() {
     const files = sequence.imageFiles ?? []
+    const placeholders = side === undefined ? 0 : sequence.ids.filter((id) => id === side.tokens.image).length
+    // A placeholder with no image would take another line's features wherever the two share a batch.
+    if (files.length === 0 && placeholders > 0) return yield* new DataError({ file, line: sequence.line, reason: `has ${placeholders} image placeholders (id ${side!.tokens.image}) but no images` })
     if (files.length === 0) return { line: sequence.line, ids: sequence.ids, images: [] }
     if (side === undefined) return yield* new DataError({ file, line: sequence.line, reason: "has images but the model has no image side (not a Mistral 3 with its vision encoder)" })
     const images = yield* Effect.forEach(files, (image) => Effect.map(Images.decode(image), (pixels) => Images.preprocess(pixels, side.processor)))
     const ids = Images.expandPlaceholders(sequence.ids, images, side.processor, side.tokens)
     if (ids === undefined) {
-      const placeholders = sequence.ids.filter((id) => id === side.tokens.image).length
       return yield* new DataError({ file, line: sequence.line, reason: `has ${files.length} images but ${placeholders} image placeholders (id ${side.tokens.image})` })
     }
     return { line: sequence.line, ids, images }
@@ -75,16 +77,17 @@ export const packable = (
   )
 
 /**
- * The projected features of the images of packed rows, in order, for `Model.forward`'s
- * `imageFeatures`: computed with the image side frozen (no gradient reaches it) and released with
- * the scope; undefined for rows without images.
+ * The projected features of preprocessed `images`, in order, as `Model.forward`'s `imageFeatures`
+ * takes them: computed with the image side frozen (no gradient reaches it), released with the scope.
  */
+export const projected = (side: ImageSide, images: ReadonlyArray<Images.ProcessedImage>) =>
+  Effect.map(
+    Effect.acquireRelease(Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(side.vision, images).projected)), (tensor) => Effect.sync(() => tensor.dispose())),
+    (features) => ({ features, tokenId: side.tokens.image })
+  )
+
+/** `projected` of the images of packed rows, in order; undefined for rows without images. */
 export const rowFeatures = (rows: ReadonlyArray<Dataset.PackedRow>, side: ImageSide | undefined) => {
   const images = rows.flatMap((row) => row.images ?? [])
-  return images.length === 0 || side === undefined
-    ? Effect.succeed(undefined)
-    : Effect.map(
-      Effect.acquireRelease(Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(side.vision, images).projected)), (tensor) => Effect.sync(() => tensor.dispose())),
-      (features) => ({ features, tokenId: side.tokens.image })
-    )
+  return images.length === 0 || side === undefined ? Effect.succeed(undefined) : projected(side, images)
 }

@@ -52,7 +52,8 @@ export interface Options {
   readonly batchSize?: number
   /**
    * A Mistral 3 model's projected image features for the prompts' image tokens, in order
-   * (Model.ForwardOptions): spliced in by the prompts' pass. The prompts must make one batch.
+   * (Model.ForwardOptions): spliced in by the prompts' pass; the image token is then never sampled.
+   * The prompts must make one batch.
    */
   readonly imageFeatures?: Model.ForwardOptions["imageFeatures"]
 }
@@ -200,6 +201,9 @@ const decodeBatch = (model: Model.Model, rows: ReadonlyArray<Row>, options: Opti
       yield* Effect.yieldNow
       const current = logProbs
       const values = (yield* Effect.promise(() => current.data())) as Float32Array
+      // An image token sampled after prompts with images would have no features when the rows are read again (GRPO's loss).
+      const banned = options.imageFeatures?.tokenId
+      if (banned !== undefined) rows.forEach((_, i) => (values[i * vocab + banned] = -Infinity))
       const sampled = rows.map((row, i) =>
         row.finishReason === undefined ? sample(values.subarray(i * vocab, (i + 1) * vocab), options, row.random) : 0
       )

@@ -171,11 +171,19 @@ export const load = Effect.fn("Vision.load")(function*(dir: string) {
   return yield* fromCheckpoint(yield* Checkpoint.open(dir))
 })
 
+/** Whether a checkpoint has an image side: a Mistral3 config and its encoder's weights. */
+const hasImageSide = (checkpoint: Checkpoint.Checkpoint) =>
+  record(checkpoint.rawConfig).model_type === "mistral3" && layouts.some(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`))
+
+/** Whether the checkpoint in `dir` has an image side, read from its config and tensor names alone. */
+export const isPresent = Effect.fn("Vision.isPresent")(function*(dir: string) {
+  return hasImageSide(yield* Checkpoint.open(dir))
+})
+
 /** The image side of the checkpoint in `dir` where it has one (a Mistral3 config and its encoder's weights), else undefined. */
 export const loadIfPresent = Effect.fn("Vision.loadIfPresent")(function*(dir: string) {
   const checkpoint = yield* Checkpoint.open(dir)
-  const present = record(checkpoint.rawConfig).model_type === "mistral3" && layouts.some(({ tower }) => checkpoint.names.includes(`${tower}patch_conv.weight`))
-  return present ? yield* fromCheckpoint(checkpoint) : undefined
+  return hasImageSide(checkpoint) ? yield* fromCheckpoint(checkpoint) : undefined
 })
 
 /** A weight's name (`tower:...` or `projector:...`, as tensorShapes gives it) in a checkpoint of `layout`. */

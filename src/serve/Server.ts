@@ -35,7 +35,6 @@
  * chat, stop strings, echo) is a 400 saying that the model folder has none.
  */
 import { NodeHttpServer } from "@effect/platform-node"
-import * as tf from "@tensorflow/tfjs"
 import { Effect, Exit, Layer, Schema, SchemaIssue, Stream } from "effect"
 import { HttpEffect, HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { createServer } from "node:http"
@@ -43,8 +42,7 @@ import type * as Generate from "../model/Generate.ts"
 import type * as Model from "../model/Model.ts"
 import type * as Tokenizer from "../io/Tokenizer.ts"
 import * as Images from "../data/Images.ts"
-import type * as ImageSide from "../data/ImageSide.ts"
-import * as Vision from "../model/Vision.ts"
+import * as ImageSide from "../data/ImageSide.ts"
 import * as Batcher from "./Batcher.ts"
 
 export interface Served {
@@ -485,7 +483,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount, images: side }
     yield* checkCommon(request)
     const maxTokens = request.max_tokens ?? DEFAULT_MAX_TOKENS
     const inputs = yield* prompts(request.prompt)
-    for (const { ids } of inputs) yield* checkPrompt(ids, maxTokens)
+    for (const { ids } of inputs) yield* Effect.andThen(checkPrompt(ids, maxTokens), withoutPlaceholders(ids, "prompt"))
     const echo = request.echo === true
     if (echo && tokenizer === undefined) return yield* withoutTokenizer("the prompt cannot be echoed as text", "echo")
     const topLogprobs = request.logprobs ?? undefined
@@ -549,6 +547,14 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount, images: side }
     }
   })
 
+  /** A 400 for image placeholders in a prompt that brings no image: they would take another request's features in a shared batch. */
+  const withoutPlaceholders = (ids: ReadonlyArray<number>, param: string) => {
+    const placeholders = side === undefined ? 0 : ids.filter((id) => id === side.tokens.image).length
+    return placeholders === 0
+      ? Effect.void
+      : Effect.fail(invalid(`The prompt holds ${placeholders} image placeholders (token ${side!.tokens.image}) but no image: send pictures as image_url parts of a chat message.`, param))
+  }
+
   /**
    * A chat prompt's images: each `data:` URL decoded and preprocessed for the model's image side, its
    * placeholder in `ids` expanded into its token grid, and the projected features, released with the
@@ -556,7 +562,10 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount, images: side }
    */
   const withImages = (ids: ReadonlyArray<number>, urls: ReadonlyArray<string>) =>
     Effect.gen(function*() {
-      if (urls.length === 0) return { ids, images: undefined }
+      if (urls.length === 0) {
+        yield* withoutPlaceholders(ids, "messages")
+        return { ids, images: undefined }
+      }
       if (side === undefined) return yield* invalid(`The model ${name} has no image side (not a Mistral 3 with its vision encoder): it cannot read image_url parts.`, "messages")
       const pictures = yield* Effect.forEach(urls, (url, i) => {
         const data = /^data:image\/[a-z+.-]+;base64,(.*)$/s.exec(url)
@@ -568,11 +577,7 @@ const makeApi = ({ model, tokenizer, name, maxLogprobs: maxCount, images: side }
       })
       const expanded = Images.expandPlaceholders(ids, pictures, side.processor, side.tokens)
       if (expanded === undefined) return yield* invalid(`The chat template rendered ${ids.filter((id) => id === side.tokens.image).length} image placeholders for ${urls.length} images.`, "messages")
-      const features = yield* Effect.acquireRelease(
-        Effect.sync(() => tf.tidy(() => Vision.featuresOfImages(side.vision, pictures).projected)),
-        (tensor) => Effect.sync(() => tensor.dispose())
-      )
-      return { ids: expanded, images: { features, tokenId: side.tokens.image } }
+      return { ids: expanded, images: yield* ImageSide.projected(side, pictures) }
     })
 
   const chat = Effect.fnUntraced(function*(request: ChatRequest) {

@@ -247,13 +247,13 @@ export const distillation = (logits: tf.Tensor3D, target: Target, batch: Distill
   })
 }
 
+/** What a training forward pass reads beside the ids: padding, document starts, image features. */
+export type ForwardInputs = Pick<Model.ForwardOptions, "attentionMask" | "documentStarts" | "imageFeatures">
+
 /**
  * The distillation loss of `model` on `ids`: `distillation` of its logits, or with `headChunk`
  * `chunkedDistillation` of its final hidden states, the LM head applied that many tokens at a time.
  */
-/** What a training forward pass reads beside the ids: padding, document starts, image features. */
-export type ForwardInputs = Pick<Model.ForwardOptions, "attentionMask" | "documentStarts" | "imageFeatures">
-
 export const ofModel = (
   model: Model.Model,
   ids: ReadonlyArray<ArrayLike<number>>,
