@@ -237,13 +237,16 @@ if (import.meta.main) {
   const world = makeImageWorld({ ...defaults, seed: Number(values.seed) })
   mkdirSync(join(values.out, "images"), { recursive: true })
   for (const picture of world.pictures) writeFileSync(join(values.out, picture.file), png(picture.rgb))
-  writeFileSync(join(values.out, "train.jsonl"), jsonl(world.trainLines))
-  writeFileSync(join(values.out, "eval.jsonl"), jsonl(world.evalTasks))
-  writeFileSync(join(values.out, "count.jsonl"), jsonl(world.countTasks))
-  writeFileSync(join(values.out, "distill.jsonl"), jsonl(world.distillLines))
-  writeFileSync(join(values.out, "sft-visual.jsonl"), jsonl(world.sftLines))
-  writeFileSync(join(values.out, "grpo-count.jsonl"), jsonl(world.grpoCount))
-  writeFileSync(join(values.out, "eval-chat.jsonl"), jsonl(world.evalChat))
+  const files = {
+    "train.jsonl": world.trainLines,
+    "eval.jsonl": world.evalTasks,
+    "count.jsonl": world.countTasks,
+    "distill.jsonl": world.distillLines,
+    "sft-visual.jsonl": world.sftLines,
+    "grpo-count.jsonl": world.grpoCount,
+    "eval-chat.jsonl": world.evalChat
+  }
+  for (const [name, records] of Object.entries(files)) writeFileSync(join(values.out, name), jsonl(records))
   writeFileSync(join(values.out, "stats.json"), JSON.stringify(world.stats, null, 2) + "\n")
   if (values.pixels !== undefined) {
     const shipped = [...world.train, ...world.held]
