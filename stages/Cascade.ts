@@ -184,7 +184,7 @@ const taskAccuracy = Effect.fn("Cascade.taskAccuracy")(function*(
     stopTokenIds: tokenizer.eosId === undefined ? [] : [tokenizer.eosId],
     stopStrings: ["\n"],
     decode: (ids) => tokenizer.decode(ids)
-  })
+  }, file)
   return (yield* Tasks.score(tasks, greedy, { batchSize: 50 })).accuracy
 })
 

@@ -82,18 +82,19 @@ export const evaluate = <E, R>(
 /**
  * Continuations of tasks' prompts as `Generate.generate` makes them with `options` (one batch per
  * call), each prompt's image placeholders expanded into their grids and the images' features spliced
- * in (`images`: the model's image side); what `Tasks.score` runs.
+ * in (`images`: the model's image side); what `Tasks.score` runs. Errors name `file`, the tasks'.
  */
 export const continuations = (
   model: Model.Model,
   tokenizer: Tokenizer,
   images: ImageSide | undefined,
-  options: Generate.Options
+  options: Generate.Options,
+  file = "tasks"
 ): Tasks.Generator<DataError | Images.ImageError, never> =>
 (prompts, tasks) =>
   Effect.gen(function*() {
     const prepared = yield* Effect.forEach(prompts, (prompt, i) =>
-      prepare("tasks", images)({ line: tasks[i]?.line ?? 0, ids: tokenizer.encode(prompt), imageFiles: tasks[i]?.images }))
+      prepare(file, images)({ line: tasks[i]?.line ?? 0, ids: tokenizer.encode(prompt), imageFiles: tasks[i]?.images }))
     const pictures = prepared.flatMap((p) => p.images)
     const features = pictures.length === 0 || images === undefined ? undefined : tf.tidy(() => Vision.featuresOfImages(images.vision, pictures).projected)
     return yield* Generate.generate(model, prepared.map((p) => p.ids), {

@@ -674,7 +674,7 @@ const measure = Effect.fnUntraced(function*(config: PostTrainConfig, name: strin
     Effect.gen(function*() {
       const images = yield* ImageSide.of(dir, tokenizer)
       if (images === undefined) return undefined
-      const greedy = continuations(model, tokenizer, images, { maxNewTokens: evaluation.maxNewTokens, temperature: 0, stopTokenIds, decode, loop: defaultLoop })
+      const greedy = continuations(model, tokenizer, images, { maxNewTokens: evaluation.maxNewTokens, temperature: 0, stopTokenIds, decode, loop: defaultLoop }, file)
       const seen: Tasks.Generator<DataError | ImageError, never> = (prompts, tasks) => Effect.map(greedy(prompts, tasks), (texts) => texts.map((text) => Generate.splitThinking(text).answer))
       return (yield* Tasks.score(yield* Tasks.read(file, { limit }), seen, { batchSize: 50 })).accuracy
     })
