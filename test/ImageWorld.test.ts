@@ -134,6 +134,7 @@ describe("the image world", () => {
           Effect.map((services) => `${HttpServer.formatAddress(Context.get(services, HttpServer.HttpServer).address)}/v1/chat/completions`)
         )
       const url = yield* serve({ model, tokenizer, name: "parent-vl", images })
+      const before = tf.memory().numTensors
       const post = (to: string, body: unknown) =>
         Effect.promise(async () => {
           const response = await fetch(to, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) })
@@ -154,6 +155,8 @@ describe("the image world", () => {
         const expected = yield* continuations(model, tokenizer, images, { ...greedyOptions(tokenizer), maxNewTokens: 4, stopStrings: [] })([`[INST] [IMG]${question} [/INST]`], [task])
         assert.strictEqual(reply.json.choices[0].message.content, expected[0])
       }
+      // The batch's copies of the features are freed after the prompts' pass, the request's own with the request.
+      assert.strictEqual(tf.memory().numTensors, before, "the pictures' features are all freed")
       const fetched = yield* post(url, chat("How many shapes are in the picture?", "https://example.com/a.png"))
       assert.deepStrictEqual([fetched.status, fetched.json.error.message], [400, "Image 1 is not a base64 data: URL (the server fetches nothing)."])
       const corrupt = yield* post(url, chat("How many shapes are in the picture?", "data:image/png;base64,aGVsbG8="))

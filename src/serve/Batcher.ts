@@ -72,6 +72,7 @@ export type PromptImages = NonNullable<Model.ForwardOptions["imageFeatures"]>
 
 interface Request {
   readonly prompts: ReadonlyArray<ReadonlyArray<number>>
+  /** The batcher's own copies of the prompts' image features, each freed once its prompt is prefilled or the request leaves. */
   readonly images: ReadonlyArray<PromptImages | undefined> | undefined
   readonly n: number
   readonly options: Options
@@ -143,6 +144,11 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       generation: done ? Generate.finish(row, request.options) : undefined
     })
     if (done && --request.unfinished === 0) Queue.endUnsafe(request.steps)
+  }
+
+  /** Frees the image features of the request's prompts from `from` on (those not prefilled yet, by default). */
+  const dropImages = (request: Request, from = request.admitted) => {
+    for (let prompt = from; prompt < request.prompts.length; prompt++) request.images?.[prompt]?.features.dispose()
   }
 
   const end = (request: Request, cause: Cause.Cause<TimedOut>) => {
@@ -320,7 +326,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     for (const request of new Set([...waiting, ...rows.map(({ request }) => request)])) {
       if (!request.cancelled && now >= request.deadline) end(request, Cause.fail(new TimedOut({ seconds: limits.timeoutSeconds })))
     }
-    for (let i = waiting.length - 1; i >= 0; i--) if (waiting[i].cancelled) waiting.splice(i, 1)
+    for (let i = waiting.length - 1; i >= 0; i--) if (waiting[i].cancelled) dropImages(waiting.splice(i, 1)[0])
     if (rows.some(({ request }) => request.cancelled)) {
       const kept = rows.filter(({ request }) => !request.cancelled)
       const indices = kept.map((sequence) => rows.indexOf(sequence))
@@ -342,7 +348,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     while (waiting.length > 0) {
       const request = waiting[0]
       if (request.cancelled) {
-        waiting.shift()
+        dropImages(waiting.shift()!)
         continue
       }
       const width = Math.max(longest, request.prompts[request.admitted].length)
@@ -355,6 +361,7 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
     }
     if (group.length > 0) {
       yield* prefill(group).pipe(
+        Effect.ensuring(Effect.sync(() => group.forEach(({ request, prompt }) => dropImages(request, prompt)))),
         // The failure is these requests': they are told, the pass's temporaries freed, and the batch goes on.
         Effect.catchDefect((defect) =>
           Effect.sync(() => {
@@ -384,7 +391,13 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       }
       yield* step.pipe(Effect.catchDefect(failBatch))
     }
-  }).pipe(Effect.ensuring(Effect.sync(disposeBatch)), Effect.forkScoped)
+  }).pipe(
+    Effect.ensuring(Effect.sync(() => {
+      disposeBatch()
+      for (const request of waiting) dropImages(request)
+    })),
+    Effect.forkScoped
+  )
 
   const submit = (prompts: ReadonlyArray<ReadonlyArray<number>>, n: number, options: Options, images?: ReadonlyArray<PromptImages | undefined>) =>
     Effect.gen(function*() {
@@ -392,7 +405,8 @@ export const make = Effect.fn("Batcher.make")(function*(model: Model.Model, limi
       const steps = yield* Queue.unbounded<Step, TimedOut | Cause.Done>()
       const request: Request = {
         prompts,
-        images,
+        // Copies the batch owns: the submitter's may be freed when its client leaves, while a pass reads them.
+        images: images?.map((image) => image && { features: image.features.clone(), tokenId: image.tokenId }),
         n,
         options,
         seed: options.seed ?? Math.floor(Math.random() * 2 ** 32),
