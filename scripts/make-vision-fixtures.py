@@ -57,6 +57,11 @@ from transformers import (
     PixtralVisionConfig,
 )
 
+# HF's init (std 0.02, norms exactly 1) would make every logit nearly the same: the weights are redrawn
+# as the text fixtures' are, with larger seeded noise and every RMSNorm weight moved off 1.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_references import init_weights  # noqa: E402
+
 torch.set_grad_enabled(False)
 
 # Token ids of Mistral's Tekken vocabulary that the fixtures use.
@@ -124,26 +129,6 @@ def mistral3_config(text_config, **kw):
                 tie_word_embeddings=False)
     base.update(kw)
     return Mistral3Config(**base)
-
-
-# ----------------------------------------------------------------------------------------------
-# weights: HF's init (std 0.02, norms exactly 1) would make every logit nearly the same, so weights are
-# redrawn with larger seeded noise and every RMSNorm weight moved off 1 (as scripts/make_references.py does).
-# ----------------------------------------------------------------------------------------------
-def randomise(model, seed, std=0.15):
-    g = torch.Generator().manual_seed(seed)
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim == 1 and name.endswith(".weight"):  # RMSNorm weights (vision and text, projector norm)
-            p.data.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-        elif p.ndim == 1:  # biases (projector linear_1 / linear_2 with multimodal_projector_bias)
-            p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
-        else:
-            s = 0.5 if "embed_tokens" in name else std
-            p.data.copy_(s * torch.randn(p.shape, generator=g))
 
 
 def inner_model(model):
@@ -326,7 +311,7 @@ def build_model(name, config, seed, out):
     os.makedirs(mdir, exist_ok=True)
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(config).to(torch.float32).eval()
-    randomise(model, seed)
+    init_weights(model, seed)
     inner = inner_model(model)
     tied = model.lm_head.weight.data_ptr() == inner.language_model.embed_tokens.weight.data_ptr()
     if tied:

@@ -70,8 +70,10 @@ def init_weights(model, seed, std=0.15):
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim == 1:  # RMSNorm weights: around 1, but not exactly 1
+        if p.ndim == 1 and name.endswith(".weight"):  # RMSNorm weights: around 1, but not exactly 1
             p.data.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:  # biases (a Mistral 3 projector's, with multimodal_projector_bias)
+            p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
         else:
             s = 0.5 if "embed_tokens" in name else std
             p.data.copy_(s * torch.randn(p.shape, generator=g))
