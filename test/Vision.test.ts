@@ -31,6 +31,21 @@ const models = ["vl-tiny", "vl-bias", "vl-ministral3"]
 const prompts = (model: string) =>
   fs.readdirSync(localFixture(`vision/${model}`)).filter((file) => /^reference-.*\.safetensors$/.test(file)).sort()
 
+/** The parent's calibration statistics on Markov data, in `dir/stats`; the data is the one distillation reads too. */
+const calibrated = (parentDir: string, dir: string) =>
+  Effect.gen(function*() {
+    const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
+    const stats = path.join(dir, "stats")
+    yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+    return { data, stats }
+  })
+
+/** These tests' distillation: KL alone, no warmup, no checkpoint before the end. */
+const distillOptions = (studentDir: string, data: string, out: string, seq: number, steps: number, learningRate: number, minLearningRate: number) => ({
+  studentDir, data, out, seq, steps, seed: 1, batch: 2, accumulate: 1, learningRate, minLearningRate, warmupSteps: 0, weightDecay: 0,
+  maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 100
+})
+
 describe("Vision", () => {
   for (const model of models) {
     for (const prompt of prompts(model)) {
@@ -70,9 +85,7 @@ describe("Vision", () => {
     Effect.gen(function*() {
       const parentDir = localFixture("vision/vl-bias")
       const dir = yield* tempDir
-      const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
-      const stats = path.join(dir, "stats")
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: stats, seq: 32 })
+      const { data, stats } = yield* calibrated(parentDir, dir)
       const rotated = path.join(dir, "rotated")
       yield* prune({ modelDir: parentDir, statsDir: stats, out: rotated, targets: { hidden: 48 } })
       for (const prompt of prompts("vl-bias")) {
@@ -89,10 +102,7 @@ describe("Vision", () => {
       tf.dispose([...features.encoded, features.projected])
       // Distilled from the parent (text only), the child stays whole: its image side saved along, unchanged.
       const distilled = path.join(dir, "distilled")
-      yield* distill({
-        studentDir: narrow, data, out: distilled, seq: 32, steps: 2, seed: 1, batch: 2, accumulate: 1, learningRate: 1e-3, minLearningRate: 1e-4,
-        warmupSteps: 0, weightDecay: 0, maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 10
-      }).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
+      yield* distill(distillOptions(narrow, data, distilled, 32, 2, 1e-3, 1e-4)).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
       const [before, after] = yield* Effect.all([narrow, distilled].map((folder) => Safetensors.open(path.join(folder, "model.safetensors"))))
       const visionNames = before.names.filter((name) => name.startsWith("vision_tower.") || name.startsWith("multi_modal_projector."))
       assert.isAbove(visionNames.length, 0)
@@ -105,18 +115,15 @@ describe("Vision", () => {
       const data = localFixture("vision/eval/data.jsonl")
       const dir = yield* tempDir
       const run = (studentDir: string, out: string, steps: number) =>
-        distill({
-          studentDir, data, out, seq: 64, steps, seed: 1, batch: 2, accumulate: 1, learningRate: 3e-3, minLearningRate: 3e-3, warmupSteps: 0, weightDecay: 0,
-          maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 100
-        }).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
+        distill(distillOptions(studentDir, data, out, 64, steps, 3e-3, 3e-3)).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parentDir)))
       const klOf = (out: string) => fs.readFileSync(path.join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((line) => (JSON.parse(line) as { kl: number }).kl)
       // The parent as its own student: KL 0 only where both splice the same features at the same tokens.
       yield* run(parentDir, path.join(dir, "self"), 1)
       assert.isAtMost(klOf(path.join(dir, "self"))[0], 1e-6, "the parent against itself")
       // A pruned child learns the parent's distributions on these lines; its image side stays as it was.
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data: yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1), out: path.join(dir, "stats"), seq: 32 })
+      const { stats } = yield* calibrated(parentDir, dir)
       const child = path.join(dir, "child")
-      yield* prune({ modelDir: parentDir, statsDir: path.join(dir, "stats"), out: child, targets: { hidden: 32, layers: 1 } })
+      yield* prune({ modelDir: parentDir, statsDir: stats, out: child, targets: { hidden: 32, layers: 1 } })
       yield* run(child, path.join(dir, "distilled"), 16)
       const curve = klOf(path.join(dir, "distilled"))
       assert.isBelow(curve.slice(-2).reduce((a, b) => a + b) / 2, 0.8 * ((curve[0] + curve[1]) / 2), curve.map((kl) => kl.toFixed(3)).join(" "))
@@ -139,10 +146,7 @@ describe("Vision", () => {
       const cached = yield* writeCache({ teacherDir: parentDir, data, out: path.join(dir, "cache"), seq: 64, topK: 4 }).pipe(Effect.provide(Teacher.inProcess(parentDir, { topK: 4 })), Effect.flip)
       assert.match(cached.message, /data\.jsonl:1\b.*has images, which a teacher cache does not hold/)
       // Refused before any request: nothing listens on the port.
-      const remote = yield* distill({
-        studentDir: parentDir, data, out: path.join(dir, "remote"), seq: 64, steps: 1, seed: 1, batch: 2, accumulate: 1, learningRate: 1e-3, minLearningRate: 1e-3,
-        warmupSteps: 0, weightDecay: 0, maxGradNorm: 1, loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 }, saveEvery: 100
-      }).pipe(Effect.scoped, Effect.provide(Teacher.remote(["http://127.0.0.1:9"], { topK: 4, retries: 0 })), Effect.flip)
+      const remote = yield* distill(distillOptions(parentDir, data, path.join(dir, "remote"), 64, 1, 1e-3, 1e-3)).pipe(Effect.scoped, Effect.provide(Teacher.remote(["http://127.0.0.1:9"], { topK: 4, retries: 0 })), Effect.flip)
       assert.match(remote.message, /rows have images, which a remote teacher is not sent/)
     }).pipe(onBackend("wasm")))
 
@@ -150,10 +154,9 @@ describe("Vision", () => {
     Effect.gen(function*() {
       const parentDir = localFixture("vision/vl-tiny")
       const dir = yield* tempDir
-      const data = yield* markovData(path.join(dir, "train.jsonl"), 48, 40, 1)
-      yield* calibrate(yield* Pretrained.load(parentDir), { modelDir: parentDir, data, out: path.join(dir, "stats"), seq: 32 })
+      const { stats } = yield* calibrated(parentDir, dir)
       const child = path.join(dir, "child")
-      yield* prune({ modelDir: parentDir, statsDir: path.join(dir, "stats"), out: child, targets: { hidden: 32, layers: 1 } })
+      yield* prune({ modelDir: parentDir, statsDir: stats, out: child, targets: { hidden: 32, layers: 1 } })
       const out = path.join(dir, "projected")
       const result = yield* trainProjector({ studentDir: child, teacherDir: parentDir, data: localFixture("vision/eval/data.jsonl"), out, steps: 60, learningRate: 1e-2 })
       assert.isBelow(result.klAfter, 0.8 * result.klBefore, JSON.stringify(result))
