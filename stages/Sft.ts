@@ -193,9 +193,9 @@ const packedRows = Effect.fnUntraced(function*(modelDir: string, data: string, s
   const examples = yield* ChatData.examples(data, tokenizer).pipe(
     Stream.mapEffect((example) =>
       Effect.gen(function*() {
-        const prepared = yield* ImageSide.prepare(data, side)({ line: example.line, ids: example.ids, imageFiles: example.imageFiles })
-        if (prepared.images.length === 0) return example
-        const seeing = ChatData.withImages(example, prepared.images, side!.processor, side!.tokens)!
+        const images = yield* ImageSide.imagesOf(data, side)({ line: example.line, ids: example.ids, imageFiles: example.imageFiles })
+        if (images.length === 0) return example
+        const seeing = ChatData.withImages(example, images, side!.processor, side!.tokens)!
         if (seeing.ids.length > seq) {
           return yield* new DataError({ file: data, line: example.line, reason: `is ${seeing.ids.length} tokens with its images' grids, longer than a row of ${seq} (--seq): a conversation with images is never cut` })
         }

@@ -27,7 +27,7 @@
  */
 import { Effect, Schema, Stream } from "effect"
 import * as path from "node:path"
-import { type ImageTokenIds, type PixtralImageConfig, type ProcessedImage, tokenGrid } from "./Images.ts"
+import { expansion, type ImageTokenIds, type PixtralImageConfig, type ProcessedImage } from "./Images.ts"
 import { lines, type PackedRow } from "./Dataset.ts"
 import { DataError } from "../Errors.ts"
 import type { ChatMessage, Tokenizer } from "../io/Tokenizer.ts"
@@ -125,16 +125,10 @@ export const tokenize = Effect.fn("ChatData.tokenize")(function*(tokenizer: Toke
  * grid, which is input, never a target; undefined when placeholders and images do not pair up.
  */
 export const withImages = (example: Example, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Example | undefined => {
-  if (example.ids.filter((id) => id === tokens.image).length !== images.length) return undefined
-  const ids: Array<number> = []
-  const assistant: Array<number> = []
-  let next = 0
-  example.ids.forEach((id, i) => {
-    const grid = id === tokens.image ? tokenGrid(images[next].height, images[next++].width, config.patchSize, config.spatialMergeSize, tokens) : [id]
-    ids.push(...grid)
-    assistant.push(...grid.map(() => (id === tokens.image ? 0 : example.assistant[i])))
-  })
-  return { ...example, ids, assistant, images }
+  const pieces = expansion(example.ids, images, config, tokens)
+  if (pieces === undefined) return undefined
+  const assistant = pieces.flatMap((piece, i) => piece.map(() => (example.ids[i] === tokens.image ? 0 : example.assistant[i])))
+  return { ...example, ids: pieces.flat(), assistant, images }
 }
 
 /** The tokenized conversations of a chat JSONL file. */

@@ -41,22 +41,31 @@ export interface Prepared {
   readonly images: ReadonlyArray<Images.ProcessedImage>
 }
 
-/** A sequence of the JSONL `file` with its images decoded and preprocessed for `side`, their placeholders expanded. */
-export const prepare = (file: string, side: ImageSide | undefined) => (sequence: Dataset.Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
+/**
+ * A sequence's images decoded and preprocessed for `side`, one per image placeholder: a line whose
+ * images and placeholders do not pair up fails naming its `file` and line.
+ */
+export const imagesOf = (file: string, side: ImageSide | undefined) => (sequence: Dataset.Sequence): Effect.Effect<Array<Images.ProcessedImage>, DataError | Images.ImageError> =>
   Effect.gen(function*() {
     const files = sequence.imageFiles ?? []
     const placeholders = side === undefined ? 0 : sequence.ids.filter((id) => id === side.tokens.image).length
     // A placeholder with no image would take another line's features wherever the two share a batch.
     if (files.length === 0 && placeholders > 0) return yield* new DataError({ file, line: sequence.line, reason: `has ${placeholders} image placeholders (id ${side!.tokens.image}) but no images` })
-    if (files.length === 0) return { line: sequence.line, ids: sequence.ids, images: [] }
+    if (files.length === 0) return []
     if (side === undefined) return yield* new DataError({ file, line: sequence.line, reason: "has images but the model has no image side (not a Mistral 3 with its vision encoder)" })
-    const images = yield* Effect.forEach(files, (image) => Effect.map(Images.decode(image), (pixels) => Images.preprocess(pixels, side.processor)))
-    const ids = Images.expandPlaceholders(sequence.ids, images, side.processor, side.tokens)
-    if (ids === undefined) {
+    if (files.length !== placeholders) {
       return yield* new DataError({ file, line: sequence.line, reason: `has ${files.length} images but ${placeholders} image placeholders (id ${side.tokens.image})` })
     }
-    return { line: sequence.line, ids, images }
+    return yield* Effect.forEach(files, (image) => Effect.map(Images.decode(image), (pixels) => Images.preprocess(pixels, side.processor)))
   })
+
+/** A sequence of the JSONL `file` with its images decoded and preprocessed for `side`, their placeholders expanded. */
+export const prepare = (file: string, side: ImageSide | undefined) => (sequence: Dataset.Sequence): Effect.Effect<Prepared, DataError | Images.ImageError> =>
+  Effect.map(imagesOf(file, side)(sequence), (images) => ({
+    line: sequence.line,
+    ids: images.length === 0 ? sequence.ids : Images.expandPlaceholders(sequence.ids, images, side!.processor, side!.tokens)!,
+    images
+  }))
 
 /**
  * The sequences of a JSONL `file` prepared for packing into rows of `seq` tokens: a line with images

@@ -361,15 +361,20 @@ export const processorConfig = (dir: string, encoder: { readonly patchSize: numb
 }
 
 /**
- * Token ids with one `tokens.image` placeholder per image, each expanded into its image's grid, as
- * PixtralProcessor does; undefined when placeholders and images do not pair up.
+ * What each of `ids` becomes when its `tokens.image` placeholders are expanded, one image each in
+ * order, as PixtralProcessor does: itself, or its image's grid; undefined when placeholders and
+ * images do not pair up.
  */
-export const expandPlaceholders = (ids: ReadonlyArray<number>, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Array<number> | undefined => {
+export const expansion = (ids: ReadonlyArray<number>, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Array<Array<number>> | undefined => {
   if (ids.filter((id) => id === tokens.image).length !== images.length) return undefined
   let next = 0
-  return ids.flatMap((id) => {
+  return ids.map((id) => {
     if (id !== tokens.image) return [id]
     const { height, width } = images[next++]
     return tokenGrid(height, width, config.patchSize, config.spatialMergeSize, tokens)
   })
 }
+
+/** Token ids with each image placeholder expanded into its image's grid (`expansion`, flattened). */
+export const expandPlaceholders = (ids: ReadonlyArray<number>, images: ReadonlyArray<ProcessedImage>, config: PixtralImageConfig, tokens: ImageTokenIds): Array<number> | undefined =>
+  expansion(ids, images, config, tokens)?.flat()
