@@ -218,8 +218,8 @@ const microBatch = Effect.fnUntraced(function*(batch: Batch, output: Output, voc
   const t = batch.rows[0].ids.length
   const ids = batch.rows.map((row) => [...row.ids])
   const rowMasks = Dataset.rowMasks(batch.rows, batch.documentMask ?? false)
-  const images = batch.rows.flatMap((row) => row.images ?? [])
-  const predicted = (row: Dataset.PackedRow, i: number) => side === undefined || images.length === 0 || !Images.isImageToken(side.tokens, row.ids[i + 1])
+  const seeing = side !== undefined && batch.rows.some((row) => (row.images?.length ?? 0) > 0)
+  const predicted = (row: Dataset.PackedRow, i: number) => !seeing || !Images.isImageToken(side.tokens, row.ids[i + 1])
   const mask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length && (i === row.length - 1 || predicted(row, i)) ? 1 : 0)))
   const crossEntropyMask = batch.rows.map((row) => Array.from({ length: t }, (_, i) => (i < row.length - 1 && predicted(row, i) ? 1 : 0)))
   const targets = ids.map((row) => row.map((_, i) => row[i + 1] ?? 0))
