@@ -51,7 +51,7 @@ step distill distill --student "$work/child" --teacher $parent --data $root/data
 step distill-from-cache distill --student "$work/child" --teacher "$work/cache" --data $root/data/calib.jsonl --out "$work/distill-cache" --steps 3 $common --top-k 16 --no-document-mask
 step eval eval --model "$work/distill" --data $root/data/heldout.jsonl --json
 step eval-images eval --model "$work/distill" --data $root/data/vision/distill.jsonl --json
-step projector projector --student "$work/child" --teacher $parent --data $root/data/vision/distill.jsonl --out "$work/projected" --steps 20 --lines 40
+step projector projector --student "$work/child" --teacher $parent --data $root/data/vision/distill.jsonl --out "$work/projected" --steps 20 --batch 4 --lines 40
 step distill-images distill --student "$work/projected" --teacher $parent --data $root/data/vision/distill.jsonl --out "$work/distill-images" --steps 3 $common
 
 $cascade serve --model $parent --port $port > "$work/serve.log" 2>&1 &

@@ -34,7 +34,7 @@ import { distill, type StepMetrics } from "./Distill.ts"
 import { continuations, evaluate } from "./Evaluate.ts"
 import * as ImageSide from "../src/data/ImageSide.ts"
 import { prune } from "./Prune.ts"
-import { trainProjector } from "./ProjectorTrain.ts"
+import { defaultBatch as defaultProjectorBatch, trainProjector } from "./ProjectorTrain.ts"
 import * as TeacherCacheFormat from "../src/io/TeacherCacheFormat.ts"
 
 const Phase = Schema.Struct({
@@ -90,9 +90,10 @@ export const CascadeConfig = Schema.Struct({
   long: Schema.optional(Schema.Struct({ ...Phase.fields, factor: Schema.Number, scalingBeta: Schema.optional(Schema.Finite) })),
   /**
    * The projector-only step (RECIPE.md: a new projector per size): after pruning, each child of a
-   * Mistral 3 parent trains its projector alone on `data.images` against the teacher, then distils.
+   * Mistral 3 parent trains its projector alone on `data.images` against the teacher, then distils;
+   * `batch` lines a step (ProjectorTrain.defaultBatch when left out).
    */
-  projector: Schema.optional(Schema.Struct({ steps: Schema.Int, lr: Schema.Number, lines: Schema.optional(Schema.Int) })),
+  projector: Schema.optional(Schema.Struct({ steps: Schema.Int, lr: Schema.Number, batch: Schema.optional(Schema.Int), lines: Schema.optional(Schema.Int) })),
   evaluation: Schema.optional(Schema.Struct({
     recallLimit: Schema.optional(Schema.Int),
     arithLimit: Schema.optional(Schema.Int),
@@ -367,6 +368,8 @@ export interface ProjectorEffect {
  */
 const projectorOf = Effect.fn("Cascade.projectorOf")(function*(pruned: string, out: string, teacher: string, config: CascadeConfig) {
   const { steps, lr, lines } = config.projector!
+  // Resolved, so that a result from before batching (one line a step) is not taken for the default's.
+  const batch = config.projector!.batch ?? defaultProjectorBatch
   const data = config.data.images!
   const marker = path.join(out, "projector.json")
   const identity = JSON.stringify({
@@ -377,11 +380,12 @@ const projectorOf = Effect.fn("Cascade.projectorOf")(function*(pruned: string, o
     visualLimit: config.evaluation?.visualLimit,
     steps,
     lr,
+    batch,
     lines
   })
   const done = (yield* Files.readJsonIfPresent(marker)) as { identity?: string; effect?: ProjectorEffect } | undefined
   if (done?.identity === identity && done.effect !== undefined) return done.effect
-  const result = yield* trainProjector({ studentDir: pruned, teacherDir: teacher, data, out, steps, learningRate: lr, lines }).pipe(Effect.scoped)
+  const result = yield* trainProjector({ studentDir: pruned, teacherDir: teacher, data, out, steps, learningRate: lr, batch, lines }).pipe(Effect.scoped)
   const visualOf = (dir: string) =>
     Effect.scoped(Effect.gen(function*() {
       return yield* taskAccuracy(yield* Pretrained.load(dir), dir, yield* Tokenizer.loadIfPresent(dir), config.data.visual, config.evaluation?.visualLimit)

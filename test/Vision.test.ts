@@ -167,6 +167,18 @@ describe("Vision", () => {
       }
     }).pipe(onBackend("wasm")), { timeout: 120_000 })
 
+  it.effect("the projector step's KL is the same with lines of different lengths in one right-padded batch as one at a time, and the step leaves no tensor behind", () =>
+    Effect.gen(function*() {
+      const dir = yield* tempDir
+      const options = { studentDir: localFixture("vision/vl-bias"), teacherDir: localFixture("vision/vl-tiny"), data: localFixture("vision/eval/data.jsonl"), learningRate: 1e-2 }
+      const before = tf.memory().numTensors
+      const alone = yield* trainProjector({ ...options, out: path.join(dir, "alone"), steps: 0, batch: 1 }).pipe(Effect.scoped)
+      const together = yield* trainProjector({ ...options, out: path.join(dir, "together"), steps: 2, batch: 3 }).pipe(Effect.scoped)
+      assert.isAbove(alone.klBefore, 0)
+      assert.approximately(together.klBefore, alone.klBefore, 1e-5 * alone.klBefore)
+      assert.strictEqual(tf.memory().numTensors, before)
+    }).pipe(onBackend("wasm")))
+
   it.effect("a text model narrower than its image side's projection is not saved with it", () =>
     Effect.gen(function*() {
       const vision = yield* Vision.load(localFixture("vision/vl-tiny"))

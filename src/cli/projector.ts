@@ -2,7 +2,7 @@
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { TensorBackend } from "../../layers/TensorBackend.ts"
-import { trainProjector } from "../../stages/ProjectorTrain.ts"
+import { defaultBatch, trainProjector } from "../../stages/ProjectorTrain.ts"
 import * as TensorCoreMatMul from "../gpu/TensorCoreMatMul.ts"
 import { precisionFlag } from "./TrainingFlags.ts"
 import { cascade } from "./root.ts"
@@ -14,14 +14,15 @@ export const projectorCommand = Command.make(
     teacher: Flag.String("teacher").pipe(Flag.withDescription("The teacher seeing the same images: a Mistral 3 checkpoint folder (the parent)")),
     data: Flag.String("data").pipe(Flag.withDescription(`JSONL lines with images, as cascade eval reads them ({"input_ids": [...], "images": [files]})`)),
     out: Flag.String("out").pipe(Flag.withDescription("Output folder: the child with its new projector")),
-    steps: Flag.Int("steps").pipe(Flag.withDescription("Updates, one line each"), Flag.withDefault(100)),
+    steps: Flag.Int("steps").pipe(Flag.withDescription("Updates, one batch each"), Flag.withDefault(100)),
     lr: Flag.Finite("lr").pipe(Flag.withDescription("Learning rate (AdamW, constant)"), Flag.withDefault(1e-2)),
+    batch: Flag.Int("batch").pipe(Flag.withDescription("Lines per step, right-padded to one length"), Flag.withDefault(defaultBatch)),
     lines: Flag.Int("lines").pipe(Flag.withDescription("Train on the first N lines with images (default: all)"), Flag.optional),
     precision: precisionFlag
   },
   Effect.fn("cli.projector")(function*(flags) {
     const { backend } = yield* cascade
-    const result = yield* trainProjector({ studentDir: flags.student, teacherDir: flags.teacher, data: flags.data, out: flags.out, steps: flags.steps, learningRate: flags.lr, lines: Option.getOrUndefined(flags.lines) }).pipe(
+    const result = yield* trainProjector({ studentDir: flags.student, teacherDir: flags.teacher, data: flags.data, out: flags.out, steps: flags.steps, learningRate: flags.lr, batch: flags.batch, lines: Option.getOrUndefined(flags.lines) }).pipe(
       Effect.scoped,
       TensorCoreMatMul.withPrecision(Option.getOrUndefined(flags.precision)),
       Effect.provide(TensorBackend.layer(Option.getOrUndefined(backend)))
