@@ -1,11 +1,15 @@
 /**
- * A 1B-parameter parent on the GPU: initialised, saved, calibrated, pruned and distilled for a few
+ * A 0.86B-parameter parent on the GPU: initialised, saved, calibrated, pruned and distilled for a few
  * steps on webgpu, printing the time and the GPU memory tfjs's pool holds after each stage.
  *
- *   node scripts/gpu-big.ts [--dir DIR] [--steps N]      (on the GPU machine: bash .gpu/run.sh big)
+ *   node scripts/gpu-big.ts [--dir DIR] [--steps N] [--precision fp32|mixed] [--child LAYERS,HIDDEN,FFN]
+ *                                                        (on the GPU machine: bash .gpu/run.sh big ...)
  *
- * The parent: vocab 32768, hidden 2048, 16 layers, FFN 5632, 16/4 heads of 128 (1.1B parameters),
- * random as transformers initialises; the child keeps 12 layers, hidden 1536 and FFN 4096.
+ * The parent: vocab 32768, hidden 2048, 16 layers, FFN 5632, 16/4 heads of 128 (0.856B parameters),
+ * random as transformers initialises; the child keeps 12 layers, hidden 1536 and FFN 4096 unless
+ * --child says otherwise (16,2048,5632 keeps the parent's size: a 0.856B student). The distillation
+ * runs in --precision (default: mixed where the GPU has tensor cores), and the last line gives the
+ * mean tokens/s of its steps after the first and the peak of tfjs's GPU buffer pool.
  */
 import { NodeRuntime } from "@effect/platform-node"
 import { Console, Effect } from "effect"
@@ -19,11 +23,22 @@ import * as Pretrained from "../src/io/Pretrained.ts"
 import * as Config from "../src/model/Config.ts"
 import * as Random from "../src/Random.ts"
 import * as Training from "../src/train/Training.ts"
+import * as TensorCoreMatMul from "../src/gpu/TensorCoreMatMul.ts"
 import { calibrate } from "../stages/Calibrate.ts"
 import { distill } from "../stages/Distill.ts"
 import { prune } from "../stages/Prune.ts"
 
-const { values } = parseArgs({ options: { dir: { type: "string" }, steps: { type: "string", default: "3" } } })
+const { values } = parseArgs({
+  options: {
+    dir: { type: "string" },
+    steps: { type: "string", default: "3" },
+    precision: { type: "string" },
+    child: { type: "string", default: "12,1536,4096" }
+  }
+})
+const precision = values.precision === undefined ? undefined : TensorCoreMatMul.Precision.literals.find((p) => p === values.precision)
+if (values.precision !== undefined && precision === undefined) throw new Error(`--precision must be one of ${TensorCoreMatMul.Precision.literals.join(", ")}, not ${values.precision}`)
+const [childLayers, childHidden, childFfn] = values.child.split(",").map(Number)
 
 const vocab = 32768
 const parentConfig = {
@@ -61,9 +76,14 @@ const program = Effect.gen(function*() {
   const parent = path.join(dir, "parent")
   const config = yield* Config.decode(parentConfig, "1b-parent")
   yield* Console.log(`parent: ${(Config.parameterCount(config) / 1e9).toFixed(3)}B parameters`)
-  yield* stage("initialise and save (bf16)", Effect.scoped(Effect.gen(function*() {
-    yield* Pretrained.save(parent, yield* Training.initialise(config, 0), { dtype: "BF16" })
-  })))
+  const stats = path.join(dir, "stats")
+  // A folder of an earlier run keeps its parent (saved atomically) and its statistics (calibration resumes).
+  const saved = yield* Effect.promise(() => fs.access(path.join(parent, "config.json")).then(() => true, () => false))
+  if (!saved) {
+    yield* stage("initialise and save (bf16)", Effect.scoped(Effect.gen(function*() {
+      yield* Pretrained.save(parent, yield* Training.initialise(config, 0), { dtype: "BF16" })
+    })))
+  }
 
   // Token ids of a seeded Markov chain over the vocabulary.
   const data = path.join(dir, "data.jsonl")
@@ -75,23 +95,28 @@ const program = Effect.gen(function*() {
   })
   yield* Effect.promise(() => fs.writeFile(data, rows.join("\n") + "\n"))
 
-  const stats = path.join(dir, "stats")
   yield* stage("calibrate (32 rows of 256 tokens)", Effect.scoped(Effect.gen(function*() {
     yield* calibrate(yield* Pretrained.load(parent), { modelDir: parent, data, out: stats, seq: 256, samples: 32 })
   })))
-  const child = path.join(dir, "child")
-  const report = yield* stage("prune to 12 layers, hidden 1536, FFN 4096", Effect.scoped(prune({
-    modelDir: parent,
-    statsDir: stats,
-    out: child,
-    targets: { layers: 12, hidden: 1536, ffn: 4096 }
-  })))
-  yield* Console.log(`child: ${(report.child.parameters / 1e9).toFixed(3)}B parameters`)
+  const child = path.join(dir, `child-${values.child.replaceAll(",", "-")}`)
+  const pruned = yield* Effect.promise(() => fs.access(path.join(child, "config.json")).then(() => true, () => false))
+  if (!pruned) {
+    yield* stage(`prune to ${childLayers} layers, hidden ${childHidden}, FFN ${childFfn}`, Effect.scoped(prune({
+      modelDir: parent,
+      statsDir: stats,
+      out: child,
+      targets: { layers: childLayers, hidden: childHidden, ffn: childFfn }
+    })))
+  }
+  const childJson = yield* Effect.promise(() => fs.readFile(path.join(child, "config.json"), "utf8"))
+  const childParameters = Config.parameterCount(yield* Config.decode(JSON.parse(childJson), child))
+  yield* Console.log(`child: ${(childParameters / 1e9).toFixed(3)}B parameters`)
   const steps = Number(values.steps)
-  yield* stage(`distill ${steps} steps (batch 4 x 256 tokens, full-vocabulary teacher in process)`, distill({
+  const speeds: Array<number> = []
+  yield* stage(`distill ${steps} steps in ${TensorCoreMatMul.current()} precision (batch 4 x 256 tokens, full-vocabulary teacher in process)`, distill({
     studentDir: child,
     data,
-    out: path.join(dir, "distilled"),
+    out: path.join(dir, `distilled-${values.child.replaceAll(",", "-")}-${TensorCoreMatMul.current()}`),
     seq: 256,
     steps,
     seed: 0,
@@ -104,8 +129,18 @@ const program = Effect.gen(function*() {
     maxGradNorm: 1,
     loss: { temperature: 1, crossEntropyWeight: 0, restBucket: false, maxOutsideMass: 1e-3 },
     saveEvery: steps,
-    onStep: (m) => console.log(`  step ${m.step}: kl ${m.kl.toFixed(4)}, ${m.tokens_per_s.toFixed(0)} tokens/s`)
+    onStep: (m) => {
+      speeds.push(m.tokens_per_s)
+      console.log(`  step ${m.step}: kl ${m.kl.toFixed(4)}, ${m.tokens_per_s.toFixed(0)} tokens/s`)
+    }
   }).pipe(Effect.scoped, Effect.provide(Teacher.inProcess(parent))))
-}).pipe(Effect.provide(TensorBackend.layer("webgpu")))
+  const steady = speeds.slice(1)
+  yield* Console.log(JSON.stringify({
+    child_parameters: childParameters,
+    precision: TensorCoreMatMul.current(),
+    tokens_per_s: steady.length === 0 ? null : steady.reduce((a, b) => a + b, 0) / steady.length,
+    peak_pool_gib: (backend.gpuMemory()?.allocatedBytes ?? 0) / 2 ** 30
+  }))
+}).pipe(TensorCoreMatMul.withPrecision(precision), Effect.provide(TensorBackend.layer("webgpu")))
 
 NodeRuntime.runMain(program)
