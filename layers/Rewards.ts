@@ -44,6 +44,8 @@ const makeVerifiers = Effect.fnUntraced(function*(options: CodeOptions) {
           ? Effect.fail(new RewardError({ source: "numeric", reason: `the expected answer ${JSON.stringify(task.answer)} is not a number` }))
           : Effect.succeed(Verifiers.numeric(response, expected.value))
       }
+      case "exact":
+        return Effect.succeed(Verifiers.exact(response, task.answer))
       case "format":
         return Effect.try({
           try: () => new RegExp(task.pattern),

@@ -26,6 +26,9 @@
  *                       training pictures' questions, for post-training;
  * - grpo-count.jsonl    `{"prompt", "task": {"kind": "numeric", "answer"}, "images"}`: counting questions
  *                       in chat form on pictures of their own, for visual GRPO with a verifier;
+ * - grpo-visual.jsonl   a question of every kind on training pictures (scenes and flags) in chat form,
+ *                       counts checked as numbers, colours and yes/no exactly (`"kind": "exact"`): the
+ *                       visual GRPO of post-training;
  * - eval-chat.jsonl     eval.jsonl's questions in chat form, for post-training's visual accuracy;
  * - stats.json          counts and majority baselines.
  * With --pixels FILE, also the train and eval pictures' RGB bytes, [N, 32, 32, 3] uint8 in the order of
@@ -142,9 +145,10 @@ export interface ImageWorldOptions {
   readonly countPrompts: number
   readonly distillLines: number
   readonly sftLines: number
+  readonly grpoPrompts: number
 }
 
-export const defaults: ImageWorldOptions = { seed: 20261, trainScenes: 2400, trainFlags: 1200, evalPictures: 300, countPrompts: 200, distillLines: 200, sftLines: 800 }
+export const defaults: ImageWorldOptions = { seed: 20261, trainScenes: 2400, trainFlags: 1200, evalPictures: 300, countPrompts: 200, distillLines: 200, sftLines: 800, grpoPrompts: 400 }
 
 export interface Picture {
   readonly file: string
@@ -212,6 +216,11 @@ export const makeImageWorld = (options: ImageWorldOptions) => {
     ]
   }))
   const grpoCount = count.map((picture, i) => ({ prompt: chatPrompt(countTasks[i].question), task: { kind: "numeric", answer: countTasks[i].answer }, images: [picture.file] }))
+  // Drawn last, so that the files above stay as they were before it.
+  const grpoVisual = rng.shuffle([...train]).slice(0, options.grpoPrompts).map((picture) => {
+    const q = rng.pick(picture.questions)
+    return { prompt: chatPrompt(q.question), task: q.kind.startsWith("count") ? { kind: "numeric", answer: q.answer } : { kind: "exact", answer: q.answer }, images: [picture.file] }
+  })
   const evalChat = held.map((picture, i) => ({ prompt: chatPrompt(evalQuestions[i].question), answer: evalQuestions[i].answer, images: [picture.file], kind: evalQuestions[i].kind }))
   return {
     pictures: [...train, ...held, ...count],
@@ -223,6 +232,7 @@ export const makeImageWorld = (options: ImageWorldOptions) => {
     distillLines: trainLines.slice(0, options.distillLines),
     sftLines,
     grpoCount,
+    grpoVisual,
     evalChat,
     stats
   }
@@ -244,6 +254,7 @@ if (import.meta.main) {
     "distill.jsonl": world.distillLines,
     "sft-visual.jsonl": world.sftLines,
     "grpo-count.jsonl": world.grpoCount,
+    "grpo-visual.jsonl": world.grpoVisual,
     "eval-chat.jsonl": world.evalChat
   }
   for (const [name, records] of Object.entries(files)) writeFileSync(join(values.out, name), jsonl(records))

@@ -87,6 +87,7 @@ export interface GrpoMetrics {
 /** The task kinds of src/rewards/Reward.ts, as the prompt file states them. */
 const TaskSchema = Schema.Union([
   Schema.Struct({ kind: Schema.Literal("numeric"), answer: Schema.String }),
+  Schema.Struct({ kind: Schema.Literal("exact"), answer: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("format"), pattern: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("code"), entry: Schema.String, tests: Schema.String }),
   Schema.Struct({ kind: Schema.Literal("rubric"), items: Schema.Array(Schema.String) })

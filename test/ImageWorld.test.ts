@@ -22,6 +22,8 @@ import * as RewardSources from "../layers/Rewards.ts"
 import { continuations } from "../stages/Evaluate.ts"
 import { defaultLoop, grpo, type GrpoMetrics } from "../stages/Grpo.ts"
 import { sft, type StepMetrics } from "../stages/Sft.ts"
+import * as Verifiers from "../src/rewards/Verifiers.ts"
+import { defaults, makeImageWorld } from "../scripts/make_image_world.ts"
 import { onBackend, tempDir } from "./support.ts"
 
 const at = (relative: string) => fileURLToPath(new URL(`../${relative}`, import.meta.url))
@@ -39,6 +41,21 @@ const greedyOptions = (tokenizer: Tokenizer.Tokenizer) => ({
 const jsonLines = (file: string) => fs.readFileSync(file, "utf8").trim().split("\n").map((line) => JSON.parse(line))
 
 describe("the image world", () => {
+  it("the shipped question files are what scripts/make_image_world.ts writes, and visual GRPO's answers pass its verifiers", () => {
+    const made = makeImageWorld(defaults)
+    assert.deepStrictEqual(jsonLines(path.join(world, "grpo-visual.jsonl")), made.grpoVisual)
+    assert.deepStrictEqual(jsonLines(path.join(world, "eval-chat.jsonl")), made.evalChat)
+    const kinds = new Set(made.grpoVisual.map(({ task }) => task.kind))
+    assert.deepStrictEqual([...kinds].sort(), ["exact", "numeric"])
+    for (const { task } of made.grpoVisual) {
+      const score = task.kind === "exact" ? Verifiers.exact(`${task.answer}</s>`, task.answer) : Verifiers.numeric(task.answer, Number(task.answer))
+      assert.strictEqual(score.reward, 1)
+    }
+    // No GRPO picture is a held-out one.
+    const held = new Set(made.evalChat.flatMap(({ images }) => images))
+    assert.isFalse(made.grpoVisual.some(({ images }) => held.has(images[0])))
+  }, 60_000)
+
   it.effect("the parent answers the held-out questions about pictures as PyTorch did when it trained it (greedy, exact match)", () =>
     Effect.gen(function*() {
       const model = yield* Pretrained.load(parentDir)

@@ -31,10 +31,12 @@ describe("Rewards.layer", () => {
   const layer = Rewards.layer({ code: { timeoutMs: 500, memoryMb: 32 } })
   const sample = (response: string, task: Task): Sample => ({ prompt: "a question", response, task })
 
-  it.live("checks numeric answers, formats and code here", () =>
+  it.live("checks numeric and exact answers, formats and code here", () =>
     Effect.gen(function*() {
       const numeric = yield* score(layer, sample("[THINK]or 1,233?[/THINK]It is 1,234.", { kind: "numeric", answer: "1234" }))
       assert.strictEqual(numeric.reward, 1)
+      const exact = yield* score(layer, sample("[THINK]green?[/THINK]red", { kind: "exact", answer: "red" }))
+      assert.strictEqual(exact.reward, 1)
       const format = yield* score(layer, sample("[THINK]x[/THINK]\\boxed{3}", { kind: "format", pattern: "\\\\boxed\\{\\d+\\}$" }))
       assert.strictEqual(format.reward, 1)
       const code = yield* score(layer, sample("```js\nconst double = (x) => x * 2\n```", {

@@ -52,6 +52,14 @@ describe("Verifiers.numeric", () => {
     assert.isFalse(passes("1,2345", 12345), "not a grouping")
   })
 
+  it("exact: the answer before the first newline, thinking stripped, as held-out questions are scored", () => {
+    assert.deepStrictEqual(Verifiers.exact("[THINK]blue?[/THINK] red \nbecause", "red"), { reward: 1, checks: [{ name: "answer", passed: true, note: 'answered "red", expected "red"' }] })
+    assert.strictEqual(Verifiers.exact("light  blue</s>", "light blue").reward, 1, "whitespace collapsed, EOS ends it")
+    assert.strictEqual(Verifiers.exact("red flag", "red").reward, 0, "the whole answer, not a prefix")
+    assert.strictEqual(Verifiers.exact("Yes", "yes").reward, 0, "case counts, as in Tasks.score")
+    assert.strictEqual(Verifiers.exact("[THINK]red", "red").reward, 0, "thinking that never closed gave no answer")
+  })
+
   it.prop(
     "an integer reads back however it is written: grouped, signed, with a unicode minus or a trailing .0",
     { n: Schema.Int.check(Schema.isBetween({ minimum: -1e9, maximum: 1e9 })), style: Schema.Literals(["plain", "commas", "spaces", "decimal"]) },

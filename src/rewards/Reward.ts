@@ -12,6 +12,8 @@ import { Context, Schema, type Effect } from "effect"
 export type Task =
   /** The final answer, after normalisation, equals `answer` as a number. */
   | { readonly kind: "numeric"; readonly answer: string }
+  /** The final answer, its text before a newline with whitespace collapsed, is `answer` ("red", "yes"). */
+  | { readonly kind: "exact"; readonly answer: string }
   /** The response matches the regular expression `pattern` (e.g. a required answer format). */
   | { readonly kind: "format"; readonly pattern: string }
   /** The response holds a JavaScript function `entry` that passes `tests` (JS code that throws on failure). */

@@ -1,8 +1,9 @@
 /**
- * The pure checks of the verifier rewards (layers/Rewards.ts): a numeric final answer, a required
- * format, the code of a response, and the share of checks passed. Only the answer after the
+ * The pure checks of the verifier rewards (layers/Rewards.ts): a numeric final answer, an exact
+ * one, a required format, the code of a response, and the share of checks passed. Only the answer after the
  * thinking counts: a number the model wrote while thinking is not its answer.
  */
+import * as Tasks from "../data/Tasks.ts"
 import { splitThinking } from "../model/Generate.ts"
 import type { Score } from "./Reward.ts"
 
@@ -80,6 +81,17 @@ export const numeric = (response: string, expected: number): Score => {
   const passed = found !== undefined && Math.abs(found.value - expected) <= TOLERANCE * Math.max(1, Math.abs(expected))
   const note = found === undefined ? "no number in the final answer" : `answered ${found.text} (${found.value}), expected ${expected}`
   return { reward: passed ? 1 : 0, checks: [{ name: "answer", passed, note }] }
+}
+
+/**
+ * Whether the response's final answer is `expected` ("red", "yes"), read as the held-out questions
+ * are scored (Tasks.extractAnswer): thinking stripped, the text before the first newline or EOS,
+ * whitespace collapsed.
+ */
+export const exact = (response: string, expected: string): Score => {
+  const found = Tasks.extractAnswer(splitThinking(response).answer)
+  const passed = found === Tasks.normalise(expected)
+  return { reward: passed ? 1 : 0, checks: [{ name: "answer", passed, note: `answered ${JSON.stringify(found)}, expected ${JSON.stringify(Tasks.normalise(expected))}` }] }
 }
 
 /**
